@@ -1,0 +1,19 @@
+//! Storage for Hearth: a content-addressable store (CAS) behind the small
+//! [`BlobStore`] trait, with a disk implementation (atomic writes, digest
+//! verification, LRU eviction that respects pins) and an in-memory one for
+//! tests, plus the action cache.
+
+mod ac;
+mod digest;
+mod disk;
+mod error;
+mod index;
+mod memory;
+mod store;
+
+pub use ac::{ActionCache, DiskActionCache, MemoryActionCache};
+pub use digest::{Digest, DigestHasher};
+pub use disk::DiskStore;
+pub use error::{StoreError, StoreResult};
+pub use memory::MemoryStore;
+pub use store::{BlobStore, PinGuard, StoreStats};

@@ -1,0 +1,112 @@
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::error::IoContext;
+use crate::store::clamp_range;
+use crate::{BlobStore, Digest, StoreError, StoreResult, StoreStats};
+
+/// An unbounded in-memory store, for tests and throwaway servers.
+pub struct MemoryStore {
+    blobs: Mutex<HashMap<[u8; 32], Bytes>>,
+    staging: PathBuf,
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        MemoryStore {
+            blobs: Mutex::default(),
+            staging: std::env::temp_dir(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Bytes>> {
+        self.blobs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+pub(crate) fn verify(digest: &Digest, data: &[u8]) -> StoreResult<()> {
+    let actual = Digest::of(data);
+    if actual != *digest {
+        return Err(StoreError::Mismatch {
+            expected: *digest,
+            actual_hash: actual.hash_hex(),
+            actual_size: actual.size(),
+        });
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl BlobStore for MemoryStore {
+    async fn find_missing(&self, digests: &[Digest]) -> StoreResult<Vec<Digest>> {
+        let blobs = self.lock();
+        Ok(digests
+            .iter()
+            .filter(|d| !d.is_empty_blob() && !blobs.contains_key(d.hash()))
+            .copied()
+            .collect())
+    }
+
+    async fn read(&self, digest: &Digest, offset: u64, limit: Option<u64>) -> StoreResult<Bytes> {
+        if digest.is_empty_blob() {
+            clamp_range(digest, 0, offset, limit)?;
+            return Ok(Bytes::new());
+        }
+        let data = self
+            .lock()
+            .get(digest.hash())
+            .cloned()
+            .ok_or(StoreError::NotFound(*digest))?;
+        let (start, len) = clamp_range(digest, data.len() as u64, offset, limit)?;
+        Ok(data.slice(start as usize..(start + len) as usize))
+    }
+
+    async fn put(&self, digest: &Digest, data: Bytes) -> StoreResult<()> {
+        verify(digest, &data)?;
+        self.lock().insert(*digest.hash(), data);
+        Ok(())
+    }
+
+    async fn put_file(&self, path: &Path) -> StoreResult<Digest> {
+        let data = tokio::fs::read(path)
+            .await
+            .ctx(|| format!("reading {}", path.display()))?;
+        let digest = Digest::of(&data);
+        self.lock().insert(*digest.hash(), Bytes::from(data));
+        Ok(digest)
+    }
+
+    async fn adopt_file(&self, digest: &Digest, path: &Path) -> StoreResult<()> {
+        let data = tokio::fs::read(path)
+            .await
+            .ctx(|| format!("reading {}", path.display()))?;
+        let _ = tokio::fs::remove_file(path).await;
+        self.put(digest, Bytes::from(data)).await
+    }
+
+    fn staging_dir(&self) -> &Path {
+        &self.staging
+    }
+
+    fn pin(&self, _: &[Digest]) {}
+    fn unpin(&self, _: &[Digest]) {}
+
+    fn stats(&self) -> StoreStats {
+        let blobs = self.lock();
+        StoreStats {
+            bytes: blobs.values().map(|b| b.len() as u64).sum(),
+            blobs: blobs.len() as u64,
+            limit_bytes: 0,
+        }
+    }
+}
