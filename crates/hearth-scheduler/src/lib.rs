@@ -1,1 +1,13 @@
-//! placeholder
+//! The scheduler: a queue of actions, the executors connected to it, and the
+//! operations clients watch. It knows nothing of gRPC or storage; the API
+//! layer feeds it jobs and executor events and publishes what it decides.
+
+mod executors;
+mod operation;
+pub mod platform;
+mod scheduler;
+
+pub use executors::{ExecutorInfo, ExecutorSnapshot};
+pub use operation::{OpSnapshot, Stage};
+pub use platform::{Platform, PlatformError};
+pub use scheduler::{Job, RunningJob, Scheduler, SchedulerConfig, SchedulerStats, SubmitError};

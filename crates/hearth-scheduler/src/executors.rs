@@ -1,0 +1,103 @@
+//! What the scheduler knows about one connected executor, and matching an
+//! action's platform against it.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Instant;
+
+use crate::platform::{Platform, ARCH, ISOLATION, OS_FAMILY, POOL};
+
+/// What an executor announced when it connected.
+#[derive(Debug, Clone)]
+pub struct ExecutorInfo {
+    pub id: String,
+    pub description: String,
+    /// Lowercase names → values (Pool, OSFamily, Arch, …).
+    pub properties: BTreeMap<String, String>,
+    pub isolation_types: Vec<String>,
+    pub capacity: u32,
+}
+
+impl ExecutorInfo {
+    /// Why this executor can never run an action with `platform`, or `None`
+    /// if it can. The reason names the property.
+    pub fn mismatch(&self, platform: &Platform) -> Option<String> {
+        let iso = platform.isolation();
+        if !self.isolation_types.iter().any(|t| t == iso) {
+            return Some(format!(
+                "{ISOLATION}={iso} (executors support: {})",
+                self.isolation_types.join(", ")
+            ));
+        }
+        for (key, label) in [(POOL, "Pool"), (OS_FAMILY, "OSFamily"), (ARCH, "Arch")] {
+            let wanted = platform.get(key).unwrap_or("");
+            let have = self.properties.get(key).map(String::as_str).unwrap_or("");
+            // An action without a Pool goes to the default pool only; OSFamily
+            // and Arch constrain only when the action names them.
+            let matches = if key == POOL {
+                wanted == have
+            } else {
+                wanted.is_empty() || wanted.eq_ignore_ascii_case(have)
+            };
+            if !matches {
+                return Some(format!(
+                    "{label}={wanted:?} (executors have {label}={have:?})"
+                ));
+            }
+        }
+        None
+    }
+}
+
+/// Live state of a connected executor inside the scheduler.
+pub(crate) struct Executor {
+    pub info: ExecutorInfo,
+    pub session: u64,
+    pub running: HashSet<String>,
+    pub connected_at: Instant,
+    pub sender: tokio::sync::mpsc::UnboundedSender<hearth_proto::worker::ServerMessage>,
+}
+
+impl Executor {
+    pub fn free_slots(&self) -> u32 {
+        self.info.capacity.saturating_sub(self.running.len() as u32)
+    }
+}
+
+/// A copy of an executor's state for `hearth status`.
+#[derive(Debug, Clone)]
+pub struct ExecutorSnapshot {
+    pub info: ExecutorInfo,
+    pub running: u32,
+    pub connected_seconds: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exec(props: &[(&str, &str)], iso: &[&str]) -> ExecutorInfo {
+        ExecutorInfo {
+            id: "e".into(),
+            description: String::new(),
+            properties: props.iter().map(|(k, v)| (k.to_lowercase(), v.to_string())).collect(),
+            isolation_types: iso.iter().map(|s| s.to_string()).collect(),
+            capacity: 1,
+        }
+    }
+
+    #[test]
+    fn matching_rules() {
+        let linux = exec(&[("OSFamily", "Linux"), ("Arch", "x86_64")], &["none"]);
+        assert!(linux.mismatch(&Platform::default()).is_none());
+        assert!(linux.mismatch(&Platform::from_pairs([("OSFamily", "linux")])).is_none());
+        let why = linux
+            .mismatch(&Platform::from_pairs([("workload-isolation-type", "firecracker")]))
+            .unwrap();
+        assert!(why.contains("workload-isolation-type=firecracker"), "{why}");
+        let why = linux.mismatch(&Platform::from_pairs([("Pool", "gpu")])).unwrap();
+        assert!(why.contains("Pool"), "{why}");
+        let gpu = exec(&[("Pool", "gpu")], &["none"]);
+        assert!(gpu.mismatch(&Platform::default()).is_some(), "default-pool work stays off named pools");
+        assert!(gpu.mismatch(&Platform::from_pairs([("pool", "gpu")])).is_none());
+    }
+}

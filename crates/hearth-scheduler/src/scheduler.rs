@@ -1,0 +1,550 @@
+//! The queue and its dispatch loop. All state sits behind one mutex; every
+//! event (submit, executor connect/finish/disconnect, sweep) takes it, updates
+//! the state and runs `dispatch` before letting go.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use hearth_proto::reapi::ExecuteResponse;
+use hearth_proto::rpc;
+use hearth_proto::worker::{self, server_message};
+use hearth_storage::{Digest, PinGuard};
+use tokio::sync::{mpsc, watch};
+
+use crate::executors::{Executor, ExecutorInfo, ExecutorSnapshot};
+use crate::{OpSnapshot, Platform, Stage};
+
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// How long an action may wait for an executor before it fails.
+    pub queue_timeout: Duration,
+    /// How many times an action is tried when its executors keep vanishing.
+    pub max_attempts: u32,
+    /// How long a finished operation stays visible to WaitExecution.
+    pub retention: Duration,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            queue_timeout: Duration::from_secs(600),
+            max_attempts: 3,
+            retention: Duration::from_secs(600),
+        }
+    }
+}
+
+/// An action the API layer has validated and wants run.
+pub struct Job {
+    pub instance_name: String,
+    pub action_digest: Digest,
+    /// Encoded REAPI Action and Command.
+    pub action: Vec<u8>,
+    pub command: Vec<u8>,
+    pub platform: Platform,
+    pub do_not_cache: bool,
+    /// Whether identical concurrent requests may share this execution.
+    pub shareable: bool,
+    /// Keeps the action's inputs in the CAS until it completes.
+    pub pins: Option<PinGuard>,
+}
+
+/// What the API layer needs to finish an operation an executor reported on.
+#[derive(Debug, Clone)]
+pub struct RunningJob {
+    pub operation_name: String,
+    pub instance_name: String,
+    pub action_digest: Digest,
+    pub do_not_cache: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("no connected executor can run this action: {0}")]
+    NoMatchingExecutor(String),
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct SchedulerStats {
+    pub queued: u32,
+    pub running: u32,
+    pub completed: u64,
+    pub cache_hits: u64,
+    pub executors: Vec<ExecutorSnapshot>,
+}
+
+struct JobState {
+    job: Job,
+    attempts: u32,
+    enqueued: Instant,
+    queued_at: SystemTime,
+    executor: Option<String>,
+}
+
+struct OpEntry {
+    tx: watch::Sender<OpSnapshot>,
+    finished_at: Option<Instant>,
+}
+
+#[derive(Default)]
+struct State {
+    ops: HashMap<String, OpEntry>,
+    jobs: HashMap<String, JobState>,
+    queue: VecDeque<String>,
+    executors: HashMap<String, Executor>,
+    shared: HashMap<(String, Digest), String>,
+    next_session: u64,
+    completed: u64,
+}
+
+pub struct Scheduler {
+    config: SchedulerConfig,
+    state: Mutex<State>,
+    cache_hits: AtomicU64,
+}
+
+impl Scheduler {
+    pub fn new(config: SchedulerConfig) -> Arc<Self> {
+        Arc::new(Scheduler {
+            config,
+            state: Mutex::default(),
+            cache_hits: AtomicU64::new(0),
+        })
+    }
+
+    /// Runs the periodic sweep (queue timeouts, forgetting old operations)
+    /// until the scheduler is dropped.
+    pub fn spawn_sweeper(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tick.tick().await;
+                match weak.upgrade() {
+                    Some(s) => s.sweep(Instant::now()),
+                    None => return,
+                }
+            }
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a job, or joins an identical one already in flight.
+    pub fn submit(&self, job: Job) -> Result<watch::Receiver<OpSnapshot>, SubmitError> {
+        let mut st = self.lock();
+        let key = (job.instance_name.clone(), job.action_digest);
+        if job.shareable {
+            if let Some(rx) = st.shared.get(&key).and_then(|op| st.ops.get(op)).map(|e| e.tx.subscribe()) {
+                tracing::debug!(action = %job.action_digest, "joining in-flight execution");
+                return Ok(rx);
+            }
+        }
+        if !st.executors.is_empty() {
+            let reasons: Vec<String> = st
+                .executors
+                .values()
+                .filter_map(|e| e.info.mismatch(&job.platform))
+                .collect();
+            if reasons.len() == st.executors.len() {
+                return Err(SubmitError::NoMatchingExecutor(reasons[0].clone()));
+            }
+        }
+        let name = format!("operations/{}", uuid::Uuid::new_v4());
+        let (tx, rx) = watch::channel(OpSnapshot {
+            name: name.clone(),
+            action_digest: job.action_digest,
+            stage: Stage::Queued,
+            response: None,
+        });
+        if job.shareable {
+            st.shared.insert(key, name.clone());
+        }
+        st.ops.insert(name.clone(), OpEntry { tx, finished_at: None });
+        st.jobs.insert(
+            name.clone(),
+            JobState {
+                job,
+                attempts: 0,
+                enqueued: Instant::now(),
+                queued_at: SystemTime::now(),
+                executor: None,
+            },
+        );
+        st.queue.push_back(name);
+        dispatch(&mut st);
+        Ok(rx)
+    }
+
+    /// Watches an operation by name, if it is known.
+    pub fn subscribe(&self, name: &str) -> Option<watch::Receiver<OpSnapshot>> {
+        self.lock().ops.get(name).map(|e| e.tx.subscribe())
+    }
+
+    /// Cancels a queued or running operation. Returns false if unknown.
+    pub fn cancel(&self, name: &str) -> bool {
+        let mut st = self.lock();
+        let Some(js) = st.jobs.get(name) else {
+            return st.ops.contains_key(name);
+        };
+        if let Some(exec) = js.executor.as_ref().and_then(|id| st.executors.get(id)) {
+            let _ = exec.sender.send(worker::ServerMessage {
+                kind: Some(server_message::Kind::Cancel(worker::Cancel {
+                    operation_name: name.to_string(),
+                })),
+            });
+        }
+        st.queue.retain(|q| q != name);
+        complete_locked(&mut st, name, error_response(rpc_code::CANCELLED, "cancelled by the client"));
+        true
+    }
+
+    /// Registers an executor; returns its session number and the channel on
+    /// which it receives work. A reconnect under the same id replaces the old
+    /// session (whose work is re-queued).
+    pub fn connect(&self, info: ExecutorInfo) -> (u64, mpsc::UnboundedReceiver<worker::ServerMessage>) {
+        let mut st = self.lock();
+        if st.executors.contains_key(&info.id) {
+            let old = st.executors[&info.id].session;
+            self.disconnect_locked(&mut st, &info.id, old);
+        }
+        st.next_session += 1;
+        let session = st.next_session;
+        let (tx, rx) = mpsc::unbounded_channel();
+        tracing::info!(executor = %info.id, capacity = info.capacity, isolation = ?info.isolation_types, "executor connected");
+        st.executors.insert(
+            info.id.clone(),
+            Executor {
+                info,
+                session,
+                running: Default::default(),
+                connected_at: Instant::now(),
+                sender: tx,
+            },
+        );
+        dispatch(&mut st);
+        (session, rx)
+    }
+
+    /// An executor's session ended; its running actions go back to the queue
+    /// (at the front) or fail once they have used their attempts.
+    pub fn disconnect(&self, executor_id: &str, session: u64) {
+        let mut st = self.lock();
+        self.disconnect_locked(&mut st, executor_id, session);
+        dispatch(&mut st);
+    }
+
+    fn disconnect_locked(&self, st: &mut State, executor_id: &str, session: u64) {
+        if st.executors.get(executor_id).map(|e| e.session) != Some(session) {
+            return;
+        }
+        let Some(exec) = st.executors.remove(executor_id) else { return };
+        tracing::warn!(executor = executor_id, running = exec.running.len(), "executor disconnected");
+        for op in exec.running {
+            let Some(js) = st.jobs.get_mut(&op) else { continue };
+            js.executor = None;
+            if js.attempts >= self.config.max_attempts {
+                let msg = format!(
+                    "the executor running this action went away {} times; giving up",
+                    js.attempts
+                );
+                complete_locked(st, &op, error_response(rpc_code::UNAVAILABLE, &msg));
+            } else {
+                tracing::info!(operation = %op, attempt = js.attempts, "re-queueing action of lost executor");
+                st.queue.push_front(op.clone());
+                publish_stage(st, &op, Stage::Queued);
+            }
+        }
+    }
+
+    /// An executor reports it finished `op`. Frees its slot and returns the
+    /// job so the caller can store the result and then call [`Self::complete`].
+    pub fn finish(&self, executor_id: &str, session: u64, op: &str) -> Option<RunningJob> {
+        let mut st = self.lock();
+        let exec = st.executors.get_mut(executor_id).filter(|e| e.session == session)?;
+        if !exec.running.remove(op) {
+            return None;
+        }
+        let js = st.jobs.get(op)?;
+        let job = RunningJob {
+            operation_name: op.to_string(),
+            instance_name: js.job.instance_name.clone(),
+            action_digest: js.job.action_digest,
+            do_not_cache: js.job.do_not_cache,
+        };
+        dispatch(&mut st);
+        Some(job)
+    }
+
+    /// Publishes the final response of an operation.
+    pub fn complete(&self, op: &str, response: ExecuteResponse) {
+        let mut st = self.lock();
+        complete_locked(&mut st, op, response);
+    }
+
+    pub fn note_cache_hit(&self) {
+        self.cache_hits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn stats(&self) -> SchedulerStats {
+        let st = self.lock();
+        let running = st.jobs.values().filter(|j| j.executor.is_some()).count() as u32;
+        let mut executors: Vec<ExecutorSnapshot> = st
+            .executors
+            .values()
+            .map(|e| ExecutorSnapshot {
+                info: e.info.clone(),
+                running: e.running.len() as u32,
+                connected_seconds: e.connected_at.elapsed().as_secs(),
+            })
+            .collect();
+        executors.sort_by(|a, b| a.info.id.cmp(&b.info.id));
+        SchedulerStats {
+            queued: st.queue.len() as u32,
+            running,
+            completed: st.completed,
+            cache_hits: self.cache_hits.load(Ordering::Relaxed),
+            executors,
+        }
+    }
+
+    /// Fails actions that waited too long and forgets old finished operations.
+    pub fn sweep(&self, now: Instant) {
+        let mut st = self.lock();
+        let timeout = self.config.queue_timeout;
+        let expired: Vec<String> = st
+            .queue
+            .iter()
+            .filter(|op| st.jobs.get(*op).is_some_and(|j| now.duration_since(j.enqueued) > timeout))
+            .cloned()
+            .collect();
+        for op in expired {
+            st.queue.retain(|q| q != &op);
+            let msg = format!(
+                "no executor took this action within the queue timeout of {}s",
+                timeout.as_secs()
+            );
+            complete_locked(&mut st, &op, error_response(rpc_code::UNAVAILABLE, &msg));
+        }
+        let retention = self.config.retention;
+        st.ops
+            .retain(|_, e| e.finished_at.is_none_or(|t| now.duration_since(t) < retention));
+    }
+}
+
+/// google.rpc.Code values used here.
+pub(crate) mod rpc_code {
+    pub const CANCELLED: i32 = 1;
+    pub const UNAVAILABLE: i32 = 14;
+}
+
+fn error_response(code: i32, message: &str) -> ExecuteResponse {
+    ExecuteResponse {
+        status: Some(rpc::Status {
+            code,
+            message: message.to_string(),
+            details: vec![],
+        }),
+        ..Default::default()
+    }
+}
+
+fn publish_stage(st: &State, op: &str, stage: Stage) {
+    if let Some(e) = st.ops.get(op) {
+        e.tx.send_modify(|s| s.stage = stage);
+    }
+}
+
+fn complete_locked(st: &mut State, op: &str, response: ExecuteResponse) {
+    let Some(js) = st.jobs.remove(op) else { return };
+    if let Some(exec) = js.executor.as_ref().and_then(|id| st.executors.get_mut(id)) {
+        exec.running.remove(op);
+    }
+    let key = (js.job.instance_name.clone(), js.job.action_digest);
+    if st.shared.get(&key).map(String::as_str) == Some(op) {
+        st.shared.remove(&key);
+    }
+    st.completed += 1;
+    if let Some(e) = st.ops.get_mut(op) {
+        e.finished_at = Some(Instant::now());
+        e.tx.send_modify(|s| {
+            s.stage = Stage::Completed;
+            s.response = Some(response);
+        });
+    }
+    // Dropping the job releases its input pins.
+    drop(js);
+}
+
+/// Hands queued jobs to executors with free slots, oldest job first; each
+/// goes to the matching executor with the most free slots.
+fn dispatch(st: &mut State) {
+    let mut i = 0;
+    while i < st.queue.len() {
+        let op = st.queue[i].clone();
+        let Some(js) = st.jobs.get(&op) else {
+            st.queue.remove(i);
+            continue;
+        };
+        let target = st
+            .executors
+            .values()
+            .filter(|e| e.free_slots() > 0 && e.info.mismatch(&js.job.platform).is_none())
+            .max_by_key(|e| e.free_slots())
+            .map(|e| e.info.id.clone());
+        let Some(exec_id) = target else {
+            i += 1;
+            continue;
+        };
+        st.queue.remove(i);
+        let queued_at = js.queued_at.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+        let msg = worker::ServerMessage {
+            kind: Some(server_message::Kind::Assign(worker::Assignment {
+                operation_name: op.clone(),
+                instance_name: js.job.instance_name.clone(),
+                action_digest: Some(worker::Digest {
+                    hash: js.job.action_digest.hash_hex(),
+                    size_bytes: js.job.action_digest.size() as i64,
+                }),
+                action: js.job.action.clone(),
+                command: js.job.command.clone(),
+                queued_at: Some(worker::Timestamp {
+                    seconds: queued_at.as_secs() as i64,
+                    nanos: queued_at.subsec_nanos() as i32,
+                }),
+            })),
+        };
+        let Some(exec) = st.executors.get_mut(&exec_id) else { continue };
+        if exec.sender.send(msg).is_err() {
+            // The session is going away; its disconnect will follow.
+            st.queue.insert(i, op);
+            i += 1;
+            continue;
+        }
+        exec.running.insert(op.clone());
+        if let Some(js) = st.jobs.get_mut(&op) {
+            js.executor = Some(exec_id);
+            js.attempts += 1;
+        }
+        publish_stage(st, &op, Stage::Executing);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(tag: &str, platform: Platform) -> Job {
+        Job {
+            instance_name: String::new(),
+            action_digest: Digest::of(tag.as_bytes()),
+            action: vec![],
+            command: vec![],
+            platform,
+            do_not_cache: false,
+            shareable: true,
+            pins: None,
+        }
+    }
+
+    fn info(id: &str, capacity: u32) -> ExecutorInfo {
+        ExecutorInfo {
+            id: id.into(),
+            description: String::new(),
+            properties: Default::default(),
+            isolation_types: vec!["none".into()],
+            capacity,
+        }
+    }
+
+    fn assigned(rx: &mut mpsc::UnboundedReceiver<worker::ServerMessage>) -> Option<String> {
+        match rx.try_recv().ok()?.kind? {
+            server_message::Kind::Assign(a) => Some(a.operation_name),
+            _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn waits_for_an_executor_then_dispatches() {
+        let s = Scheduler::new(SchedulerConfig::default());
+        let op = s.submit(job("a", Platform::default())).unwrap();
+        assert_eq!(op.borrow().stage, Stage::Queued);
+        let (session, mut rx) = s.connect(info("e1", 1));
+        let name = assigned(&mut rx).expect("assignment");
+        assert_eq!(op.borrow().stage, Stage::Executing);
+        let running = s.finish("e1", session, &name).unwrap();
+        s.complete(&running.operation_name, ExecuteResponse::default());
+        assert_eq!(op.borrow().stage, Stage::Completed);
+        assert_eq!(s.stats().completed, 1);
+    }
+
+    #[tokio::test]
+    async fn unmatched_platform_fails_fast_only_when_executors_exist() {
+        let s = Scheduler::new(SchedulerConfig::default());
+        let fc = Platform::from_pairs([("workload-isolation-type", "firecracker")]);
+        assert!(s.submit(job("q", fc.clone())).is_ok(), "no executors: it waits");
+        let _conn = s.connect(info("e1", 1));
+        let err = s.submit(job("r", fc)).unwrap_err();
+        assert!(err.to_string().contains("workload-isolation-type=firecracker"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn identical_actions_share_one_execution() {
+        let s = Scheduler::new(SchedulerConfig::default());
+        let a = s.submit(job("same", Platform::default())).unwrap();
+        let b = s.submit(job("same", Platform::default())).unwrap();
+        assert_eq!(a.borrow().name, b.borrow().name);
+        let mut unshared = job("same", Platform::default());
+        unshared.shareable = false;
+        let c = s.submit(unshared).unwrap();
+        assert_ne!(a.borrow().name, c.borrow().name);
+    }
+
+    #[tokio::test]
+    async fn lost_executor_requeues_then_gives_up() {
+        let s = Scheduler::new(SchedulerConfig {
+            max_attempts: 2,
+            ..Default::default()
+        });
+        let op = s.submit(job("a", Platform::default())).unwrap();
+        let (s1, mut rx1) = s.connect(info("e1", 1));
+        assert!(assigned(&mut rx1).is_some());
+        s.disconnect("e1", s1);
+        assert_eq!(op.borrow().stage, Stage::Queued);
+        let (s2, mut rx2) = s.connect(info("e2", 1));
+        assert!(assigned(&mut rx2).is_some(), "re-queued work goes to the next executor");
+        s.disconnect("e2", s2);
+        let snap = op.borrow().clone();
+        assert_eq!(snap.stage, Stage::Completed);
+        let status = snap.response.unwrap().status.unwrap();
+        assert_eq!(status.code, rpc_code::UNAVAILABLE);
+    }
+
+    #[tokio::test]
+    async fn queue_timeout_fails_waiting_actions() {
+        let s = Scheduler::new(SchedulerConfig {
+            queue_timeout: Duration::from_secs(1),
+            ..Default::default()
+        });
+        let op = s.submit(job("a", Platform::default())).unwrap();
+        s.sweep(Instant::now() + Duration::from_secs(2));
+        let snap = op.borrow().clone();
+        assert_eq!(snap.stage, Stage::Completed);
+        assert!(snap.response.unwrap().status.unwrap().message.contains("queue timeout"));
+    }
+
+    #[tokio::test]
+    async fn capacity_is_respected() {
+        let s = Scheduler::new(SchedulerConfig::default());
+        let (_, mut rx) = s.connect(info("e1", 1));
+        s.submit(job("a", Platform::default())).unwrap();
+        s.submit(job("b", Platform::default())).unwrap();
+        assert!(assigned(&mut rx).is_some());
+        assert!(assigned(&mut rx).is_none(), "second waits for a free slot");
+        assert_eq!(s.stats().queued, 1);
+    }
+}
