@@ -1,0 +1,96 @@
+//! Execution: cache lookup, validation, queueing, and streaming the operation.
+
+use futures::stream::{self, BoxStream, StreamExt};
+use hearth_proto::longrunning::Operation;
+use hearth_proto::reapi::{execution_server::Execution, ExecuteRequest, ExecuteResponse, WaitExecutionRequest};
+use hearth_scheduler::{Job, OpSnapshot, Platform, Stage, SubmitError};
+use hearth_storage::{Digest, PinGuard};
+use tonic::{Request, Response, Status};
+
+use crate::ac::referenced_blobs;
+use crate::error::store_status;
+use crate::operations::{to_operation, watch_stream};
+use crate::validate::check_action;
+use crate::Context;
+
+pub struct ExecutionService {
+    ctx: Context,
+}
+
+impl ExecutionService {
+    pub fn new(ctx: Context) -> Self {
+        ExecutionService { ctx }
+    }
+
+    /// A cached result whose outputs are all still present.
+    async fn cached(&self, key: &Digest) -> Result<Option<ExecuteResponse>, Status> {
+        let Some(result) = self.ctx.ac.get(key).await.map_err(|e| store_status(e, "action cache"))? else {
+            return Ok(None);
+        };
+        let blobs = referenced_blobs(self.ctx.cas.as_ref(), &result).await?;
+        if !self.ctx.cas.find_missing(&blobs).await.map_err(|e| store_status(e, "CAS"))?.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(ExecuteResponse {
+            result: Some(result),
+            cached_result: true,
+            status: Some(Default::default()),
+            ..Default::default()
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl Execution for ExecutionService {
+    type ExecuteStream = BoxStream<'static, Result<Operation, Status>>;
+    type WaitExecutionStream = BoxStream<'static, Result<Operation, Status>>;
+
+    async fn execute(&self, request: Request<ExecuteRequest>) -> Result<Response<Self::ExecuteStream>, Status> {
+        let req = request.into_inner();
+        self.ctx.check_instance(&req.instance_name)?;
+        let key = Digest::from_field(req.action_digest.as_ref(), "action_digest")
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if !req.skip_cache_lookup {
+            if let Some(response) = self.cached(&key).await? {
+                self.ctx.scheduler.note_cache_hit();
+                let snap = OpSnapshot {
+                    name: format!("operations/cached-{}", uuid::Uuid::new_v4()),
+                    action_digest: key,
+                    stage: Stage::Completed,
+                    response: Some(response),
+                };
+                return Ok(Response::new(stream::iter([Ok(to_operation(&snap))]).boxed()));
+            }
+        }
+        let checked = check_action(self.ctx.cas.as_ref(), &key).await?;
+        let platform = Platform::from_protos(checked.command.platform.as_ref(), checked.action.platform.as_ref())
+            .map_err(|e| Status::invalid_argument(format!("platform: {e}")))?;
+        let job = Job {
+            instance_name: req.instance_name.clone(),
+            action_digest: key,
+            do_not_cache: checked.action.do_not_cache,
+            shareable: !req.skip_cache_lookup && !checked.action.do_not_cache,
+            platform,
+            pins: Some(PinGuard::new(self.ctx.cas.clone(), checked.blobs)),
+            action: checked.action_bytes,
+            command: checked.command_bytes,
+        };
+        let rx = self.ctx.scheduler.submit(job).map_err(|e| match e {
+            SubmitError::NoMatchingExecutor(_) => Status::failed_precondition(e.to_string()),
+        })?;
+        Ok(Response::new(watch_stream(rx)))
+    }
+
+    async fn wait_execution(
+        &self,
+        request: Request<WaitExecutionRequest>,
+    ) -> Result<Response<Self::WaitExecutionStream>, Status> {
+        let name = &request.get_ref().name;
+        let rx = self
+            .ctx
+            .scheduler
+            .subscribe(name)
+            .ok_or_else(|| Status::not_found(format!("operation {name:?} is unknown or expired")))?;
+        Ok(Response::new(watch_stream(rx)))
+    }
+}
