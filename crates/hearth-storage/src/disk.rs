@@ -143,6 +143,9 @@ impl Inner {
                 let _ = fs::remove_file(staged);
                 return Ok(());
             }
+            // Read-only: executors hardlink blobs into action workspaces.
+            fs::set_permissions(staged, std::os::unix::fs::PermissionsExt::from_mode(0o444))
+                .ctx(|| format!("chmod {}", staged.display()))?;
             fs::rename(staged, &target)
                 .ctx(|| format!("moving {} to {}", staged.display(), target.display()))?;
             index.insert(d);

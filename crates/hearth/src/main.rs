@@ -1,1 +1,30 @@
-fn main() {}
+//! `hearth`: one binary for the server, the executor, and both together.
+
+mod cli;
+mod config;
+mod serve;
+mod status;
+
+use anyhow::Result;
+use clap::Parser;
+
+fn main() -> Result<()> {
+    let args = config::args_with_config_file(std::env::args().collect())?;
+    let cli = cli::Cli::parse_from(args);
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HEARTH_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        match cli.command {
+            cli::Command::Up(a) => serve::up(a).await,
+            cli::Command::Server(a) => serve::server(a).await,
+            cli::Command::Executor(a) => serve::executor(a).await,
+            cli::Command::Status(a) => status::run(a).await,
+        }
+    })
+}

@@ -1,0 +1,73 @@
+use hearth_storage::StoreError;
+use tonic::Code;
+
+/// Why an action could not be run to completion; carries the gRPC code the
+/// client will see in ExecuteResponse.status.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("{context}: {source}")]
+    Store {
+        context: String,
+        #[source]
+        source: StoreError,
+    },
+    #[error("{0}")]
+    InvalidInput(String),
+    #[error("{0}")]
+    Precondition(String),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Internal(String),
+    #[error("cancelled")]
+    Cancelled,
+}
+
+impl ExecError {
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        ExecError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    pub fn store(context: impl Into<String>, source: StoreError) -> Self {
+        ExecError::Store {
+            context: context.into(),
+            source,
+        }
+    }
+
+    pub fn code(&self) -> Code {
+        match self {
+            ExecError::Store { source: StoreError::NotFound(_), .. } => Code::FailedPrecondition,
+            ExecError::Store { source: StoreError::InvalidDigest(_), .. } | ExecError::InvalidInput(_) => {
+                Code::InvalidArgument
+            }
+            ExecError::Precondition(_) => Code::FailedPrecondition,
+            ExecError::Io { source, .. } if source.raw_os_error() == Some(28) => Code::ResourceExhausted,
+            ExecError::Store { source: StoreError::Io { source, .. }, .. } if source.raw_os_error() == Some(28) => {
+                Code::ResourceExhausted
+            }
+            ExecError::Cancelled => Code::Cancelled,
+            _ => Code::Internal,
+        }
+    }
+}
+
+pub type ExecResult<T> = Result<T, ExecError>;
+
+/// Adds context to `io::Result`s.
+pub(crate) trait IoContext<T> {
+    fn ctx(self, context: impl FnOnce() -> String) -> ExecResult<T>;
+}
+
+impl<T> IoContext<T> for std::io::Result<T> {
+    fn ctx(self, context: impl FnOnce() -> String) -> ExecResult<T> {
+        self.map_err(|e| ExecError::io(context(), e))
+    }
+}

@@ -1,0 +1,212 @@
+//! One action, start to finish: decode, materialize, run, collect, report.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use hearth_proto::protobuf::Timestamp;
+use hearth_proto::reapi::{Action, ActionResult, Command, ExecutedActionMetadata};
+use hearth_proto::worker::{Assignment, Finished};
+use hearth_scheduler::Platform;
+use hearth_storage::Digest;
+use prost::Message;
+use tokio_util::sync::CancellationToken;
+use tonic::Code;
+
+use crate::error::{ExecError, ExecResult, IoContext};
+use crate::materialize::materialize;
+use crate::outputs::{self, Collector};
+use crate::runner::{RunSpec, Runner};
+use crate::LocalCas;
+
+#[derive(Debug, Clone)]
+pub struct ExecutorConfig {
+    pub id: String,
+    /// Workspaces live under `work_dir/actions`.
+    pub work_dir: PathBuf,
+    /// Applied when the Action sets no timeout.
+    pub default_timeout: Duration,
+    /// No action may run longer than this.
+    pub max_timeout: Duration,
+}
+
+pub struct Executor {
+    config: ExecutorConfig,
+    cas: LocalCas,
+    runners: HashMap<&'static str, Arc<dyn Runner>>,
+    actions_dir: PathBuf,
+    exec_cache: PathBuf,
+}
+
+fn timestamp(t: SystemTime) -> Option<Timestamp> {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    Some(Timestamp { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 })
+}
+
+/// Removes a workspace when the action is done with it, whatever happened.
+struct Workspace(PathBuf);
+
+impl Drop for Workspace {
+    fn drop(&mut self) {
+        let path = std::mem::take(&mut self.0);
+        // Inputs are read-only hardlinks; removal only needs the directories writable.
+        let _ = std::fs::remove_dir_all(&path).or_else(|_| {
+            make_dirs_writable(&path);
+            std::fs::remove_dir_all(&path)
+        });
+    }
+}
+
+fn make_dirs_writable(path: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755));
+    if let Ok(entries) = std::fs::read_dir(path) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                make_dirs_writable(&e.path());
+            }
+        }
+    }
+}
+
+impl Executor {
+    pub fn new(config: ExecutorConfig, cas: LocalCas, runners: Vec<Arc<dyn Runner>>) -> ExecResult<Self> {
+        let actions_dir = config.work_dir.join("actions");
+        let exec_cache = config.work_dir.join("exec-cache");
+        for dir in [&actions_dir, &exec_cache] {
+            if dir.exists() {
+                make_dirs_writable(dir);
+                std::fs::remove_dir_all(dir).ctx(|| format!("clearing {}", dir.display()))?;
+            }
+            std::fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
+        }
+        Ok(Executor {
+            runners: runners.into_iter().map(|r| (r.isolation_type(), r)).collect(),
+            config,
+            cas,
+            actions_dir,
+            exec_cache,
+        })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.config.id
+    }
+
+    /// The isolation types this executor can run, for its hello.
+    pub fn isolation_types(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.runners.keys().map(|s| s.to_string()).collect();
+        v.sort();
+        v
+    }
+
+    /// Runs an assignment; never fails, errors become the Finished status.
+    pub async fn execute(&self, a: Assignment, cancel: CancellationToken) -> Finished {
+        let op = a.operation_name.clone();
+        let mut meta = ExecutedActionMetadata {
+            worker: self.config.id.clone(),
+            queued_timestamp: a.queued_at.as_ref().map(|t| Timestamp { seconds: t.seconds, nanos: t.nanos }),
+            worker_start_timestamp: timestamp(SystemTime::now()),
+            ..Default::default()
+        };
+        let outcome = self.run(&a, &mut meta, cancel).await;
+        meta.worker_completed_timestamp = timestamp(SystemTime::now());
+        match outcome {
+            Ok((mut result, status)) => {
+                result.execution_metadata = Some(meta);
+                let (code, message) = status.unwrap_or((Code::Ok, String::new()));
+                Finished {
+                    operation_name: op,
+                    action_result: result.encode_to_vec(),
+                    status_code: code as i32,
+                    status_message: message,
+                }
+            }
+            Err(e) => {
+                tracing::warn!(operation = %op, error = %e, "action failed");
+                Finished {
+                    operation_name: op,
+                    action_result: vec![],
+                    status_code: e.code() as i32,
+                    status_message: e.to_string(),
+                }
+            }
+        }
+    }
+
+    async fn run(
+        &self,
+        a: &Assignment,
+        meta: &mut ExecutedActionMetadata,
+        cancel: CancellationToken,
+    ) -> ExecResult<(ActionResult, Option<(Code, String)>)> {
+        let action = Action::decode(a.action.as_slice())
+            .map_err(|e| ExecError::InvalidInput(format!("the Action does not decode: {e}")))?;
+        let command = Command::decode(a.command.as_slice())
+            .map_err(|e| ExecError::InvalidInput(format!("the Command does not decode: {e}")))?;
+        let platform = Platform::from_protos(command.platform.as_ref(), action.platform.as_ref())
+            .map_err(|e| ExecError::InvalidInput(e.to_string()))?;
+        let runner = self.runners.get(platform.isolation()).ok_or_else(|| {
+            ExecError::Precondition(format!(
+                "this executor cannot run workload-isolation-type={} (it runs: {})",
+                platform.isolation(),
+                self.isolation_types().join(", ")
+            ))
+        })?;
+        let root_digest = Digest::from_field(action.input_root_digest.as_ref(), "input_root_digest")
+            .map_err(|e| ExecError::InvalidInput(e.to_string()))?;
+
+        let ws = Workspace(self.actions_dir.join(uuid::Uuid::new_v4().to_string()));
+        let input_root = ws.0.join("root");
+        std::fs::create_dir_all(&input_root).ctx(|| format!("creating {}", input_root.display()))?;
+
+        meta.input_fetch_start_timestamp = timestamp(SystemTime::now());
+        materialize(&self.cas, root_digest, &input_root, &self.exec_cache).await?;
+        let workdir = input_root.join(&command.working_directory);
+        std::fs::create_dir_all(&workdir).ctx(|| format!("creating {}", workdir.display()))?;
+        outputs::prepare(&workdir, &command)?;
+        meta.input_fetch_completed_timestamp = timestamp(SystemTime::now());
+
+        let timeout = action
+            .timeout
+            .as_ref()
+            .map(|t| Duration::new(t.seconds.max(0) as u64, t.nanos.max(0) as u32))
+            .filter(|d| !d.is_zero())
+            .unwrap_or(self.config.default_timeout)
+            .min(self.config.max_timeout);
+        let spec = RunSpec {
+            input_root: input_root.clone(),
+            working_directory: command.working_directory.clone(),
+            arguments: command.arguments.clone(),
+            environment: command
+                .environment_variables
+                .iter()
+                .map(|v| (v.name.clone(), v.value.clone()))
+                .collect(),
+            timeout,
+            stdout_path: ws.0.join("stdout"),
+            stderr_path: ws.0.join("stderr"),
+            platform,
+        };
+        meta.execution_start_timestamp = timestamp(SystemTime::now());
+        let outcome = runner.run(&spec, cancel).await?;
+        meta.execution_completed_timestamp = timestamp(SystemTime::now());
+
+        meta.output_upload_start_timestamp = timestamp(SystemTime::now());
+        let mut collector = Collector::new(&self.cas);
+        let mut result = ActionResult { exit_code: outcome.exit_code, ..Default::default() };
+        result.stdout_digest = Some(collector.store_log(&spec.stdout_path).await?.to_proto());
+        result.stderr_digest = Some(collector.store_log(&spec.stderr_path).await?.to_proto());
+        if !outcome.timed_out {
+            collector.collect(&workdir, &command, &mut result).await?;
+        }
+        self.cas.push(&collector.stored).await?;
+        meta.output_upload_completed_timestamp = timestamp(SystemTime::now());
+
+        let status = outcome
+            .timed_out
+            .then(|| (Code::DeadlineExceeded, format!("the action timed out after {:.1}s and was killed", timeout.as_secs_f64())));
+        Ok((result, status))
+    }
+}

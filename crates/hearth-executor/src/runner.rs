@@ -1,0 +1,44 @@
+//! The seam between the executor and where a command actually runs. The host
+//! runner runs it on this machine; a VM runner boots a microVM. The contract:
+//! when `run` returns, the workspace holds the outputs and the stdout/stderr
+//! files hold what the command printed.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use hearth_scheduler::Platform;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::ExecResult;
+
+/// What to run and where.
+#[derive(Debug, Clone)]
+pub struct RunSpec {
+    /// The action's input root, with inputs in place and output parents made.
+    pub input_root: PathBuf,
+    /// Relative to `input_root`.
+    pub working_directory: String,
+    pub arguments: Vec<String>,
+    pub environment: Vec<(String, String)>,
+    pub timeout: Duration,
+    pub stdout_path: PathBuf,
+    pub stderr_path: PathBuf,
+    pub platform: Platform,
+}
+
+/// How the command ended.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunOutcome {
+    pub exit_code: i32,
+    pub timed_out: bool,
+}
+
+#[async_trait]
+pub trait Runner: Send + Sync + 'static {
+    /// The `workload-isolation-type` this runner provides.
+    fn isolation_type(&self) -> &'static str;
+
+    /// Runs the command to completion, timeout or cancellation.
+    async fn run(&self, spec: &RunSpec, cancel: CancellationToken) -> ExecResult<RunOutcome>;
+}

@@ -1,0 +1,132 @@
+//! Command-line flags. Every flag can also be set in the TOML file given by
+//! `--config`, under a table named after the subcommand (see config.rs).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "hearth", version, about = "Remote build execution for Bazel and any REAPI v2 client")]
+#[command(args_override_self = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Server and one local executor in one process, with embedded storage.
+    Up(UpArgs),
+    /// The server alone (API, storage, scheduler); executors connect to it.
+    Server(ServerArgs),
+    /// An executor that connects to a server.
+    Executor(ExecutorArgs),
+    /// Shows connected executors, queued and running actions, cache size.
+    Status(StatusArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ServerArgs {
+    /// TOML file with defaults for these flags (table [server], [up] or [executor]).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Address to serve gRPC on (port 0 picks a free one).
+    #[arg(long, default_value = "127.0.0.1:1985")]
+    pub listen: SocketAddr,
+    /// Where the CAS and action cache live.
+    #[arg(long, default_value = "/var/lib/hearth")]
+    pub data_dir: PathBuf,
+    /// Upper bound of the CAS on disk, in bytes (e.g. 10GB); LRU eviction above it.
+    #[arg(long, default_value = "10GB", value_parser = parse_size)]
+    pub cas_max_bytes: u64,
+    /// Instance names to serve (repeatable); none means any name is accepted.
+    #[arg(long = "instance")]
+    pub instances: Vec<String>,
+    /// Seconds an action may wait for an executor before it fails.
+    #[arg(long, default_value_t = 600)]
+    pub queue_timeout_secs: u64,
+    /// How many times an action is retried when its executor disconnects.
+    #[arg(long, default_value_t = 3)]
+    pub max_attempts: u32,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ExecutorOptions {
+    /// Actions run at once (default: number of cores).
+    #[arg(long)]
+    pub capacity: Option<u32>,
+    /// Executor properties for matching, NAME=VALUE (Pool, OSFamily, Arch); repeatable.
+    #[arg(long = "property", value_parser = parse_property)]
+    pub properties: Vec<(String, String)>,
+    /// Timeout applied to actions that set none, in seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub default_timeout_secs: u64,
+    /// Longest any action may run, in seconds.
+    #[arg(long, default_value_t = 3 * 3600)]
+    pub max_timeout_secs: u64,
+    /// Stable executor id (default: hostname and a random suffix).
+    #[arg(long)]
+    pub executor_id: Option<String>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct UpArgs {
+    #[command(flatten)]
+    pub server: ServerArgs,
+    #[command(flatten)]
+    pub executor: ExecutorOptions,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ExecutorArgs {
+    /// TOML file with defaults for these flags (table [executor]).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// The server, grpc://HOST:PORT.
+    #[arg(long)]
+    pub server: String,
+    /// Local cache and workspaces.
+    #[arg(long, default_value = "/var/lib/hearth-executor")]
+    pub work_dir: PathBuf,
+    /// Upper bound of the local input cache, in bytes.
+    #[arg(long, default_value = "10GB", value_parser = parse_size)]
+    pub cache_max_bytes: u64,
+    /// Instance name used for the server's CAS.
+    #[arg(long, default_value = "")]
+    pub instance: String,
+    #[command(flatten)]
+    pub options: ExecutorOptions,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct StatusArgs {
+    /// The server, grpc://HOST:PORT.
+    #[arg(long, default_value = "grpc://127.0.0.1:1985")]
+    pub server: String,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    hearth_scheduler::platform::parse_bytes(s)
+}
+
+fn parse_property(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not NAME=VALUE"))?;
+    Ok((k.trim().to_string(), v.trim().to_string()))
+}
+
+/// `grpc://` and `http://` URLs become the `http://` form tonic wants.
+pub fn server_url(s: &str) -> Result<String, String> {
+    if let Some(rest) = s.strip_prefix("grpc://").or_else(|| s.strip_prefix("http://")) {
+        return Ok(format!("http://{rest}"));
+    }
+    if s.starts_with("grpcs://") || s.starts_with("https://") {
+        return Err(format!("{s}: TLS to the server is not supported yet; use grpc://"));
+    }
+    if s.contains("://") {
+        return Err(format!("{s}: expected grpc://HOST:PORT"));
+    }
+    Ok(format!("http://{s}"))
+}

@@ -1,0 +1,166 @@
+//! Assembling the pieces: stores, scheduler and services for the server; a
+//! local cache, runners and a session for the executor; both for `up`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use hearth_api::Context;
+use hearth_executor::{session, Executor, ExecutorConfig, GrpcStore, HostRunner, LocalCas, Runner};
+use hearth_scheduler::{Scheduler, SchedulerConfig};
+use hearth_storage::{DiskActionCache, DiskStore};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::TcpIncoming;
+
+use crate::cli::{server_url, ExecutorArgs, ExecutorOptions, ServerArgs, UpArgs};
+
+/// Cancels the token on SIGINT or SIGTERM.
+fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot watch SIGTERM");
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+        t.cancel();
+    });
+    token
+}
+
+struct Server {
+    store: Arc<DiskStore>,
+    listener: TcpListener,
+    ctx: Context,
+}
+
+async fn build_server(args: &ServerArgs) -> Result<Server> {
+    std::fs::create_dir_all(&args.data_dir).with_context(|| format!("creating {}", args.data_dir.display()))?;
+    let store = Arc::new(
+        DiskStore::open(&args.data_dir, args.cas_max_bytes)
+            .with_context(|| format!("opening the CAS in {}", args.data_dir.display()))?,
+    );
+    let ac = Arc::new(DiskActionCache::open(&args.data_dir).context("opening the action cache")?);
+    let scheduler = Scheduler::new(SchedulerConfig {
+        queue_timeout: Duration::from_secs(args.queue_timeout_secs),
+        max_attempts: args.max_attempts,
+        ..Default::default()
+    });
+    scheduler.spawn_sweeper();
+    let mut ctx = Context::new(store.clone(), ac, scheduler);
+    ctx.instances = Arc::new(args.instances.clone());
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    Ok(Server { store, listener, ctx })
+}
+
+async fn serve(server: Server, shutdown: CancellationToken) -> Result<()> {
+    let addr = server.listener.local_addr()?;
+    // Tests and scripts read this line to find the port.
+    println!("hearth listening on {addr}");
+    tracing::info!(%addr, "serving");
+    let incoming = TcpIncoming::from(server.listener).with_nodelay(Some(true));
+    tonic::transport::Server::builder()
+        .add_routes(hearth_api::routes(server.ctx))
+        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+        .await
+        .context("gRPC server")
+}
+
+fn executor_config(opts: &ExecutorOptions, work_dir: std::path::PathBuf) -> ExecutorConfig {
+    let host = std::fs::read_to_string("/etc/hostname").unwrap_or_else(|_| "executor".into());
+    let id = opts.executor_id.clone().unwrap_or_else(|| {
+        let suffix = uuid::Uuid::new_v4().simple().to_string();
+        format!("{}-{}", host.trim(), &suffix[..8])
+    });
+    ExecutorConfig {
+        id,
+        work_dir,
+        default_timeout: Duration::from_secs(opts.default_timeout_secs),
+        max_timeout: Duration::from_secs(opts.max_timeout_secs),
+    }
+}
+
+fn session_config(opts: &ExecutorOptions, server: String) -> session::SessionConfig {
+    let capacity = opts
+        .capacity
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1));
+    let mut properties = opts.properties.clone();
+    for (name, value) in [("OSFamily", std::env::consts::OS), ("Arch", std::env::consts::ARCH)] {
+        if !properties.iter().any(|(k, _)| k.eq_ignore_ascii_case(name)) {
+            properties.push((name.to_string(), value.to_string()));
+        }
+    }
+    session::SessionConfig {
+        server,
+        properties,
+        capacity,
+        description: format!("hearth {} on {}", env!("CARGO_PKG_VERSION"), std::env::consts::OS),
+    }
+}
+
+fn runners() -> Vec<Arc<dyn Runner>> {
+    vec![Arc::new(HostRunner)]
+}
+
+pub async fn server(args: ServerArgs) -> Result<()> {
+    let shutdown = shutdown_on_signal();
+    let server = build_server(&args).await?;
+    serve(server, shutdown).await
+}
+
+pub async fn up(args: UpArgs) -> Result<()> {
+    let shutdown = shutdown_on_signal();
+    let server = build_server(&args.server).await?;
+    let addr = server.listener.local_addr()?;
+    let connect = if addr.ip().is_unspecified() {
+        format!("http://127.0.0.1:{}", addr.port())
+    } else {
+        format!("http://{addr}")
+    };
+    let cas = LocalCas::shared(server.store.clone());
+    let config = executor_config(&args.executor, args.server.data_dir.join("executor"));
+    let executor = Arc::new(Executor::new(config, cas, runners()).context("starting the executor")?);
+    let channel = session::channel(&connect)?;
+    let sess = tokio::spawn(session::run(
+        executor,
+        session_config(&args.executor, connect),
+        channel,
+        shutdown.clone(),
+    ));
+    let result = serve(server, shutdown.clone()).await;
+    shutdown.cancel();
+    let _ = sess.await;
+    result
+}
+
+pub async fn executor(args: ExecutorArgs) -> Result<()> {
+    let shutdown = shutdown_on_signal();
+    let url = server_url(&args.server).map_err(anyhow::Error::msg)?;
+    std::fs::create_dir_all(&args.work_dir).with_context(|| format!("creating {}", args.work_dir.display()))?;
+    let local = Arc::new(
+        DiskStore::open(&args.work_dir.join("cache"), args.cache_max_bytes).context("opening the local cache")?,
+    );
+    let channel = session::channel(&url)?;
+    let upstream = Arc::new(GrpcStore::new(
+        channel.clone(),
+        args.instance.clone(),
+        args.work_dir.join("cache").join("staging"),
+    ));
+    let cas = LocalCas::caching(local, upstream);
+    let config = executor_config(&args.options, args.work_dir.clone());
+    let executor = Arc::new(Executor::new(config, cas, runners()).context("starting the executor")?);
+    tracing::info!(executor = executor.id(), server = %url, "executor starting");
+    session::run(executor, session_config(&args.options, url), channel, shutdown).await;
+    Ok(())
+}

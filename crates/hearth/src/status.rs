@@ -1,0 +1,85 @@
+//! `hearth status`: a one-screen summary of a running server.
+
+use anyhow::{Context, Result};
+use hearth_proto::worker::{worker_service_client::WorkerServiceClient, StatusRequest, StatusResponse};
+
+use crate::cli::{server_url, StatusArgs};
+
+pub async fn run(args: StatusArgs) -> Result<()> {
+    let url = server_url(&args.server).map_err(anyhow::Error::msg)?;
+    let mut client = WorkerServiceClient::connect(url.clone())
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    let status = client.status(StatusRequest {}).await.context("asking for status")?.into_inner();
+    print!("{}", render(&status));
+    Ok(())
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KB", "MB", "GB", "TB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1000.0 && u < UNITS.len() - 1 {
+        v /= 1000.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+pub fn render(s: &StatusResponse) -> String {
+    let mut out = String::new();
+    let limit = if s.cas_limit_bytes > 0 {
+        format!(" of {}", human_bytes(s.cas_limit_bytes))
+    } else {
+        String::new()
+    };
+    out.push_str(&format!("uptime     {}s\n", s.uptime_seconds));
+    out.push_str(&format!("actions    {} queued, {} running, {} completed, {} cache hits\n",
+        s.queued_actions, s.running_actions, s.completed_actions, s.cache_hits));
+    out.push_str(&format!("cas        {} in {} blobs{limit}\n", human_bytes(s.cas_bytes), s.cas_blobs));
+    out.push_str(&format!("executors  {}\n", s.executors.len()));
+    for e in &s.executors {
+        let props: Vec<String> = e.properties.iter().map(|p| format!("{}={}", p.name, p.value)).collect();
+        out.push_str(&format!(
+            "  {:<28} {}/{} busy  isolation={}  {}  up {}s\n",
+            e.executor_id,
+            e.running,
+            e.capacity,
+            e.isolation_types.join(","),
+            props.join(" "),
+            e.connected_seconds
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hearth_proto::worker::ExecutorStatus;
+
+    #[test]
+    fn renders_a_readable_summary() {
+        let s = StatusResponse {
+            executors: vec![ExecutorStatus {
+                executor_id: "box-1".into(),
+                capacity: 2,
+                running: 1,
+                isolation_types: vec!["none".into()],
+                ..Default::default()
+            }],
+            queued_actions: 3,
+            cas_bytes: 1_500_000,
+            cas_blobs: 10,
+            ..Default::default()
+        };
+        let text = render(&s);
+        assert!(text.contains("3 queued"), "{text}");
+        assert!(text.contains("1.5 MB in 10 blobs"), "{text}");
+        assert!(text.contains("box-1") && text.contains("1/2 busy"), "{text}");
+    }
+}
