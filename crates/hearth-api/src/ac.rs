@@ -95,6 +95,7 @@ impl ActionCacheApi for ActionCacheService {
             let _ = self.ctx.ac.remove(&key).await;
             return Err(not_found());
         }
+        self.ctx.scheduler.note_cache_hit();
         let max = self.ctx.limits.max_inline_bytes;
         if req.inline_stdout {
             result.stdout_raw = inline(cas, &result.stdout_digest, max).await;
