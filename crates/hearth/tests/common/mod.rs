@@ -1,0 +1,267 @@
+//! Shared helpers for the integration tests: start the real `hearth` binary,
+//! talk to it with tonic REAPI clients, build actions.
+#![allow(dead_code, deprecated)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command as Proc, Stdio};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hearth_proto::longrunning::{operation, Operation};
+use hearth_proto::reapi::{
+    self, batch_update_blobs_request, content_addressable_storage_client::ContentAddressableStorageClient,
+    execution_client::ExecutionClient, Action, BatchUpdateBlobsRequest, Command, Directory, ExecuteRequest,
+    ExecuteResponse, FileNode,
+};
+use hearth_storage::Digest;
+use prost::Message;
+use tonic::transport::Channel;
+
+/// A running `hearth` process, killed when dropped.
+pub struct Hearth {
+    pub child: Child,
+    pub addr: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl Drop for Hearth {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_hearth")
+}
+
+/// Starts `hearth ARGS…` and waits for its "listening on" line.
+pub fn spawn_listening(args: &[&str], dir: tempfile::TempDir) -> Hearth {
+    let mut child = Proc::new(bin())
+        .args(args)
+        .env("HEARTH_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("starting hearth");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).expect("reading hearth's stdout");
+    let addr = line
+        .trim()
+        .strip_prefix("hearth listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line from hearth: {line:?}"))
+        .to_string();
+    Hearth {
+        child,
+        addr: format!("http://{addr}"),
+        dir,
+    }
+}
+
+/// `hearth up` on a free port with a fresh data dir, plus extra flags.
+pub fn up(extra: &[&str]) -> Hearth {
+    let dir = tempfile::tempdir().expect("tempdir");
+    up_in(dir, extra)
+}
+
+pub fn up_in(dir: tempfile::TempDir, extra: &[&str]) -> Hearth {
+    let data = dir.path().join("data");
+    let data = data.to_str().expect("utf-8 path").to_string();
+    let mut args = vec!["up", "--listen", "127.0.0.1:0", "--data-dir", &data];
+    args.extend_from_slice(extra);
+    spawn_listening(&args, dir)
+}
+
+pub async fn channel(h: &Hearth) -> Channel {
+    for _ in 0..50 {
+        if let Ok(c) = Channel::from_shared(h.addr.clone()).expect("url").connect().await {
+            return c;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("cannot connect to {}", h.addr)
+}
+
+pub fn cas(c: &Channel) -> ContentAddressableStorageClient<Channel> {
+    ContentAddressableStorageClient::new(c.clone())
+}
+
+pub fn exec(c: &Channel) -> ExecutionClient<Channel> {
+    ExecutionClient::new(c.clone())
+}
+
+/// Uploads blobs with BatchUpdateBlobs and returns their digests.
+pub async fn upload(c: &Channel, blobs: &[&[u8]]) -> Vec<Digest> {
+    let digests: Vec<Digest> = blobs.iter().map(|b| Digest::of(b)).collect();
+    let resp = cas(c)
+        .batch_update_blobs(BatchUpdateBlobsRequest {
+            instance_name: String::new(),
+            requests: blobs
+                .iter()
+                .zip(&digests)
+                .map(|(b, d)| batch_update_blobs_request::Request {
+                    digest: Some(d.to_proto()),
+                    data: b.to_vec(),
+                    compressor: 0,
+                })
+                .collect(),
+            digest_function: 0,
+        })
+        .await
+        .expect("BatchUpdateBlobs")
+        .into_inner();
+    for r in resp.responses {
+        assert_eq!(r.status.unwrap_or_default().code, 0, "upload failed");
+    }
+    digests
+}
+
+pub async fn upload_msg<M: Message>(c: &Channel, m: &M) -> Digest {
+    upload(c, &[&m.encode_to_vec()]).await[0]
+}
+
+pub fn file_node(name: &str, data: &[u8], executable: bool) -> FileNode {
+    FileNode {
+        name: name.into(),
+        digest: Some(Digest::of(data).to_proto()),
+        is_executable: executable,
+        node_properties: None,
+    }
+}
+
+/// An action: `sh -c SCRIPT` in an input root holding `files`, with the given
+/// platform properties and outputs (as output_paths).
+pub struct ActionSpec<'a> {
+    pub script: &'a str,
+    pub files: Vec<(&'a str, &'a [u8])>,
+    pub outputs: Vec<&'a str>,
+    pub platform: Vec<(&'a str, &'a str)>,
+    pub timeout_secs: Option<i64>,
+    pub do_not_cache: bool,
+}
+
+impl<'a> ActionSpec<'a> {
+    pub fn new(script: &'a str) -> Self {
+        ActionSpec {
+            script,
+            files: vec![],
+            outputs: vec![],
+            platform: vec![],
+            timeout_secs: None,
+            do_not_cache: false,
+        }
+    }
+}
+
+pub fn platform(pairs: &[(&str, &str)]) -> reapi::Platform {
+    reapi::Platform {
+        properties: pairs
+            .iter()
+            .map(|(n, v)| reapi::platform::Property {
+                name: n.to_string(),
+                value: v.to_string(),
+            })
+            .collect(),
+    }
+}
+
+/// Uploads everything an action needs and returns its digest.
+pub async fn make_action(c: &Channel, spec: &ActionSpec<'_>) -> Digest {
+    let blobs: Vec<&[u8]> = spec.files.iter().map(|(_, d)| *d).collect();
+    if !blobs.is_empty() {
+        upload(c, &blobs).await;
+    }
+    let mut root = Directory::default();
+    for (name, data) in &spec.files {
+        root.files.push(file_node(name, data, false));
+    }
+    let root_digest = upload_msg(c, &root).await;
+    let command = Command {
+        arguments: vec!["/bin/sh".into(), "-c".into(), spec.script.into()],
+        environment_variables: vec![reapi::command::EnvironmentVariable {
+            name: "PATH".into(),
+            value: "/usr/bin:/bin".into(),
+        }],
+        output_paths: spec.outputs.iter().map(|s| s.to_string()).collect(),
+        platform: Some(platform(&spec.platform)),
+        ..Default::default()
+    };
+    let command_digest = upload_msg(c, &command).await;
+    let action = Action {
+        command_digest: Some(command_digest.to_proto()),
+        input_root_digest: Some(root_digest.to_proto()),
+        timeout: spec.timeout_secs.map(|s| hearth_proto::protobuf::Duration { seconds: s, nanos: 0 }),
+        do_not_cache: spec.do_not_cache,
+        ..Default::default()
+    };
+    upload_msg(c, &action).await
+}
+
+/// Runs Execute to completion; returns every Operation seen and the response.
+pub async fn execute(c: &Channel, action: Digest, skip_cache_lookup: bool) -> Result<(Vec<Operation>, ExecuteResponse), tonic::Status> {
+    let mut stream = exec(c)
+        .execute(ExecuteRequest {
+            instance_name: String::new(),
+            skip_cache_lookup,
+            action_digest: Some(action.to_proto()),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let mut ops = Vec::new();
+    while let Some(op) = stream.message().await? {
+        let done = op.done;
+        ops.push(op);
+        if done {
+            break;
+        }
+    }
+    let last = ops.last().cloned().expect("at least one operation");
+    assert!(last.done, "stream ended before the operation was done");
+    Ok((ops, response_of(&last)))
+}
+
+pub fn response_of(op: &Operation) -> ExecuteResponse {
+    match &op.result {
+        Some(operation::Result::Response(any)) => {
+            ExecuteResponse::decode(any.value.as_slice()).expect("ExecuteResponse")
+        }
+        other => panic!("operation has no response: {other:?}"),
+    }
+}
+
+pub fn stage_of(op: &Operation) -> i32 {
+    let any = op.metadata.as_ref().expect("metadata");
+    reapi::ExecuteOperationMetadata::decode(any.value.as_slice())
+        .expect("ExecuteOperationMetadata")
+        .stage
+}
+
+/// Reads a blob through BatchReadBlobs.
+pub async fn read_blob(c: &Channel, d: &reapi::Digest) -> Bytes {
+    let resp = cas(c)
+        .batch_read_blobs(reapi::BatchReadBlobsRequest {
+            instance_name: String::new(),
+            digests: vec![d.clone()],
+            acceptable_compressors: vec![],
+            digest_function: 0,
+        })
+        .await
+        .expect("BatchReadBlobs")
+        .into_inner();
+    let r = resp.responses.into_iter().next().expect("one response");
+    assert_eq!(r.status.unwrap_or_default().code, 0, "read of {d:?} failed");
+    Bytes::from(r.data)
+}
+
+/// The google.rpc.PreconditionFailure violations in a status's details.
+pub fn violations(s: &tonic::Status) -> Vec<hearth_proto::precondition_failure::Violation> {
+    let status = hearth_proto::rpc::Status::decode(s.details()).expect("rpc.Status in details");
+    status
+        .details
+        .iter()
+        .filter(|a| a.type_url == hearth_proto::PRECONDITION_FAILURE_TYPE_URL)
+        .flat_map(|a| hearth_proto::PreconditionFailure::decode(a.value.as_slice()).expect("PreconditionFailure").violations)
+        .collect()
+}
