@@ -1,0 +1,139 @@
+//! `hearth server` with separate `hearth executor` processes: remote input
+//! fetch and output upload, waiting for executors, queue timeout, and an
+//! executor killed in the middle of an action.
+
+mod common;
+
+use std::process::{Child, Command as Proc, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use hearth_proto::worker::{worker_service_client::WorkerServiceClient, StatusRequest, StatusResponse};
+use tonic::Code;
+
+struct Executor(Child);
+
+impl Drop for Executor {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn server(extra: &[&str]) -> Hearth {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data").to_str().unwrap().to_string();
+    let mut args = vec!["server", "--listen", "127.0.0.1:0", "--data-dir", &data];
+    args.extend_from_slice(extra);
+    spawn_listening(&args, dir)
+}
+
+fn executor(h: &Hearth, id: &str) -> Executor {
+    let work = h.dir.path().join(format!("exec-{id}"));
+    let child = Proc::new(bin())
+        .args(["executor", "--server", &h.addr.replace("http://", "grpc://"), "--capacity", "1", "--executor-id", id])
+        .arg("--work-dir")
+        .arg(&work)
+        .env("HEARTH_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("starting executor");
+    Executor(child)
+}
+
+async fn status(c: &tonic::transport::Channel) -> StatusResponse {
+    WorkerServiceClient::new(c.clone()).status(StatusRequest {}).await.unwrap().into_inner()
+}
+
+async fn wait_for(c: &tonic::transport::Channel, what: &str, cond: impl Fn(&StatusResponse) -> bool) -> StatusResponse {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = status(c).await;
+        if cond(&s) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}: {s:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn remote_executor_fetches_inputs_and_uploads_outputs() {
+    let h = server(&[]);
+    let c = channel(&h).await;
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 97) as u8).collect();
+    let mut spec = ActionSpec::new("wc -c < big.bin > out/count && cat small.txt >> out/count");
+    spec.files = vec![("small.txt", b"small\n"), ("big.bin", &big)];
+    spec.outputs = vec!["out/count"];
+    // The big input goes through ByteStream-sized paths on the executor side.
+    let action = make_action(&c, &spec).await;
+    // Queued before any executor exists: it waits rather than failing.
+    let pending = tokio::spawn({
+        let c = c.clone();
+        async move { execute(&c, action, false).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(status(&c).await.queued_actions, 1);
+    let _e = executor(&h, "remote-1");
+    let (_, resp) = pending.await.unwrap().unwrap();
+    let r = resp.result.unwrap();
+    assert_eq!(r.exit_code, 0, "{:?}", resp.status);
+    assert_eq!(r.execution_metadata.unwrap().worker, "remote-1");
+    let out = read_blob(&c, r.output_files[0].digest.as_ref().unwrap()).await;
+    assert_eq!(out.as_ref(), b"3000000\nsmall\n");
+}
+
+#[tokio::test]
+async fn actions_fail_after_the_queue_timeout_without_executors() {
+    let h = server(&["--queue-timeout-secs", "1"]);
+    let c = channel(&h).await;
+    let action = make_action(&c, &ActionSpec::new("true")).await;
+    let (_, resp) = execute(&c, action, false).await.unwrap();
+    let status = resp.status.unwrap();
+    assert_eq!(status.code, Code::Unavailable as i32);
+    assert!(status.message.contains("queue timeout"), "{}", status.message);
+}
+
+#[tokio::test]
+async fn killed_executor_mid_action_is_retried_elsewhere() {
+    let h = server(&[]);
+    let c = channel(&h).await;
+    let e1 = executor(&h, "victim-a");
+    let e2 = executor(&h, "victim-b");
+    wait_for(&c, "two executors", |s| s.executors.len() == 2).await;
+    let mut spec = ActionSpec::new("sleep 2; echo survived > out.txt");
+    spec.outputs = vec!["out.txt"];
+    let action = make_action(&c, &spec).await;
+    let run = tokio::spawn({
+        let c = c.clone();
+        async move { execute(&c, action, false).await }
+    });
+    let s = wait_for(&c, "the action to start", |s| s.executors.iter().any(|e| e.running == 1)).await;
+    let busy = s.executors.iter().find(|e| e.running == 1).unwrap().executor_id.clone();
+    let (mut victim, _other) = if busy == "victim-a" { (e1, e2) } else { (e2, e1) };
+    victim.0.kill().unwrap();
+    let _ = victim.0.wait();
+    let (_, resp) = run.await.unwrap().unwrap();
+    let r = resp.result.unwrap();
+    assert_eq!(r.exit_code, 0, "{:?}", resp.status);
+    assert_ne!(r.execution_metadata.unwrap().worker, busy, "finished on the survivor");
+    assert_eq!(read_blob(&c, r.output_files[0].digest.as_ref().unwrap()).await.as_ref(), b"survived\n");
+    let s = status(&c).await;
+    assert_eq!(s.executors.len(), 1);
+}
+
+#[tokio::test]
+async fn status_command_prints_a_summary() {
+    let h = up(&["--executor-id", "local-exec"]);
+    let c = channel(&h).await;
+    wait_for(&c, "the local executor", |s| s.executors.len() == 1).await;
+    let out = Proc::new(bin())
+        .args(["status", "--server", &h.addr.replace("http://", "grpc://")])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("executors  1"), "{text}");
+    assert!(text.contains("local-exec") && text.contains("isolation=none"), "{text}");
+    assert!(text.contains("0 queued, 0 running"), "{text}");
+}
