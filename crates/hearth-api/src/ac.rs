@@ -24,11 +24,17 @@ impl ActionCacheService {
 
 /// Every blob an ActionResult points at, including the files inside output
 /// directory trees. Blobs that can't be parsed count as referenced-and-missing.
-pub(crate) async fn referenced_blobs(cas: &dyn BlobStore, result: &ActionResult) -> Result<Vec<Digest>, Status> {
+pub(crate) async fn referenced_blobs(
+    cas: &dyn BlobStore,
+    result: &ActionResult,
+) -> Result<Vec<Digest>, Status> {
     let mut out = Vec::new();
     let mut add = |d: &Option<hearth_proto::reapi::Digest>, what: &str| -> Result<(), Status> {
         if let Some(d) = d {
-            out.push(Digest::from_proto(d).map_err(|e| Status::invalid_argument(format!("{what}: {e}")))?);
+            out.push(
+                Digest::from_proto(d)
+                    .map_err(|e| Status::invalid_argument(format!("{what}: {e}")))?,
+            );
         }
         Ok(())
     };
@@ -39,15 +45,21 @@ pub(crate) async fn referenced_blobs(cas: &dyn BlobStore, result: &ActionResult)
     }
     let mut trees = Vec::new();
     for dir in &result.output_directories {
-        add(&dir.tree_digest, &format!("output directory {:?}", dir.path))?;
+        add(
+            &dir.tree_digest,
+            &format!("output directory {:?}", dir.path),
+        )?;
         if let Some(t) = &dir.tree_digest {
             trees.push(Digest::from_proto(t).map_err(|e| Status::invalid_argument(e.to_string()))?);
         }
     }
     for t in trees {
-        let Ok(data) = cas.read(&t, 0, None).await else { continue };
-        let tree = Tree::decode(data)
-            .map_err(|e| Status::invalid_argument(format!("output tree {t} is not a Tree message: {e}")))?;
+        let Ok(data) = cas.read(&t, 0, None).await else {
+            continue;
+        };
+        let tree = Tree::decode(data).map_err(|e| {
+            Status::invalid_argument(format!("output tree {t} is not a Tree message: {e}"))
+        })?;
         for dir in tree.root.iter().chain(&tree.children) {
             for f in &dir.files {
                 add(&f.digest, &format!("file {:?} in output tree {t}", f.name))?;
@@ -57,14 +69,21 @@ pub(crate) async fn referenced_blobs(cas: &dyn BlobStore, result: &ActionResult)
     Ok(out)
 }
 
-async fn inline(cas: &dyn BlobStore, digest: &Option<hearth_proto::reapi::Digest>, max: usize) -> Vec<u8> {
+async fn inline(
+    cas: &dyn BlobStore,
+    digest: &Option<hearth_proto::reapi::Digest>,
+    max: usize,
+) -> Vec<u8> {
     let Some(d) = digest.as_ref().and_then(|d| Digest::from_proto(d).ok()) else {
         return vec![];
     };
     if d.size() as usize > max {
         return vec![];
     }
-    cas.read(&d, 0, None).await.map(|b| b.to_vec()).unwrap_or_default()
+    cas.read(&d, 0, None)
+        .await
+        .map(|b| b.to_vec())
+        .unwrap_or_default()
 }
 
 #[tonic::async_trait]
@@ -89,7 +108,10 @@ impl ActionCacheApi for ActionCacheService {
         };
         let cas = self.ctx.cas.as_ref();
         let blobs = referenced_blobs(cas, &result).await?;
-        let missing = cas.find_missing(&blobs).await.map_err(|e| store_status(e, "GetActionResult"))?;
+        let missing = cas
+            .find_missing(&blobs)
+            .await
+            .map_err(|e| store_status(e, "GetActionResult"))?;
         if !missing.is_empty() {
             tracing::info!(action = %key, missing = missing.len(), "dropping cached result whose outputs were evicted");
             let _ = self.ctx.ac.remove(&key).await;
@@ -123,9 +145,15 @@ impl ActionCacheApi for ActionCacheService {
             .ok_or_else(|| Status::invalid_argument("action_result is missing"))?;
         let cas = self.ctx.cas.as_ref();
         let blobs = referenced_blobs(cas, &result).await?;
-        let missing = cas.find_missing(&blobs).await.map_err(|e| store_status(e, "UpdateActionResult"))?;
+        let missing = cas
+            .find_missing(&blobs)
+            .await
+            .map_err(|e| store_status(e, "UpdateActionResult"))?;
         if !missing.is_empty() {
-            return Err(missing_blobs_status("UpdateActionResult: the result references blobs", &missing));
+            return Err(missing_blobs_status(
+                "UpdateActionResult: the result references blobs",
+                &missing,
+            ));
         }
         self.ctx
             .ac

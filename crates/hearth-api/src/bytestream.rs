@@ -38,7 +38,10 @@ impl ByteStreamService {
     }
 
     fn take_upload(&self, key: &(String, Digest)) -> Option<Upload> {
-        self.uploads.lock().unwrap_or_else(|p| p.into_inner()).remove(key)
+        self.uploads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key)
     }
 
     fn committed(&self, key: &(String, Digest)) -> Option<u64> {
@@ -50,7 +53,10 @@ impl ByteStreamService {
     }
 
     fn park_upload(&self, key: (String, Digest), upload: Upload) {
-        self.uploads.lock().unwrap_or_else(|p| p.into_inner()).insert(key, upload);
+        self.uploads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, upload);
     }
 }
 
@@ -77,7 +83,9 @@ impl Upload {
             return Ok(());
         }
         if self.file.is_none() {
-            let path = cas.staging_dir().join(format!("upload-{}", uuid::Uuid::new_v4()));
+            let path = cas
+                .staging_dir()
+                .join(format!("upload-{}", uuid::Uuid::new_v4()));
             let f = tokio::fs::File::create(&path)
                 .await
                 .map_err(|e| io_status(e, "creating upload file"))?;
@@ -86,16 +94,22 @@ impl Upload {
         let (_, f) = self.file.as_mut().expect("file was just set");
         if !self.buf.is_empty() {
             let buf = std::mem::take(&mut self.buf);
-            f.write_all(&buf).await.map_err(|e| io_status(e, "writing upload"))?;
+            f.write_all(&buf)
+                .await
+                .map_err(|e| io_status(e, "writing upload"))?;
         }
-        f.write_all(data).await.map_err(|e| io_status(e, "writing upload"))
+        f.write_all(data)
+            .await
+            .map_err(|e| io_status(e, "writing upload"))
     }
 
     async fn commit(self, cas: &dyn BlobStore, digest: &Digest) -> Result<(), Status> {
         match self.file {
             None => cas.put(digest, Bytes::from(self.buf)).await,
             Some((path, mut f)) => {
-                f.flush().await.map_err(|e| io_status(e, "writing upload"))?;
+                f.flush()
+                    .await
+                    .map_err(|e| io_status(e, "writing upload"))?;
                 drop(f);
                 cas.adopt_file(digest, &path).await
             }
@@ -122,15 +136,24 @@ fn io_status(e: std::io::Error, what: &str) -> Status {
 impl ByteStream for ByteStreamService {
     type ReadStream = BoxStream<'static, Result<ReadResponse, Status>>;
 
-    async fn read(&self, request: Request<ReadRequest>) -> Result<Response<Self::ReadStream>, Status> {
+    async fn read(
+        &self,
+        request: Request<ReadRequest>,
+    ) -> Result<Response<Self::ReadStream>, Status> {
         let req = request.into_inner();
         let res = parse_read(&req.resource_name)?;
         self.ctx.check_instance(&res.instance)?;
         if req.read_offset < 0 {
-            return Err(Status::out_of_range(format!("read_offset {} is negative", req.read_offset)));
+            return Err(Status::out_of_range(format!(
+                "read_offset {} is negative",
+                req.read_offset
+            )));
         }
         if req.read_limit < 0 {
-            return Err(Status::invalid_argument(format!("read_limit {} is negative", req.read_limit)));
+            return Err(Status::invalid_argument(format!(
+                "read_limit {} is negative",
+                req.read_limit
+            )));
         }
         let d = res.digest;
         let start = req.read_offset as u64;
@@ -159,7 +182,9 @@ impl ByteStream for ByteStreamService {
                 let item = cas
                     .read(&d, off, Some((end - off).min(READ_CHUNK)))
                     .await
-                    .map(|data| ReadResponse { data: data.to_vec() })
+                    .map(|data| ReadResponse {
+                        data: data.to_vec(),
+                    })
                     .map_err(|e| store_status(e, "ByteStream.Read"));
                 let next = match &item {
                     Ok(r) => off + r.data.len() as u64,
@@ -168,22 +193,28 @@ impl ByteStream for ByteStreamService {
                 Some((item, next))
             }
         });
-        let head = stream::iter([Ok(ReadResponse { data: first.to_vec() })]);
+        let head = stream::iter([Ok(ReadResponse {
+            data: first.to_vec(),
+        })]);
         Ok(Response::new(head.chain(rest).boxed()))
     }
 
-    async fn write(&self, request: Request<Streaming<WriteRequest>>) -> Result<Response<WriteResponse>, Status> {
+    async fn write(
+        &self,
+        request: Request<Streaming<WriteRequest>>,
+    ) -> Result<Response<WriteResponse>, Status> {
         let mut stream = request.into_inner();
-        let first = stream
-            .message()
-            .await?
-            .ok_or_else(|| Status::invalid_argument("empty ByteStream.Write: no request messages"))?;
+        let first = stream.message().await?.ok_or_else(|| {
+            Status::invalid_argument("empty ByteStream.Write: no request messages")
+        })?;
         let resource = first.resource_name.clone();
         let res = parse_write(&resource)?;
         self.ctx.check_instance(&res.instance)?;
         let d = res.digest;
         let cas = self.ctx.cas.as_ref();
-        let done = WriteResponse { committed_size: d.size() as i64 };
+        let done = WriteResponse {
+            committed_size: d.size() as i64,
+        };
         if cas
             .find_missing(&[d])
             .await
@@ -276,7 +307,10 @@ impl ByteStream for ByteStreamService {
                 committed_size: committed as i64,
                 complete: false,
             })),
-            None => Err(Status::not_found(format!("no upload in progress for {}", req.resource_name))),
+            None => Err(Status::not_found(format!(
+                "no upload in progress for {}",
+                req.resource_name
+            ))),
         }
     }
 }

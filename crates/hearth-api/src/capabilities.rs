@@ -1,7 +1,7 @@
 use hearth_proto::reapi::{
     capabilities_server::Capabilities, digest_function, symlink_absolute_path_strategy,
-    ActionCacheUpdateCapabilities, CacheCapabilities, ExecutionCapabilities, GetCapabilitiesRequest,
-    ServerCapabilities,
+    ActionCacheUpdateCapabilities, CacheCapabilities, ExecutionCapabilities,
+    GetCapabilitiesRequest, ServerCapabilities,
 };
 use hearth_proto::semver::SemVer;
 use tonic::{Request, Response, Status};
@@ -38,9 +38,12 @@ impl Capabilities for CapabilitiesService {
         Ok(Response::new(ServerCapabilities {
             cache_capabilities: Some(CacheCapabilities {
                 digest_functions: vec![sha256],
-                action_cache_update_capabilities: Some(ActionCacheUpdateCapabilities { update_enabled: true }),
+                action_cache_update_capabilities: Some(ActionCacheUpdateCapabilities {
+                    update_enabled: true,
+                }),
                 max_batch_total_size_bytes: self.ctx.limits.max_batch_bytes as i64,
-                symlink_absolute_path_strategy: symlink_absolute_path_strategy::Value::Disallowed as i32,
+                symlink_absolute_path_strategy: symlink_absolute_path_strategy::Value::Disallowed
+                    as i32,
                 ..Default::default()
             }),
             execution_capabilities: Some(ExecutionCapabilities {
@@ -57,4 +60,3 @@ impl Capabilities for CapabilitiesService {
         }))
     }
 }
-

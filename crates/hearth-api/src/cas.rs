@@ -6,9 +6,10 @@ use hearth_proto::reapi::{
     batch_read_blobs_response, batch_update_blobs_response,
     content_addressable_storage_server::ContentAddressableStorage, BatchReadBlobsRequest,
     BatchReadBlobsResponse, BatchUpdateBlobsRequest, BatchUpdateBlobsResponse, Directory,
-    FindMissingBlobsRequest, FindMissingBlobsResponse, GetChunkMappingRequest, GetChunkMappingResponse,
-    GetTreeRequest, GetTreeResponse, RegisterChunkMappingRequest, RegisterChunkMappingResponse,
-    SpliceBlobRequest, SpliceBlobResponse, SplitBlobRequest, SplitBlobResponse,
+    FindMissingBlobsRequest, FindMissingBlobsResponse, GetChunkMappingRequest,
+    GetChunkMappingResponse, GetTreeRequest, GetTreeResponse, RegisterChunkMappingRequest,
+    RegisterChunkMappingResponse, SpliceBlobRequest, SpliceBlobResponse, SplitBlobRequest,
+    SplitBlobResponse,
 };
 use hearth_storage::{Digest, StoreError};
 use prost::Message;
@@ -89,13 +90,14 @@ impl ContentAddressableStorage for CasService {
         let cas = &self.ctx.cas;
         let responses = stream::iter(req.requests.into_iter().enumerate())
             .map(|(i, r)| async move {
-                let status = match Digest::from_field(r.digest.as_ref(), &format!("requests[{i}].digest")) {
-                    Err(e) => rpc_status(&Status::invalid_argument(e.to_string())),
-                    Ok(d) => match cas.put(&d, Bytes::from(r.data)).await {
-                        Ok(()) => ok_status(),
-                        Err(e) => rpc_status(&store_status(e, &format!("requests[{i}]"))),
-                    },
-                };
+                let status =
+                    match Digest::from_field(r.digest.as_ref(), &format!("requests[{i}].digest")) {
+                        Err(e) => rpc_status(&Status::invalid_argument(e.to_string())),
+                        Ok(d) => match cas.put(&d, Bytes::from(r.data)).await {
+                            Ok(()) => ok_status(),
+                            Err(e) => rpc_status(&store_status(e, &format!("requests[{i}]"))),
+                        },
+                    };
                 batch_update_blobs_response::Response {
                     digest: r.digest,
                     status: Some(status),
@@ -138,26 +140,40 @@ impl ContentAddressableStorage for CasService {
 
     type GetChunkMappingStream = BoxStream<'static, Result<GetChunkMappingResponse, Status>>;
 
-    async fn split_blob(&self, _: Request<SplitBlobRequest>) -> Result<Response<SplitBlobResponse>, Status> {
-        Err(Status::unimplemented("SplitBlob: blob chunking is not supported"))
+    async fn split_blob(
+        &self,
+        _: Request<SplitBlobRequest>,
+    ) -> Result<Response<SplitBlobResponse>, Status> {
+        Err(Status::unimplemented(
+            "SplitBlob: blob chunking is not supported",
+        ))
     }
 
-    async fn splice_blob(&self, _: Request<SpliceBlobRequest>) -> Result<Response<SpliceBlobResponse>, Status> {
-        Err(Status::unimplemented("SpliceBlob: blob chunking is not supported"))
+    async fn splice_blob(
+        &self,
+        _: Request<SpliceBlobRequest>,
+    ) -> Result<Response<SpliceBlobResponse>, Status> {
+        Err(Status::unimplemented(
+            "SpliceBlob: blob chunking is not supported",
+        ))
     }
 
     async fn get_chunk_mapping(
         &self,
         _: Request<GetChunkMappingRequest>,
     ) -> Result<Response<Self::GetChunkMappingStream>, Status> {
-        Err(Status::unimplemented("GetChunkMapping: blob chunking is not supported"))
+        Err(Status::unimplemented(
+            "GetChunkMapping: blob chunking is not supported",
+        ))
     }
 
     async fn register_chunk_mapping(
         &self,
         _: Request<Streaming<RegisterChunkMappingRequest>>,
     ) -> Result<Response<RegisterChunkMappingResponse>, Status> {
-        Err(Status::unimplemented("RegisterChunkMapping: blob chunking is not supported"))
+        Err(Status::unimplemented(
+            "RegisterChunkMapping: blob chunking is not supported",
+        ))
     }
 
     type GetTreeStream = BoxStream<'static, Result<GetTreeResponse, Status>>;
@@ -180,9 +196,12 @@ impl ContentAddressableStorage for CasService {
         let skip: usize = if req.page_token.is_empty() {
             0
         } else {
-            req.page_token
-                .parse()
-                .map_err(|_| Status::invalid_argument(format!("page_token {:?} is not one this server issued", req.page_token)))?
+            req.page_token.parse().map_err(|_| {
+                Status::invalid_argument(format!(
+                    "page_token {:?} is not one this server issued",
+                    req.page_token
+                ))
+            })?
         };
         let cas = self.ctx.cas.clone();
         let mut queue = std::collections::VecDeque::from([root]);
@@ -197,8 +216,11 @@ impl ContentAddressableStorage for CasService {
                 Err(StoreError::NotFound(_)) if d != root => continue,
                 Err(e) => return Err(store_status(e, "GetTree")),
             };
-            let dir = Directory::decode(data)
-                .map_err(|e| Status::invalid_argument(format!("GetTree: directory {d} is not a Directory message: {e}")))?;
+            let dir = Directory::decode(data).map_err(|e| {
+                Status::invalid_argument(format!(
+                    "GetTree: directory {d} is not a Directory message: {e}"
+                ))
+            })?;
             for child in &dir.directories {
                 if let Ok(cd) = Digest::from_field(child.digest.as_ref(), "child") {
                     queue.push_back(cd);
@@ -208,7 +230,8 @@ impl ContentAddressableStorage for CasService {
         }
         let pages: Vec<Result<GetTreeResponse, Status>> = {
             let rest: Vec<Directory> = all.into_iter().skip(skip).collect();
-            let mut chunks: Vec<Vec<Directory>> = rest.chunks(page_size).map(<[Directory]>::to_vec).collect();
+            let mut chunks: Vec<Vec<Directory>> =
+                rest.chunks(page_size).map(<[Directory]>::to_vec).collect();
             // A client that names a page size gets one page and a token for
             // the next; otherwise the whole tree is streamed.
             let n_all = chunks.len();
@@ -217,14 +240,24 @@ impl ContentAddressableStorage for CasService {
             }
             let n = chunks.len();
             if n == 0 {
-                vec![Ok(GetTreeResponse { directories: vec![], next_page_token: String::new() })]
+                vec![Ok(GetTreeResponse {
+                    directories: vec![],
+                    next_page_token: String::new(),
+                })]
             } else {
                 chunks
                     .into_iter()
                     .enumerate()
                     .map(|(i, directories)| {
-                        let next = if i + 1 < n_all { (skip + (i + 1) * page_size).to_string() } else { String::new() };
-                        Ok(GetTreeResponse { directories, next_page_token: next })
+                        let next = if i + 1 < n_all {
+                            (skip + (i + 1) * page_size).to_string()
+                        } else {
+                            String::new()
+                        };
+                        Ok(GetTreeResponse {
+                            directories,
+                            next_page_token: next,
+                        })
                     })
                     .collect()
             }

@@ -39,7 +39,11 @@ pub struct Context {
 }
 
 impl Context {
-    pub fn new(cas: Arc<dyn BlobStore>, ac: Arc<dyn ActionCache>, scheduler: Arc<Scheduler>) -> Self {
+    pub fn new(
+        cas: Arc<dyn BlobStore>,
+        ac: Arc<dyn ActionCache>,
+        scheduler: Arc<Scheduler>,
+    ) -> Self {
         Context {
             cas,
             ac,

@@ -1,6 +1,8 @@
 //! Mapping store and validation errors onto precise gRPC statuses.
 
-use hearth_proto::{precondition_failure, protobuf, rpc, PreconditionFailure, PRECONDITION_FAILURE_TYPE_URL};
+use hearth_proto::{
+    precondition_failure, protobuf, rpc, PreconditionFailure, PRECONDITION_FAILURE_TYPE_URL,
+};
 use hearth_storage::{Digest, StoreError};
 use prost::Message;
 use tonic::{Code, Status};
@@ -60,5 +62,9 @@ pub fn missing_blobs_status(context: &str, missing: &[Digest]) -> Status {
             value: failure.encode_to_vec(),
         }],
     };
-    Status::with_details(Code::FailedPrecondition, message, status.encode_to_vec().into())
+    Status::with_details(
+        Code::FailedPrecondition,
+        message,
+        status.encode_to_vec().into(),
+    )
 }

@@ -2,7 +2,9 @@
 
 use futures::stream::{self, BoxStream, StreamExt};
 use hearth_proto::longrunning::Operation;
-use hearth_proto::reapi::{execution_server::Execution, ExecuteRequest, ExecuteResponse, WaitExecutionRequest};
+use hearth_proto::reapi::{
+    execution_server::Execution, ExecuteRequest, ExecuteResponse, WaitExecutionRequest,
+};
 use hearth_scheduler::{Job, OpSnapshot, Platform, Stage, SubmitError};
 use hearth_storage::{Digest, PinGuard};
 use tonic::{Request, Response, Status};
@@ -24,11 +26,24 @@ impl ExecutionService {
 
     /// A cached result whose outputs are all still present.
     async fn cached(&self, key: &Digest) -> Result<Option<ExecuteResponse>, Status> {
-        let Some(result) = self.ctx.ac.get(key).await.map_err(|e| store_status(e, "action cache"))? else {
+        let Some(result) = self
+            .ctx
+            .ac
+            .get(key)
+            .await
+            .map_err(|e| store_status(e, "action cache"))?
+        else {
             return Ok(None);
         };
         let blobs = referenced_blobs(self.ctx.cas.as_ref(), &result).await?;
-        if !self.ctx.cas.find_missing(&blobs).await.map_err(|e| store_status(e, "CAS"))?.is_empty() {
+        if !self
+            .ctx
+            .cas
+            .find_missing(&blobs)
+            .await
+            .map_err(|e| store_status(e, "CAS"))?
+            .is_empty()
+        {
             return Ok(None);
         }
         Ok(Some(ExecuteResponse {
@@ -45,7 +60,10 @@ impl Execution for ExecutionService {
     type ExecuteStream = BoxStream<'static, Result<Operation, Status>>;
     type WaitExecutionStream = BoxStream<'static, Result<Operation, Status>>;
 
-    async fn execute(&self, request: Request<ExecuteRequest>) -> Result<Response<Self::ExecuteStream>, Status> {
+    async fn execute(
+        &self,
+        request: Request<ExecuteRequest>,
+    ) -> Result<Response<Self::ExecuteStream>, Status> {
         let req = request.into_inner();
         self.ctx.check_instance(&req.instance_name)?;
         let key = Digest::from_field(req.action_digest.as_ref(), "action_digest")
@@ -59,12 +77,17 @@ impl Execution for ExecutionService {
                     stage: Stage::Completed,
                     response: Some(response),
                 };
-                return Ok(Response::new(stream::iter([Ok(to_operation(&snap))]).boxed()));
+                return Ok(Response::new(
+                    stream::iter([Ok(to_operation(&snap))]).boxed(),
+                ));
             }
         }
         let checked = check_action(self.ctx.cas.as_ref(), &key).await?;
-        let platform = Platform::from_protos(checked.command.platform.as_ref(), checked.action.platform.as_ref())
-            .map_err(|e| Status::invalid_argument(format!("platform: {e}")))?;
+        let platform = Platform::from_protos(
+            checked.command.platform.as_ref(),
+            checked.action.platform.as_ref(),
+        )
+        .map_err(|e| Status::invalid_argument(format!("platform: {e}")))?;
         let job = Job {
             instance_name: req.instance_name.clone(),
             action_digest: key,
@@ -86,11 +109,9 @@ impl Execution for ExecutionService {
         request: Request<WaitExecutionRequest>,
     ) -> Result<Response<Self::WaitExecutionStream>, Status> {
         let name = &request.get_ref().name;
-        let rx = self
-            .ctx
-            .scheduler
-            .subscribe(name)
-            .ok_or_else(|| Status::not_found(format!("operation {name:?} is unknown or expired")))?;
+        let rx = self.ctx.scheduler.subscribe(name).ok_or_else(|| {
+            Status::not_found(format!("operation {name:?} is unknown or expired"))
+        })?;
         Ok(Response::new(watch_stream(rx)))
     }
 }

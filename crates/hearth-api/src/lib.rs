@@ -28,31 +28,39 @@ pub fn routes(ctx: Context) -> tonic::service::Routes {
     let max = ctx.limits.max_message_bytes;
     let mut routes = tonic::service::Routes::default();
     routes = routes
+        .add_service(reapi::capabilities_server::CapabilitiesServer::new(
+            capabilities::CapabilitiesService::new(ctx.clone()),
+        ))
         .add_service(
-            reapi::capabilities_server::CapabilitiesServer::new(capabilities::CapabilitiesService::new(ctx.clone())),
+            reapi::content_addressable_storage_server::ContentAddressableStorageServer::new(
+                cas::CasService::new(ctx.clone()),
+            )
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max),
         )
         .add_service(
-            reapi::content_addressable_storage_server::ContentAddressableStorageServer::new(cas::CasService::new(ctx.clone()))
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(max),
+            bs::byte_stream_server::ByteStreamServer::new(bytestream::ByteStreamService::new(
+                ctx.clone(),
+            ))
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max),
         )
         .add_service(
-            bs::byte_stream_server::ByteStreamServer::new(bytestream::ByteStreamService::new(ctx.clone()))
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(max),
+            reapi::action_cache_server::ActionCacheServer::new(ac::ActionCacheService::new(
+                ctx.clone(),
+            ))
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max),
         )
         .add_service(
-            reapi::action_cache_server::ActionCacheServer::new(ac::ActionCacheService::new(ctx.clone()))
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(max),
+            reapi::execution_server::ExecutionServer::new(execution::ExecutionService::new(
+                ctx.clone(),
+            ))
+            .max_decoding_message_size(max),
         )
-        .add_service(
-            reapi::execution_server::ExecutionServer::new(execution::ExecutionService::new(ctx.clone()))
-                .max_decoding_message_size(max),
-        )
-        .add_service(longrunning::operations_server::OperationsServer::new(operations::OperationsService::new(
-            ctx.clone(),
-        )))
+        .add_service(longrunning::operations_server::OperationsServer::new(
+            operations::OperationsService::new(ctx.clone()),
+        ))
         .add_service(
             wp::worker_service_server::WorkerServiceServer::new(worker::WorkerService::new(ctx))
                 .max_decoding_message_size(max),

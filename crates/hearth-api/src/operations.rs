@@ -4,7 +4,8 @@
 use futures::stream::{self, BoxStream, StreamExt};
 use hearth_proto::longrunning::{
     operation, operations_server::Operations, CancelOperationRequest, DeleteOperationRequest,
-    GetOperationRequest, ListOperationsRequest, ListOperationsResponse, Operation, WaitOperationRequest,
+    GetOperationRequest, ListOperationsRequest, ListOperationsResponse, Operation,
+    WaitOperationRequest,
 };
 use hearth_proto::protobuf::{Any, Empty};
 use hearth_proto::reapi::{execution_stage, ExecuteOperationMetadata, ExecuteResponse};
@@ -48,14 +49,23 @@ pub fn response_result(resp: &ExecuteResponse) -> operation::Result {
 
 /// Streams an operation's states until it completes: the current state
 /// first, then each change.
-pub fn watch_stream(rx: watch::Receiver<OpSnapshot>) -> BoxStream<'static, Result<Operation, Status>> {
+pub fn watch_stream(
+    rx: watch::Receiver<OpSnapshot>,
+) -> BoxStream<'static, Result<Operation, Status>> {
     stream::unfold(Some((rx, true)), |state| async move {
         let (mut rx, first) = state?;
         if !first && rx.changed().await.is_err() {
-            return Some((Err(Status::unavailable("the server dropped the operation")), None));
+            return Some((
+                Err(Status::unavailable("the server dropped the operation")),
+                None,
+            ));
         }
         let snap = rx.borrow_and_update().clone();
-        let next = if snap.stage == Stage::Completed { None } else { Some((rx, false)) };
+        let next = if snap.stage == Stage::Completed {
+            None
+        } else {
+            Some((rx, false))
+        };
         Some((Ok(to_operation(&snap)), next))
     })
     .boxed()
@@ -84,29 +94,45 @@ impl Operations for OperationsService {
         &self,
         _: Request<ListOperationsRequest>,
     ) -> Result<Response<ListOperationsResponse>, Status> {
-        Err(Status::unimplemented("ListOperations is not supported; use `hearth status`"))
+        Err(Status::unimplemented(
+            "ListOperations is not supported; use `hearth status`",
+        ))
     }
 
-    async fn get_operation(&self, request: Request<GetOperationRequest>) -> Result<Response<Operation>, Status> {
+    async fn get_operation(
+        &self,
+        request: Request<GetOperationRequest>,
+    ) -> Result<Response<Operation>, Status> {
         let rx = self.subscribe(&request.get_ref().name)?;
         let snap = rx.borrow().clone();
         Ok(Response::new(to_operation(&snap)))
     }
 
-    async fn delete_operation(&self, request: Request<DeleteOperationRequest>) -> Result<Response<Empty>, Status> {
+    async fn delete_operation(
+        &self,
+        request: Request<DeleteOperationRequest>,
+    ) -> Result<Response<Empty>, Status> {
         self.subscribe(&request.get_ref().name)?;
         Ok(Response::new(Empty {}))
     }
 
-    async fn cancel_operation(&self, request: Request<CancelOperationRequest>) -> Result<Response<Empty>, Status> {
+    async fn cancel_operation(
+        &self,
+        request: Request<CancelOperationRequest>,
+    ) -> Result<Response<Empty>, Status> {
         let name = &request.get_ref().name;
         if !self.ctx.scheduler.cancel(name) {
-            return Err(Status::not_found(format!("operation {name:?} is unknown or expired")));
+            return Err(Status::not_found(format!(
+                "operation {name:?} is unknown or expired"
+            )));
         }
         Ok(Response::new(Empty {}))
     }
 
-    async fn wait_operation(&self, request: Request<WaitOperationRequest>) -> Result<Response<Operation>, Status> {
+    async fn wait_operation(
+        &self,
+        request: Request<WaitOperationRequest>,
+    ) -> Result<Response<Operation>, Status> {
         let mut rx = self.subscribe(&request.get_ref().name)?;
         let snap = rx
             .wait_for(|s| s.stage == Stage::Completed)

@@ -29,10 +29,12 @@ fn parse(name: &str, write: bool) -> Result<BlobResource, Status> {
         } else {
             "{instance}/blobs/{hash}/{size}"
         };
-        Status::invalid_argument(format!("malformed resource name {name:?}: {why}; expected {form}"))
+        Status::invalid_argument(format!(
+            "malformed resource name {name:?}: {why}; expected {form}"
+        ))
     };
     let parts: Vec<&str> = name.split('/').collect();
-    if parts.iter().any(|p| *p == "compressed-blobs") {
+    if parts.contains(&"compressed-blobs") {
         return Err(Status::unimplemented(format!(
             "resource {name:?}: compressed blobs are not supported (the server advertises no compressors)"
         )));
@@ -45,7 +47,10 @@ fn parse(name: &str, write: bool) -> Result<BlobResource, Status> {
         if blobs_at < 2 || parts[blobs_at - 2] != "uploads" || parts[blobs_at - 1].is_empty() {
             return Err(bad("no \"uploads/{uuid}\" before \"blobs\""));
         }
-        (&parts[..blobs_at - 2], Some(parts[blobs_at - 1].to_string()))
+        (
+            &parts[..blobs_at - 2],
+            Some(parts[blobs_at - 1].to_string()),
+        )
     } else {
         (&parts[..blobs_at], None)
     };
@@ -85,7 +90,14 @@ mod tests {
 
     #[test]
     fn malformed_names_are_invalid_argument() {
-        for n in ["", "blobs", "blobs/xyz/1", &format!("blobs/{H}"), &format!("blobs/{H}/-1"), &format!("blobs/{H}/ten")] {
+        for n in [
+            "",
+            "blobs",
+            "blobs/xyz/1",
+            &format!("blobs/{H}"),
+            &format!("blobs/{H}/-1"),
+            &format!("blobs/{H}/ten"),
+        ] {
             let e = parse_read(n).unwrap_err();
             assert_eq!(e.code(), tonic::Code::InvalidArgument, "{n}");
         }

@@ -33,12 +33,19 @@ pub async fn check_action(cas: &dyn BlobStore, action_digest: &Digest) -> Result
     let Some(action_bytes) = fetch(cas, action_digest, "reading the Action").await? else {
         return Err(missing_blobs_status("the Action", &[*action_digest]));
     };
-    let action = Action::decode(action_bytes.as_slice())
-        .map_err(|e| Status::invalid_argument(format!("action {action_digest} is not an Action message: {e}")))?;
-    let command_digest = Digest::from_field(action.command_digest.as_ref(), "Action.command_digest")
-        .map_err(|e| Status::invalid_argument(e.to_string()))?;
-    let root = Digest::from_field(action.input_root_digest.as_ref(), "Action.input_root_digest")
-        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let action = Action::decode(action_bytes.as_slice()).map_err(|e| {
+        Status::invalid_argument(format!(
+            "action {action_digest} is not an Action message: {e}"
+        ))
+    })?;
+    let command_digest =
+        Digest::from_field(action.command_digest.as_ref(), "Action.command_digest")
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let root = Digest::from_field(
+        action.input_root_digest.as_ref(),
+        "Action.input_root_digest",
+    )
+    .map_err(|e| Status::invalid_argument(e.to_string()))?;
     if let Some(t) = &action.timeout {
         if t.seconds < 0 || t.nanos < 0 {
             return Err(Status::invalid_argument("Action.timeout is negative"));
@@ -52,10 +59,17 @@ pub async fn check_action(cas: &dyn BlobStore, action_digest: &Digest) -> Result
         missing.insert(0, command_digest);
         return Err(missing_blobs_status("inputs of the action", &missing));
     };
-    let command = Command::decode(command_bytes.as_slice())
-        .map_err(|e| Status::invalid_argument(format!("command {command_digest} is not a Command message: {e}")))?;
+    let command = Command::decode(command_bytes.as_slice()).map_err(|e| {
+        Status::invalid_argument(format!(
+            "command {command_digest} is not a Command message: {e}"
+        ))
+    })?;
     check_command(&command)?;
-    missing.extend(cas.find_missing(&tree.files).await.map_err(|e| store_status(e, "FindMissing"))?);
+    missing.extend(
+        cas.find_missing(&tree.files)
+            .await
+            .map_err(|e| store_status(e, "FindMissing"))?,
+    );
     if !missing.is_empty() {
         return Err(missing_blobs_status("inputs of the action", &missing));
     }
@@ -83,9 +97,14 @@ fn check_relative(path: &str, what: &str, allow_empty: bool) -> Result<(), Statu
         };
     }
     if path.starts_with('/') {
-        return Err(Status::invalid_argument(format!("{what} {path:?} is absolute; it must be relative")));
+        return Err(Status::invalid_argument(format!(
+            "{what} {path:?} is absolute; it must be relative"
+        )));
     }
-    if path.split('/').any(|s| s.is_empty() || s == "." || s == "..") {
+    if path
+        .split('/')
+        .any(|s| s.is_empty() || s == "." || s == "..")
+    {
         return Err(Status::invalid_argument(format!(
             "{what} {path:?} has an empty, \".\" or \"..\" segment"
         )));
@@ -95,20 +114,37 @@ fn check_relative(path: &str, what: &str, allow_empty: bool) -> Result<(), Statu
 
 fn check_command(cmd: &Command) -> Result<(), Status> {
     if cmd.arguments.is_empty() {
-        return Err(Status::invalid_argument("Command.arguments is empty: there is nothing to run"));
+        return Err(Status::invalid_argument(
+            "Command.arguments is empty: there is nothing to run",
+        ));
     }
     check_relative(&cmd.working_directory, "Command.working_directory", true)?;
-    for p in cmd.output_files.iter().chain(&cmd.output_directories).chain(&cmd.output_paths) {
+    for p in cmd
+        .output_files
+        .iter()
+        .chain(&cmd.output_directories)
+        .chain(&cmd.output_paths)
+    {
         let p = p.trim_end_matches('/');
-        check_relative(p, "output path", cmd.output_directories.iter().any(|d| d.is_empty()))?;
+        check_relative(
+            p,
+            "output path",
+            cmd.output_directories.iter().any(|d| d.is_empty()),
+        )?;
     }
     let mut seen = HashSet::new();
     for v in &cmd.environment_variables {
         if v.name.is_empty() || v.name.contains('=') {
-            return Err(Status::invalid_argument(format!("environment variable name {:?} is invalid", v.name)));
+            return Err(Status::invalid_argument(format!(
+                "environment variable name {:?} is invalid",
+                v.name
+            )));
         }
         if !seen.insert(&v.name) {
-            return Err(Status::invalid_argument(format!("environment variable {:?} is set twice", v.name)));
+            return Err(Status::invalid_argument(format!(
+                "environment variable {:?} is set twice",
+                v.name
+            )));
         }
     }
     Ok(())
@@ -167,7 +203,8 @@ impl TreeCheck {
                 }
                 for c in &dir.directories {
                     if let Ok(cd) = Digest::from_field(c.digest.as_ref(), "") {
-                        climb = climb.max(self.climbs.get(&cd).copied().unwrap_or(0).saturating_sub(1));
+                        climb =
+                            climb.max(self.climbs.get(&cd).copied().unwrap_or(0).saturating_sub(1));
                     }
                 }
                 self.climbs.insert(d, climb);
@@ -181,8 +218,9 @@ impl TreeCheck {
                 self.climbs.insert(d, 0);
                 continue;
             };
-            let dir = Directory::decode(bytes.as_slice())
-                .map_err(|e| Status::invalid_argument(format!("input tree: {d} is not a Directory message: {e}")))?;
+            let dir = Directory::decode(bytes.as_slice()).map_err(|e| {
+                Status::invalid_argument(format!("input tree: {d} is not a Directory message: {e}"))
+            })?;
             let mut names = HashSet::new();
             for name in dir
                 .files
@@ -207,15 +245,21 @@ impl TreeCheck {
                 }
             }
             for f in &dir.files {
-                let fd = Digest::from_field(f.digest.as_ref(), &format!("digest of input file {:?}", f.name))
-                    .map_err(|e| Status::invalid_argument(format!("input tree: {e}")))?;
+                let fd = Digest::from_field(
+                    f.digest.as_ref(),
+                    &format!("digest of input file {:?}", f.name),
+                )
+                .map_err(|e| Status::invalid_argument(format!("input tree: {e}")))?;
                 self.files.push(fd);
             }
             self.dirs.push(d);
             stack.push((d, true));
             for c in &dir.directories {
-                let cd = Digest::from_field(c.digest.as_ref(), &format!("digest of input directory {:?}", c.name))
-                    .map_err(|e| Status::invalid_argument(format!("input tree: {e}")))?;
+                let cd = Digest::from_field(
+                    c.digest.as_ref(),
+                    &format!("digest of input directory {:?}", c.name),
+                )
+                .map_err(|e| Status::invalid_argument(format!("input tree: {e}")))?;
                 stack.push((cd, false));
             }
             parsed.insert(d, dir);

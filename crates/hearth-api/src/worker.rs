@@ -6,8 +6,8 @@ use futures::stream::{BoxStream, StreamExt};
 use hearth_proto::reapi::{ActionResult, ExecuteResponse};
 use hearth_proto::rpc;
 use hearth_proto::worker::{
-    self as wp, worker_message, worker_service_server::WorkerService as WorkerApi, ServerMessage, StatusRequest,
-    StatusResponse, WorkerMessage,
+    self as wp, worker_message, worker_service_server::WorkerService as WorkerApi, ServerMessage,
+    StatusRequest, StatusResponse, WorkerMessage,
 };
 use hearth_scheduler::ExecutorInfo;
 use prost::Message;
@@ -39,7 +39,12 @@ fn executor_info(hello: wp::Hello) -> Result<ExecutorInfo, Status> {
         properties: hello
             .properties
             .into_iter()
-            .map(|p| (p.name.trim().to_ascii_lowercase(), p.value.trim().to_string()))
+            .map(|p| {
+                (
+                    p.name.trim().to_ascii_lowercase(),
+                    p.value.trim().to_string(),
+                )
+            })
             .collect(),
         isolation_types: hello.isolation_types,
         capacity: hello.capacity,
@@ -103,7 +108,11 @@ impl WorkerApi for WorkerService {
             Some(WorkerMessage {
                 kind: Some(worker_message::Kind::Hello(h)),
             }) => h,
-            _ => return Err(Status::invalid_argument("the first message of a session must be hello")),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message of a session must be hello",
+                ))
+            }
         };
         let info = executor_info(hello)?;
         let id = info.id.clone();
@@ -115,7 +124,9 @@ impl WorkerApi for WorkerService {
                     Ok(Some(WorkerMessage {
                         kind: Some(worker_message::Kind::Finished(f)),
                     })) => finished(&ctx, &id, session, f).await,
-                    Ok(Some(_)) => tracing::warn!(executor = %id, "unexpected message from executor; ignored"),
+                    Ok(Some(_)) => {
+                        tracing::warn!(executor = %id, "unexpected message from executor; ignored")
+                    }
                     Ok(None) => break,
                     Err(e) => {
                         tracing::warn!(executor = %id, error = %e, "executor stream failed");
@@ -125,7 +136,9 @@ impl WorkerApi for WorkerService {
             }
             ctx.scheduler.disconnect(&id, session);
         });
-        Ok(Response::new(UnboundedReceiverStream::new(rx).map(Ok).boxed()))
+        Ok(Response::new(
+            UnboundedReceiverStream::new(rx).map(Ok).boxed(),
+        ))
     }
 
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {

@@ -44,15 +44,23 @@ impl ExecError {
 
     pub fn code(&self) -> Code {
         match self {
-            ExecError::Store { source: StoreError::NotFound(_), .. } => Code::FailedPrecondition,
-            ExecError::Store { source: StoreError::InvalidDigest(_), .. } | ExecError::InvalidInput(_) => {
-                Code::InvalidArgument
+            ExecError::Store {
+                source: StoreError::NotFound(_),
+                ..
+            } => Code::FailedPrecondition,
+            ExecError::Store {
+                source: StoreError::InvalidDigest(_),
+                ..
             }
+            | ExecError::InvalidInput(_) => Code::InvalidArgument,
             ExecError::Precondition(_) => Code::FailedPrecondition,
-            ExecError::Io { source, .. } if source.raw_os_error() == Some(28) => Code::ResourceExhausted,
-            ExecError::Store { source: StoreError::Io { source, .. }, .. } if source.raw_os_error() == Some(28) => {
+            ExecError::Io { source, .. } if source.raw_os_error() == Some(28) => {
                 Code::ResourceExhausted
             }
+            ExecError::Store {
+                source: StoreError::Io { source, .. },
+                ..
+            } if source.raw_os_error() == Some(28) => Code::ResourceExhausted,
             ExecError::Cancelled => Code::Cancelled,
             _ => Code::Internal,
         }

@@ -41,7 +41,10 @@ pub struct Executor {
 
 fn timestamp(t: SystemTime) -> Option<Timestamp> {
     let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-    Some(Timestamp { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 })
+    Some(Timestamp {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    })
 }
 
 /// Removes a workspace when the action is done with it, whatever happened.
@@ -71,7 +74,11 @@ fn make_dirs_writable(path: &std::path::Path) {
 }
 
 impl Executor {
-    pub fn new(config: ExecutorConfig, cas: LocalCas, runners: Vec<Arc<dyn Runner>>) -> ExecResult<Self> {
+    pub fn new(
+        config: ExecutorConfig,
+        cas: LocalCas,
+        runners: Vec<Arc<dyn Runner>>,
+    ) -> ExecResult<Self> {
         let actions_dir = config.work_dir.join("actions");
         let exec_cache = config.work_dir.join("exec-cache");
         for dir in [&actions_dir, &exec_cache] {
@@ -82,7 +89,10 @@ impl Executor {
             std::fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
         }
         Ok(Executor {
-            runners: runners.into_iter().map(|r| (r.isolation_type(), r)).collect(),
+            runners: runners
+                .into_iter()
+                .map(|r| (r.isolation_type(), r))
+                .collect(),
             config,
             cas,
             actions_dir,
@@ -106,7 +116,10 @@ impl Executor {
         let op = a.operation_name.clone();
         let mut meta = ExecutedActionMetadata {
             worker: self.config.id.clone(),
-            queued_timestamp: a.queued_at.as_ref().map(|t| Timestamp { seconds: t.seconds, nanos: t.nanos }),
+            queued_timestamp: a.queued_at.as_ref().map(|t| Timestamp {
+                seconds: t.seconds,
+                nanos: t.nanos,
+            }),
             worker_start_timestamp: timestamp(SystemTime::now()),
             ..Default::default()
         };
@@ -154,12 +167,14 @@ impl Executor {
                 self.isolation_types().join(", ")
             ))
         })?;
-        let root_digest = Digest::from_field(action.input_root_digest.as_ref(), "input_root_digest")
-            .map_err(|e| ExecError::InvalidInput(e.to_string()))?;
+        let root_digest =
+            Digest::from_field(action.input_root_digest.as_ref(), "input_root_digest")
+                .map_err(|e| ExecError::InvalidInput(e.to_string()))?;
 
         let ws = Workspace(self.actions_dir.join(uuid::Uuid::new_v4().to_string()));
         let input_root = ws.0.join("root");
-        std::fs::create_dir_all(&input_root).ctx(|| format!("creating {}", input_root.display()))?;
+        std::fs::create_dir_all(&input_root)
+            .ctx(|| format!("creating {}", input_root.display()))?;
 
         meta.input_fetch_start_timestamp = timestamp(SystemTime::now());
         materialize(&self.cas, root_digest, &input_root, &self.exec_cache).await?;
@@ -195,7 +210,10 @@ impl Executor {
 
         meta.output_upload_start_timestamp = timestamp(SystemTime::now());
         let mut collector = Collector::new(&self.cas);
-        let mut result = ActionResult { exit_code: outcome.exit_code, ..Default::default() };
+        let mut result = ActionResult {
+            exit_code: outcome.exit_code,
+            ..Default::default()
+        };
         result.stdout_digest = Some(collector.store_log(&spec.stdout_path).await?.to_proto());
         result.stderr_digest = Some(collector.store_log(&spec.stderr_path).await?.to_proto());
         if !outcome.timed_out {
@@ -204,9 +222,15 @@ impl Executor {
         self.cas.push(&collector.stored).await?;
         meta.output_upload_completed_timestamp = timestamp(SystemTime::now());
 
-        let status = outcome
-            .timed_out
-            .then(|| (Code::DeadlineExceeded, format!("the action timed out after {:.1}s and was killed", timeout.as_secs_f64())));
+        let status = outcome.timed_out.then(|| {
+            (
+                Code::DeadlineExceeded,
+                format!(
+                    "the action timed out after {:.1}s and was killed",
+                    timeout.as_secs_f64()
+                ),
+            )
+        });
         Ok((result, status))
     }
 }

@@ -62,9 +62,15 @@ impl Runner for HostRunner {
             Ok(c) => c,
             Err(e) => {
                 // Like a shell: a command that can't be started exits 127 with a message.
-                let msg = format!("hearth: cannot run {arg0:?} in {}: {e}\n", spec.working_directory);
+                let msg = format!(
+                    "hearth: cannot run {arg0:?} in {}: {e}\n",
+                    spec.working_directory
+                );
                 std::fs::write(&spec.stderr_path, msg).ctx(|| "writing stderr".into())?;
-                return Ok(RunOutcome { exit_code: 127, timed_out: false });
+                return Ok(RunOutcome {
+                    exit_code: 127,
+                    timed_out: false,
+                });
             }
         };
         let pid = child.id().unwrap_or(0);
@@ -101,7 +107,10 @@ mod tests {
             input_root: dir.to_path_buf(),
             working_directory: String::new(),
             arguments: args.iter().map(|s| s.to_string()).collect(),
-            environment: vec![("PATH".into(), "/usr/bin:/bin".into()), ("X".into(), "42".into())],
+            environment: vec![
+                ("PATH".into(), "/usr/bin:/bin".into()),
+                ("X".into(), "42".into()),
+            ],
             timeout,
             stdout_path: dir.join("stdout"),
             stderr_path: dir.join("stderr"),
@@ -112,9 +121,19 @@ mod tests {
     #[tokio::test]
     async fn runs_with_env_and_captures_output() {
         let dir = tempfile::tempdir().unwrap();
-        let s = spec(dir.path(), &["sh", "-c", "echo out $X; echo err >&2; exit 3"], Duration::from_secs(10));
+        let s = spec(
+            dir.path(),
+            &["sh", "-c", "echo out $X; echo err >&2; exit 3"],
+            Duration::from_secs(10),
+        );
         let out = HostRunner.run(&s, CancellationToken::new()).await.unwrap();
-        assert_eq!(out, RunOutcome { exit_code: 3, timed_out: false });
+        assert_eq!(
+            out,
+            RunOutcome {
+                exit_code: 3,
+                timed_out: false
+            }
+        );
         assert_eq!(std::fs::read_to_string(&s.stdout_path).unwrap(), "out 42\n");
         assert_eq!(std::fs::read_to_string(&s.stderr_path).unwrap(), "err\n");
     }
@@ -124,13 +143,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let marker = dir.path().join("survivor");
         let script = format!("(sleep 2; touch {}) & sleep 30", marker.display());
-        let s = spec(dir.path(), &["sh", "-c", &script], Duration::from_millis(300));
+        let s = spec(
+            dir.path(),
+            &["sh", "-c", &script],
+            Duration::from_millis(300),
+        );
         let t = Instant::now();
         let out = HostRunner.run(&s, CancellationToken::new()).await.unwrap();
         assert!(out.timed_out);
         assert!(t.elapsed() < Duration::from_secs(5));
         tokio::time::sleep(Duration::from_millis(2500)).await;
-        assert!(!marker.exists(), "the background child was killed with its group");
+        assert!(
+            !marker.exists(),
+            "the background child was killed with its group"
+        );
     }
 
     #[tokio::test]
@@ -139,6 +165,8 @@ mod tests {
         let s = spec(dir.path(), &["./no-such-tool"], Duration::from_secs(5));
         let out = HostRunner.run(&s, CancellationToken::new()).await.unwrap();
         assert_eq!(out.exit_code, 127);
-        assert!(std::fs::read_to_string(&s.stderr_path).unwrap().contains("no-such-tool"));
+        assert!(std::fs::read_to_string(&s.stderr_path)
+            .unwrap()
+            .contains("no-such-tool"));
     }
 }

@@ -24,12 +24,18 @@ pub struct LocalCas {
 impl LocalCas {
     /// The executor shares the server's store (`hearth up`).
     pub fn shared(store: Arc<DiskStore>) -> Self {
-        LocalCas { local: store, upstream: None }
+        LocalCas {
+            local: store,
+            upstream: None,
+        }
     }
 
     /// A local cache in front of a remote CAS.
     pub fn caching(local: Arc<DiskStore>, upstream: Arc<GrpcStore>) -> Self {
-        LocalCas { local, upstream: Some(upstream) }
+        LocalCas {
+            local,
+            upstream: Some(upstream),
+        }
     }
 
     pub fn local(&self) -> &Arc<DiskStore> {
@@ -104,7 +110,9 @@ impl LocalCas {
 
     /// Sends blobs already in the local store to the server, if it lacks them.
     pub async fn push(&self, digests: &[Digest]) -> ExecResult<()> {
-        let Some(upstream) = &self.upstream else { return Ok(()) };
+        let Some(upstream) = &self.upstream else {
+            return Ok(());
+        };
         let missing = upstream
             .find_missing(digests)
             .await

@@ -17,37 +17,63 @@ use crate::LocalCas;
 
 enum Entry {
     Dir(PathBuf),
-    File { path: PathBuf, digest: Digest, executable: bool },
-    Symlink { path: PathBuf, target: String },
+    File {
+        path: PathBuf,
+        digest: Digest,
+        executable: bool,
+    },
+    Symlink {
+        path: PathBuf,
+        target: String,
+    },
 }
 
 /// Materializes the tree rooted at `root` into `dest` (which must exist).
 /// Returns every blob used, so the caller can account for them.
-pub async fn materialize(cas: &LocalCas, root: Digest, dest: &Path, exec_cache: &Path) -> ExecResult<Vec<Digest>> {
+pub async fn materialize(
+    cas: &LocalCas,
+    root: Digest,
+    dest: &Path,
+    exec_cache: &Path,
+) -> ExecResult<Vec<Digest>> {
     let mut parsed: HashMap<Digest, Directory> = HashMap::new();
     let mut entries = Vec::new();
     let mut files = Vec::new();
     let mut level = vec![(PathBuf::new(), root)];
     while !level.is_empty() {
-        let wanted: Vec<Digest> = level.iter().map(|(_, d)| *d).filter(|d| !parsed.contains_key(d)).collect();
+        let wanted: Vec<Digest> = level
+            .iter()
+            .map(|(_, d)| *d)
+            .filter(|d| !parsed.contains_key(d))
+            .collect();
         cas.ensure(&wanted).await?;
         let mut next = Vec::new();
         for (rel, d) in level {
-            if !parsed.contains_key(&d) {
-                let bytes = cas.read(&d).await?;
-                let dir = Directory::decode(bytes)
-                    .map_err(|e| ExecError::InvalidInput(format!("input directory {d} does not decode: {e}")))?;
-                parsed.insert(d, dir);
-            }
-            let dir = &parsed[&d];
+            let dir = match parsed.entry(d) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    let bytes = cas.read(&d).await?;
+                    e.insert(Directory::decode(bytes).map_err(|e| {
+                        ExecError::InvalidInput(format!("input directory {d} does not decode: {e}"))
+                    })?)
+                }
+            };
             for f in &dir.files {
-                let digest = Digest::from_field(f.digest.as_ref(), &format!("digest of {:?}", f.name))
-                    .map_err(|e| ExecError::InvalidInput(e.to_string()))?;
+                let digest =
+                    Digest::from_field(f.digest.as_ref(), &format!("digest of {:?}", f.name))
+                        .map_err(|e| ExecError::InvalidInput(e.to_string()))?;
                 files.push(digest);
-                entries.push(Entry::File { path: rel.join(&f.name), digest, executable: f.is_executable });
+                entries.push(Entry::File {
+                    path: rel.join(&f.name),
+                    digest,
+                    executable: f.is_executable,
+                });
             }
             for s in &dir.symlinks {
-                entries.push(Entry::Symlink { path: rel.join(&s.name), target: s.target.clone() });
+                entries.push(Entry::Symlink {
+                    path: rel.join(&s.name),
+                    target: s.target.clone(),
+                });
             }
             for c in &dir.directories {
                 let cd = Digest::from_field(c.digest.as_ref(), &format!("digest of {:?}", c.name))
@@ -82,7 +108,11 @@ fn lay_out(cas: &LocalCas, dest: &Path, exec_cache: &Path, entries: Vec<Entry>) 
                 let p = dest.join(rel);
                 fs::create_dir_all(&p).ctx(|| format!("creating {}", p.display()))?;
             }
-            Entry::File { path, digest, executable } => {
+            Entry::File {
+                path,
+                digest,
+                executable,
+            } => {
                 let target = dest.join(path);
                 if let Some(parent) = target.parent() {
                     fs::create_dir_all(parent).ctx(|| format!("creating {}", parent.display()))?;
@@ -94,14 +124,21 @@ fn lay_out(cas: &LocalCas, dest: &Path, exec_cache: &Path, entries: Vec<Entry>) 
                 if let Some(parent) = p.parent() {
                     fs::create_dir_all(parent).ctx(|| format!("creating {}", parent.display()))?;
                 }
-                std::os::unix::fs::symlink(&target, &p).ctx(|| format!("symlinking {}", p.display()))?;
+                std::os::unix::fs::symlink(&target, &p)
+                    .ctx(|| format!("symlinking {}", p.display()))?;
             }
         }
     }
     Ok(())
 }
 
-fn link_file(cas: &LocalCas, d: &Digest, executable: bool, target: &Path, exec_cache: &Path) -> ExecResult<()> {
+fn link_file(
+    cas: &LocalCas,
+    d: &Digest,
+    executable: bool,
+    target: &Path,
+    exec_cache: &Path,
+) -> ExecResult<()> {
     if d.is_empty_blob() {
         fs::write(target, b"").ctx(|| format!("creating {}", target.display()))?;
         let mode = if executable { 0o555 } else { 0o444 };
@@ -113,7 +150,8 @@ fn link_file(cas: &LocalCas, d: &Digest, executable: bool, target: &Path, exec_c
         if !exe.exists() {
             let tmp = exec_cache.join(format!("{}.{}", d.hash_hex(), uuid::Uuid::new_v4()));
             fs::copy(cas.path_of(d), &tmp).ctx(|| format!("copying executable {d}"))?;
-            fs::set_permissions(&tmp, fs::Permissions::from_mode(0o555)).ctx(|| format!("chmod {}", tmp.display()))?;
+            fs::set_permissions(&tmp, fs::Permissions::from_mode(0o555))
+                .ctx(|| format!("chmod {}", tmp.display()))?;
             fs::rename(&tmp, &exe).ctx(|| format!("placing executable {d}"))?;
         }
         exe
@@ -122,7 +160,8 @@ fn link_file(cas: &LocalCas, d: &Digest, executable: bool, target: &Path, exec_c
     };
     if fs::hard_link(&source, target).is_err() {
         // Too many links, or another filesystem: fall back to a copy.
-        fs::copy(&source, target).ctx(|| format!("copying {} to {}", source.display(), target.display()))?;
+        fs::copy(&source, target)
+            .ctx(|| format!("copying {} to {}", source.display(), target.display()))?;
     }
     Ok(())
 }

@@ -12,8 +12,8 @@ use std::pin::Pin;
 
 use bytes::Bytes;
 use hearth_proto::reapi::{
-    ActionResult, Command, Directory, DirectoryNode, FileNode, OutputDirectory, OutputFile, OutputSymlink,
-    SymlinkNode, Tree,
+    ActionResult, Command, Directory, DirectoryNode, FileNode, OutputDirectory, OutputFile,
+    OutputSymlink, SymlinkNode, Tree,
 };
 use hearth_storage::{BlobStore, Digest};
 use prost::Message;
@@ -23,14 +23,23 @@ use crate::LocalCas;
 
 /// Creates the parent directories of every declared output, as REAPI asks.
 pub fn prepare(workdir: &Path, command: &Command) -> ExecResult<()> {
-    let paths = command.output_files.iter().chain(&command.output_directories).chain(&command.output_paths);
+    let paths = command
+        .output_files
+        .iter()
+        .chain(&command.output_directories)
+        .chain(&command.output_paths);
     for p in paths {
         if let Some(parent) = workdir.join(p.trim_end_matches('/')).parent() {
-            fs::create_dir_all(parent).ctx(|| format!("creating output parent {}", parent.display()))?;
+            fs::create_dir_all(parent)
+                .ctx(|| format!("creating output parent {}", parent.display()))?;
         }
     }
     Ok(())
 }
+
+/// A directory's Directory message and every distinct Directory below it.
+type BuiltDir = (Directory, BTreeMap<Digest, Directory>);
+type BuildFuture<'a> = Pin<Box<dyn Future<Output = ExecResult<BuiltDir>> + Send + 'a>>;
 
 #[derive(Clone, Copy, PartialEq)]
 enum Declared {
@@ -47,7 +56,10 @@ pub struct Collector<'a> {
 
 impl<'a> Collector<'a> {
     pub fn new(cas: &'a LocalCas) -> Self {
-        Collector { cas, stored: Vec::new() }
+        Collector {
+            cas,
+            stored: Vec::new(),
+        }
     }
 
     async fn store_file(&mut self, path: &Path) -> ExecResult<Digest> {
@@ -78,22 +90,39 @@ impl<'a> Collector<'a> {
     }
 
     /// Fills the output fields of `result` from what the command left in `workdir`.
-    pub async fn collect(&mut self, workdir: &Path, command: &Command, result: &mut ActionResult) -> ExecResult<()> {
+    pub async fn collect(
+        &mut self,
+        workdir: &Path,
+        command: &Command,
+        result: &mut ActionResult,
+    ) -> ExecResult<()> {
         let declared: Vec<(String, Declared)> = if !command.output_paths.is_empty() {
-            command.output_paths.iter().map(|p| (p.clone(), Declared::Path)).collect()
+            command
+                .output_paths
+                .iter()
+                .map(|p| (p.clone(), Declared::Path))
+                .collect()
         } else {
             command
                 .output_files
                 .iter()
                 .map(|p| (p.clone(), Declared::File))
-                .chain(command.output_directories.iter().map(|p| (p.clone(), Declared::Directory)))
+                .chain(
+                    command
+                        .output_directories
+                        .iter()
+                        .map(|p| (p.clone(), Declared::Directory)),
+                )
                 .collect()
         };
         for (rel, kind) in declared {
             let path = workdir.join(rel.trim_end_matches('/'));
-            let Ok(meta) = fs::symlink_metadata(&path) else { continue };
+            let Ok(meta) = fs::symlink_metadata(&path) else {
+                continue;
+            };
             if meta.file_type().is_symlink() {
-                let target = fs::read_link(&path).ctx(|| format!("reading symlink {}", path.display()))?;
+                let target =
+                    fs::read_link(&path).ctx(|| format!("reading symlink {}", path.display()))?;
                 let link = OutputSymlink {
                     path: rel.clone(),
                     target: target.to_string_lossy().into_owned(),
@@ -108,7 +137,10 @@ impl<'a> Collector<'a> {
             } else if meta.is_dir() {
                 let (root, children) = self.directory(path.clone()).await?;
                 let root_digest = Digest::of(&root.encode_to_vec());
-                let tree = Tree { root: Some(root), children: children.into_values().collect() };
+                let tree = Tree {
+                    root: Some(root),
+                    children: children.into_values().collect(),
+                };
                 let tree_digest = self.store_bytes(tree.encode_to_vec()).await?;
                 result.output_directories.push(OutputDirectory {
                     path: rel,
@@ -132,10 +164,7 @@ impl<'a> Collector<'a> {
 
     /// Builds the Directory for `path` and every distinct Directory below it
     /// (keyed by digest, for the Tree's `children`).
-    fn directory(
-        &mut self,
-        path: PathBuf,
-    ) -> Pin<Box<dyn Future<Output = ExecResult<(Directory, BTreeMap<Digest, Directory>)>> + Send + '_>> {
+    fn directory(&mut self, path: PathBuf) -> BuildFuture<'_> {
         Box::pin(async move {
             let mut dir = Directory::default();
             let mut children = BTreeMap::new();
@@ -148,7 +177,8 @@ impl<'a> Collector<'a> {
             for (name, p) in names {
                 let meta = fs::symlink_metadata(&p).ctx(|| format!("stat {}", p.display()))?;
                 if meta.file_type().is_symlink() {
-                    let target = fs::read_link(&p).ctx(|| format!("reading symlink {}", p.display()))?;
+                    let target =
+                        fs::read_link(&p).ctx(|| format!("reading symlink {}", p.display()))?;
                     dir.symlinks.push(SymlinkNode {
                         name,
                         target: target.to_string_lossy().into_owned(),
@@ -159,7 +189,10 @@ impl<'a> Collector<'a> {
                     let digest = Digest::of(&sub.encode_to_vec());
                     children.extend(grand);
                     children.insert(digest, sub);
-                    dir.directories.push(DirectoryNode { name, digest: Some(digest.to_proto()) });
+                    dir.directories.push(DirectoryNode {
+                        name,
+                        digest: Some(digest.to_proto()),
+                    });
                 } else {
                     let digest = self.store_file(&p).await?;
                     dir.files.push(FileNode {

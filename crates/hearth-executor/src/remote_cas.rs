@@ -8,8 +8,9 @@ use bytes::Bytes;
 use futures::stream;
 use hearth_proto::bytestream::{byte_stream_client::ByteStreamClient, ReadRequest, WriteRequest};
 use hearth_proto::reapi::{
-    batch_update_blobs_request, content_addressable_storage_client::ContentAddressableStorageClient,
-    BatchReadBlobsRequest, BatchUpdateBlobsRequest, FindMissingBlobsRequest,
+    batch_update_blobs_request,
+    content_addressable_storage_client::ContentAddressableStorageClient, BatchReadBlobsRequest,
+    BatchUpdateBlobsRequest, FindMissingBlobsRequest,
 };
 use hearth_storage::{BlobStore, Digest, StoreError, StoreResult, StoreStats};
 use tonic::transport::Channel;
@@ -28,14 +29,20 @@ pub struct GrpcStore {
 }
 
 fn remote_err(what: &str, s: tonic::Status) -> StoreError {
-    StoreError::io(format!("remote CAS {what}"), std::io::Error::other(format!("{:?}: {}", s.code(), s.message())))
+    StoreError::io(
+        format!("remote CAS {what}"),
+        std::io::Error::other(format!("{:?}: {}", s.code(), s.message())),
+    )
 }
 
 fn rpc_err(what: &str, d: &Digest, s: &hearth_proto::rpc::Status) -> StoreError {
     if s.code == tonic::Code::NotFound as i32 {
         return StoreError::NotFound(*d);
     }
-    StoreError::io(format!("remote CAS {what} {d}"), std::io::Error::other(s.message.clone()))
+    StoreError::io(
+        format!("remote CAS {what} {d}"),
+        std::io::Error::other(s.message.clone()),
+    )
 }
 
 impl GrpcStore {
@@ -137,7 +144,12 @@ impl BlobStore for GrpcStore {
     }
 
     async fn read(&self, digest: &Digest, offset: u64, limit: Option<u64>) -> StoreResult<Bytes> {
-        let resource = format!("{}/blobs/{}/{}", self.instance, digest.hash_hex(), digest.size());
+        let resource = format!(
+            "{}/blobs/{}/{}",
+            self.instance,
+            digest.hash_hex(),
+            digest.size()
+        );
         let resource = resource.trim_start_matches('/').to_string();
         let mut stream = match self
             .bytestream()
@@ -149,15 +161,20 @@ impl BlobStore for GrpcStore {
             .await
         {
             Ok(r) => r.into_inner(),
-            Err(s) if s.code() == tonic::Code::NotFound => return Err(StoreError::NotFound(*digest)),
+            Err(s) if s.code() == tonic::Code::NotFound => {
+                return Err(StoreError::NotFound(*digest))
+            }
             Err(s) => return Err(remote_err("ByteStream.Read", s)),
         };
-        let mut buf = Vec::with_capacity(limit.unwrap_or(digest.size()).min(digest.size()) as usize);
+        let mut buf =
+            Vec::with_capacity(limit.unwrap_or(digest.size()).min(digest.size()) as usize);
         loop {
             match stream.message().await {
                 Ok(Some(m)) => buf.extend_from_slice(&m.data),
                 Ok(None) => break,
-                Err(s) if s.code() == tonic::Code::NotFound => return Err(StoreError::NotFound(*digest)),
+                Err(s) if s.code() == tonic::Code::NotFound => {
+                    return Err(StoreError::NotFound(*digest))
+                }
                 Err(s) => return Err(remote_err("ByteStream.Read", s)),
             }
         }
@@ -206,7 +223,11 @@ impl BlobStore for GrpcStore {
             .chunks(WRITE_CHUNK)
             .enumerate()
             .map(|(i, c)| WriteRequest {
-                resource_name: if i == 0 { resource.clone() } else { String::new() },
+                resource_name: if i == 0 {
+                    resource.clone()
+                } else {
+                    String::new()
+                },
                 write_offset: (i * WRITE_CHUNK) as i64,
                 finish_write: (i + 1) * WRITE_CHUNK >= data.len(),
                 data: c.to_vec(),

@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hearth_proto::worker::{
-    server_message, worker_message, worker_service_client::WorkerServiceClient, Hello, Property, ServerMessage,
-    WorkerMessage,
+    server_message, worker_message, worker_service_client::WorkerServiceClient, Hello, Property,
+    ServerMessage, WorkerMessage,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -38,13 +38,20 @@ pub fn channel(server: &str) -> Result<Channel, tonic::transport::Error> {
 }
 
 /// Runs sessions until `shutdown` fires.
-pub async fn run(executor: Arc<Executor>, config: SessionConfig, channel: Channel, shutdown: CancellationToken) {
+pub async fn run(
+    executor: Arc<Executor>,
+    config: SessionConfig,
+    channel: Channel,
+    shutdown: CancellationToken,
+) {
     let mut backoff = Duration::from_millis(100);
     loop {
         let started = tokio::time::Instant::now();
         match one_session(&executor, &config, channel.clone(), &shutdown).await {
             Ok(()) => tracing::info!("session with the server ended"),
-            Err(e) => tracing::warn!(server = %config.server, error = %e, "session with the server failed"),
+            Err(e) => {
+                tracing::warn!(server = %config.server, error = %e, "session with the server failed")
+            }
         }
         if shutdown.is_cancelled() {
             return;
@@ -72,16 +79,24 @@ async fn one_session(
         properties: config
             .properties
             .iter()
-            .map(|(name, value)| Property { name: name.clone(), value: value.clone() })
+            .map(|(name, value)| Property {
+                name: name.clone(),
+                value: value.clone(),
+            })
             .collect(),
         isolation_types: executor.isolation_types(),
         capacity: config.capacity,
         description: config.description.clone(),
         running_operations: vec![],
     };
-    let _ = tx.send(WorkerMessage { kind: Some(worker_message::Kind::Hello(hello)) });
+    let _ = tx.send(WorkerMessage {
+        kind: Some(worker_message::Kind::Hello(hello)),
+    });
     let mut client = WorkerServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
-    let mut inbound = client.session(UnboundedReceiverStream::new(rx)).await?.into_inner();
+    let mut inbound = client
+        .session(UnboundedReceiverStream::new(rx))
+        .await?
+        .into_inner();
     tracing::info!(server = %config.server, "connected to the server");
     let session_cancel = shutdown.child_token();
     let _cancel_on_exit = session_cancel.clone().drop_guard();
@@ -98,21 +113,33 @@ async fn one_session(
             server_message::Kind::Assign(a) => {
                 let token = session_cancel.child_token();
                 let op = a.operation_name.clone();
-                running.lock().unwrap_or_else(|p| p.into_inner()).insert(op.clone(), token.clone());
+                running
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(op.clone(), token.clone());
                 let executor = executor.clone();
                 let tx = tx.clone();
                 let running = running.clone();
                 tokio::spawn(async move {
                     tracing::debug!(operation = %op, "running action");
                     let finished = executor.execute(a, token.clone()).await;
-                    running.lock().unwrap_or_else(|p| p.into_inner()).remove(&op);
+                    running
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&op);
                     if !token.is_cancelled() {
-                        let _ = tx.send(WorkerMessage { kind: Some(worker_message::Kind::Finished(finished)) });
+                        let _ = tx.send(WorkerMessage {
+                            kind: Some(worker_message::Kind::Finished(finished)),
+                        });
                     }
                 });
             }
             server_message::Kind::Cancel(c) => {
-                if let Some(t) = running.lock().unwrap_or_else(|p| p.into_inner()).get(&c.operation_name) {
+                if let Some(t) = running
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&c.operation_name)
+                {
                     t.cancel();
                 }
             }

@@ -79,7 +79,10 @@ mod tests {
         ExecutorInfo {
             id: "e".into(),
             description: String::new(),
-            properties: props.iter().map(|(k, v)| (k.to_lowercase(), v.to_string())).collect(),
+            properties: props
+                .iter()
+                .map(|(k, v)| (k.to_lowercase(), v.to_string()))
+                .collect(),
             isolation_types: iso.iter().map(|s| s.to_string()).collect(),
             capacity: 1,
         }
@@ -89,15 +92,27 @@ mod tests {
     fn matching_rules() {
         let linux = exec(&[("OSFamily", "Linux"), ("Arch", "x86_64")], &["none"]);
         assert!(linux.mismatch(&Platform::default()).is_none());
-        assert!(linux.mismatch(&Platform::from_pairs([("OSFamily", "linux")])).is_none());
+        assert!(linux
+            .mismatch(&Platform::from_pairs([("OSFamily", "linux")]))
+            .is_none());
         let why = linux
-            .mismatch(&Platform::from_pairs([("workload-isolation-type", "firecracker")]))
+            .mismatch(&Platform::from_pairs([(
+                "workload-isolation-type",
+                "firecracker",
+            )]))
             .unwrap();
         assert!(why.contains("workload-isolation-type=firecracker"), "{why}");
-        let why = linux.mismatch(&Platform::from_pairs([("Pool", "gpu")])).unwrap();
+        let why = linux
+            .mismatch(&Platform::from_pairs([("Pool", "gpu")]))
+            .unwrap();
         assert!(why.contains("Pool"), "{why}");
         let gpu = exec(&[("Pool", "gpu")], &["none"]);
-        assert!(gpu.mismatch(&Platform::default()).is_some(), "default-pool work stays off named pools");
-        assert!(gpu.mismatch(&Platform::from_pairs([("pool", "gpu")])).is_none());
+        assert!(
+            gpu.mismatch(&Platform::default()).is_some(),
+            "default-pool work stays off named pools"
+        );
+        assert!(gpu
+            .mismatch(&Platform::from_pairs([("pool", "gpu")]))
+            .is_none());
     }
 }

@@ -35,10 +35,16 @@ impl Platform {
         action: Option<&reapi::Platform>,
     ) -> Result<Self, PlatformError> {
         let mut props = BTreeMap::new();
-        for p in command.into_iter().chain(action).flat_map(|p| &p.properties) {
+        for p in command
+            .into_iter()
+            .chain(action)
+            .flat_map(|p| &p.properties)
+        {
             let name = p.name.trim().to_ascii_lowercase();
             if name.is_empty() {
-                return Err(PlatformError("a platform property has an empty name".into()));
+                return Err(PlatformError(
+                    "a platform property has an empty name".into(),
+                ));
             }
             props.insert(name, p.value.trim().to_string());
         }
@@ -57,7 +63,9 @@ impl Platform {
     }
 
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.props.get(&name.to_ascii_lowercase()).map(String::as_str)
+        self.props
+            .get(&name.to_ascii_lowercase())
+            .map(String::as_str)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
@@ -73,7 +81,8 @@ impl Platform {
     }
 
     pub fn flag(&self, name: &str) -> bool {
-        self.get(name).is_some_and(|v| v.eq_ignore_ascii_case("true"))
+        self.get(name)
+            .is_some_and(|v| v.eq_ignore_ascii_case("true"))
     }
 
     fn validate(&self) -> Result<(), PlatformError> {
@@ -153,7 +162,11 @@ pub fn parse_bytes(v: &str) -> Result<u64, String> {
         "gi" | "gib" => 1024.0 * 1024.0 * 1024.0,
         "t" | "tb" => 1e12,
         "ti" | "tib" => 1024f64.powi(4),
-        u => return Err(format!("unknown unit {u:?}; use B, KB, MB, GB, TB or KiB, MiB, GiB")),
+        u => {
+            return Err(format!(
+                "unknown unit {u:?}; use B, KB, MB, GB, TB or KiB, MiB, GiB"
+            ))
+        }
     };
     Ok((n * mult) as u64)
 }
@@ -185,14 +198,26 @@ mod tests {
     #[test]
     fn unknown_isolation_names_accepted_values() {
         let e = plat(&[("workload-isolation-type", "docker")]).unwrap_err();
-        assert!(e.0.contains("workload-isolation-type") && e.0.contains("none, firecracker"), "{e}");
+        assert!(
+            e.0.contains("workload-isolation-type") && e.0.contains("none, firecracker"),
+            "{e}"
+        );
     }
 
     #[test]
     fn bad_values_are_rejected_with_the_property_name() {
-        assert!(plat(&[("recycle-runner", "yes")]).unwrap_err().0.contains("recycle-runner"));
-        assert!(plat(&[("network", "on")]).unwrap_err().0.contains("network"));
-        assert!(plat(&[("EstimatedMemory", "lots")]).unwrap_err().0.contains("estimatedmemory"));
+        assert!(plat(&[("recycle-runner", "yes")])
+            .unwrap_err()
+            .0
+            .contains("recycle-runner"));
+        assert!(plat(&[("network", "on")])
+            .unwrap_err()
+            .0
+            .contains("network"));
+        assert!(plat(&[("EstimatedMemory", "lots")])
+            .unwrap_err()
+            .0
+            .contains("estimatedmemory"));
         assert!(plat(&[("container-registry-username", "u")]).is_err());
         assert!(plat(&[("unknown-thing", "whatever")]).is_ok());
     }
@@ -210,11 +235,22 @@ mod tests {
     #[test]
     fn action_platform_overrides_command_platform() {
         let c = reapi::Platform {
-            properties: vec![reapi::platform::Property { name: "Pool".into(), value: "a".into() }],
+            properties: vec![reapi::platform::Property {
+                name: "Pool".into(),
+                value: "a".into(),
+            }],
         };
         let a = reapi::Platform {
-            properties: vec![reapi::platform::Property { name: "pool".into(), value: "b".into() }],
+            properties: vec![reapi::platform::Property {
+                name: "pool".into(),
+                value: "b".into(),
+            }],
         };
-        assert_eq!(Platform::from_protos(Some(&c), Some(&a)).unwrap().get("pool"), Some("b"));
+        assert_eq!(
+            Platform::from_protos(Some(&c), Some(&a))
+                .unwrap()
+                .get("pool"),
+            Some("b")
+        );
     }
 }

@@ -139,7 +139,12 @@ impl Scheduler {
         let mut st = self.lock();
         let key = (job.instance_name.clone(), job.action_digest);
         if job.shareable {
-            if let Some(rx) = st.shared.get(&key).and_then(|op| st.ops.get(op)).map(|e| e.tx.subscribe()) {
+            if let Some(rx) = st
+                .shared
+                .get(&key)
+                .and_then(|op| st.ops.get(op))
+                .map(|e| e.tx.subscribe())
+            {
                 tracing::debug!(action = %job.action_digest, "joining in-flight execution");
                 return Ok(rx);
             }
@@ -164,7 +169,13 @@ impl Scheduler {
         if job.shareable {
             st.shared.insert(key, name.clone());
         }
-        st.ops.insert(name.clone(), OpEntry { tx, finished_at: None });
+        st.ops.insert(
+            name.clone(),
+            OpEntry {
+                tx,
+                finished_at: None,
+            },
+        );
         st.jobs.insert(
             name.clone(),
             JobState {
@@ -199,14 +210,21 @@ impl Scheduler {
             });
         }
         st.queue.retain(|q| q != name);
-        complete_locked(&mut st, name, error_response(rpc_code::CANCELLED, "cancelled by the client"));
+        complete_locked(
+            &mut st,
+            name,
+            error_response(rpc_code::CANCELLED, "cancelled by the client"),
+        );
         true
     }
 
     /// Registers an executor; returns its session number and the channel on
     /// which it receives work. A reconnect under the same id replaces the old
     /// session (whose work is re-queued).
-    pub fn connect(&self, info: ExecutorInfo) -> (u64, mpsc::UnboundedReceiver<worker::ServerMessage>) {
+    pub fn connect(
+        &self,
+        info: ExecutorInfo,
+    ) -> (u64, mpsc::UnboundedReceiver<worker::ServerMessage>) {
         let mut st = self.lock();
         if st.executors.contains_key(&info.id) {
             let old = st.executors[&info.id].session;
@@ -242,10 +260,18 @@ impl Scheduler {
         if st.executors.get(executor_id).map(|e| e.session) != Some(session) {
             return;
         }
-        let Some(exec) = st.executors.remove(executor_id) else { return };
-        tracing::warn!(executor = executor_id, running = exec.running.len(), "executor disconnected");
+        let Some(exec) = st.executors.remove(executor_id) else {
+            return;
+        };
+        tracing::warn!(
+            executor = executor_id,
+            running = exec.running.len(),
+            "executor disconnected"
+        );
         for op in exec.running {
-            let Some(js) = st.jobs.get_mut(&op) else { continue };
+            let Some(js) = st.jobs.get_mut(&op) else {
+                continue;
+            };
             js.executor = None;
             if js.attempts >= self.config.max_attempts {
                 let msg = format!(
@@ -265,7 +291,10 @@ impl Scheduler {
     /// job so the caller can store the result and then call [`Self::complete`].
     pub fn finish(&self, executor_id: &str, session: u64, op: &str) -> Option<RunningJob> {
         let mut st = self.lock();
-        let exec = st.executors.get_mut(executor_id).filter(|e| e.session == session)?;
+        let exec = st
+            .executors
+            .get_mut(executor_id)
+            .filter(|e| e.session == session)?;
         if !exec.running.remove(op) {
             return None;
         }
@@ -319,7 +348,11 @@ impl Scheduler {
         let expired: Vec<String> = st
             .queue
             .iter()
-            .filter(|op| st.jobs.get(*op).is_some_and(|j| now.duration_since(j.enqueued) > timeout))
+            .filter(|op| {
+                st.jobs
+                    .get(*op)
+                    .is_some_and(|j| now.duration_since(j.enqueued) > timeout)
+            })
             .cloned()
             .collect();
         for op in expired {
@@ -331,8 +364,10 @@ impl Scheduler {
             complete_locked(&mut st, &op, error_response(rpc_code::UNAVAILABLE, &msg));
         }
         let retention = self.config.retention;
-        st.ops
-            .retain(|_, e| e.finished_at.is_none_or(|t| now.duration_since(t) < retention));
+        st.ops.retain(|_, e| {
+            e.finished_at
+                .is_none_or(|t| now.duration_since(t) < retention)
+        });
     }
 }
 
@@ -401,7 +436,10 @@ fn dispatch(st: &mut State) {
             continue;
         };
         st.queue.remove(i);
-        let queued_at = js.queued_at.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+        let queued_at = js
+            .queued_at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
         let msg = worker::ServerMessage {
             kind: Some(server_message::Kind::Assign(worker::Assignment {
                 operation_name: op.clone(),
@@ -418,7 +456,9 @@ fn dispatch(st: &mut State) {
                 }),
             })),
         };
-        let Some(exec) = st.executors.get_mut(&exec_id) else { continue };
+        let Some(exec) = st.executors.get_mut(&exec_id) else {
+            continue;
+        };
         if exec.sender.send(msg).is_err() {
             // The session is going away; its disconnect will follow.
             st.queue.insert(i, op);
@@ -486,10 +526,17 @@ mod tests {
     async fn unmatched_platform_fails_fast_only_when_executors_exist() {
         let s = Scheduler::new(SchedulerConfig::default());
         let fc = Platform::from_pairs([("workload-isolation-type", "firecracker")]);
-        assert!(s.submit(job("q", fc.clone())).is_ok(), "no executors: it waits");
+        assert!(
+            s.submit(job("q", fc.clone())).is_ok(),
+            "no executors: it waits"
+        );
         let _conn = s.connect(info("e1", 1));
         let err = s.submit(job("r", fc)).unwrap_err();
-        assert!(err.to_string().contains("workload-isolation-type=firecracker"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("workload-isolation-type=firecracker"),
+            "{err}"
+        );
     }
 
     #[tokio::test]
@@ -516,7 +563,10 @@ mod tests {
         s.disconnect("e1", s1);
         assert_eq!(op.borrow().stage, Stage::Queued);
         let (s2, mut rx2) = s.connect(info("e2", 1));
-        assert!(assigned(&mut rx2).is_some(), "re-queued work goes to the next executor");
+        assert!(
+            assigned(&mut rx2).is_some(),
+            "re-queued work goes to the next executor"
+        );
         s.disconnect("e2", s2);
         let snap = op.borrow().clone();
         assert_eq!(snap.stage, Stage::Completed);
@@ -534,7 +584,13 @@ mod tests {
         s.sweep(Instant::now() + Duration::from_secs(2));
         let snap = op.borrow().clone();
         assert_eq!(snap.stage, Stage::Completed);
-        assert!(snap.response.unwrap().status.unwrap().message.contains("queue timeout"));
+        assert!(snap
+            .response
+            .unwrap()
+            .status
+            .unwrap()
+            .message
+            .contains("queue timeout"));
     }
 
     #[tokio::test]

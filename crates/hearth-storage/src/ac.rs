@@ -29,7 +29,12 @@ pub struct MemoryActionCache {
 #[async_trait]
 impl ActionCache for MemoryActionCache {
     async fn get(&self, action: &Digest) -> StoreResult<Option<ActionResult>> {
-        Ok(self.entries.lock().unwrap_or_else(|p| p.into_inner()).get(action).cloned())
+        Ok(self
+            .entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(action)
+            .cloned())
     }
 
     async fn put(&self, action: &Digest, result: &ActionResult) -> StoreResult<()> {
@@ -41,7 +46,10 @@ impl ActionCache for MemoryActionCache {
     }
 
     async fn remove(&self, action: &Digest) -> StoreResult<()> {
-        self.entries.lock().unwrap_or_else(|p| p.into_inner()).remove(action);
+        self.entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(action);
         Ok(())
     }
 }
@@ -81,7 +89,10 @@ impl ActionCache for DiskActionCache {
                 }
             },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(crate::StoreError::io(format!("reading {}", path.display()), e)),
+            Err(e) => Err(crate::StoreError::io(
+                format!("reading {}", path.display()),
+                e,
+            )),
         }
     }
 

@@ -31,7 +31,11 @@ impl Digest {
 
     /// Parses a lowercase hex hash and a size.
     pub fn parse(hash: &str, size: i64) -> StoreResult<Self> {
-        if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        if hash.len() != 64
+            || !hash
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
             return Err(StoreError::InvalidDigest(format!(
                 "hash {hash:?} is not 64 lowercase hex characters (SHA-256)"
             )));
@@ -44,7 +48,10 @@ impl Digest {
         let mut raw = [0u8; 32];
         hex::decode_to_slice(hash, &mut raw)
             .map_err(|e| StoreError::InvalidDigest(format!("hash {hash:?}: {e}")))?;
-        Ok(Digest { hash: raw, size: size as u64 })
+        Ok(Digest {
+            hash: raw,
+            size: size as u64,
+        })
     }
 
     pub fn from_proto(d: &reapi::Digest) -> StoreResult<Self> {

@@ -89,7 +89,9 @@ fn scan(cas: &Path) -> StoreResult<Vec<(SystemTime, Digest)>> {
         let sub = sub.ctx(|| format!("listing {}", cas.display()))?.path();
         for entry in fs::read_dir(&sub).ctx(|| format!("listing {}", sub.display()))? {
             let entry = entry.ctx(|| format!("listing {}", sub.display()))?;
-            let meta = entry.metadata().ctx(|| format!("stat {}", entry.path().display()))?;
+            let meta = entry
+                .metadata()
+                .ctx(|| format!("stat {}", entry.path().display()))?;
             let name = entry.file_name();
             match Digest::parse(&name.to_string_lossy(), meta.len() as i64) {
                 Ok(d) if meta.is_file() => {
@@ -187,7 +189,10 @@ impl Inner {
             }
             Err(e) => return Err(StoreError::io(format!("opening {}", path.display()), e)),
         };
-        let len = file.metadata().ctx(|| format!("stat {}", path.display()))?.len();
+        let len = file
+            .metadata()
+            .ctx(|| format!("stat {}", path.display()))?
+            .len();
         if len != d.size() {
             tracing::error!(digest = %d, len, "blob on disk has the wrong size; dropping it");
             self.lock().remove(d);
@@ -209,7 +214,9 @@ pub(crate) fn hash_file(path: &Path) -> StoreResult<Digest> {
     let mut hasher = DigestHasher::default();
     let mut buf = vec![0u8; 256 * 1024];
     loop {
-        let n = file.read(&mut buf).ctx(|| format!("reading {}", path.display()))?;
+        let n = file
+            .read(&mut buf)
+            .ctx(|| format!("reading {}", path.display()))?;
         if n == 0 {
             return Ok(hasher.finish());
         }
@@ -358,7 +365,10 @@ mod tests {
         }
         let store = DiskStore::open(dir.path(), 0).unwrap();
         assert_eq!(store.read(&d, 0, None).await.unwrap(), b);
-        assert_eq!(store.read(&d, 6, Some(3)).await.unwrap(), Bytes::from("wor"));
+        assert_eq!(
+            store.read(&d, 6, Some(3)).await.unwrap(),
+            Bytes::from("wor")
+        );
         assert!(matches!(
             store.read(&d, 100, None).await,
             Err(StoreError::OutOfRange { .. })
@@ -387,7 +397,10 @@ mod tests {
         }
         let store = DiskStore::open(dir.path(), 0).unwrap();
         assert_eq!(store.find_missing(&[d]).await.unwrap(), vec![d]);
-        assert!(matches!(store.read(&d, 0, None).await, Err(StoreError::NotFound(_))));
+        assert!(matches!(
+            store.read(&d, 0, None).await,
+            Err(StoreError::NotFound(_))
+        ));
     }
 
     #[tokio::test]
@@ -431,8 +444,17 @@ mod tests {
         let wrong = Digest::of(b"nope");
         assert!(store.adopt_file(&wrong, &src).await.is_err());
         fs::write(&src, b"other body").unwrap();
-        store.adopt_file(&Digest::of(b"other body"), &src).await.unwrap();
+        store
+            .adopt_file(&Digest::of(b"other body"), &src)
+            .await
+            .unwrap();
         assert!(!src.exists(), "adopt_file takes the file");
-        assert_eq!(store.read(&Digest::of(b"other body"), 0, None).await.unwrap(), Bytes::from("other body"));
+        assert_eq!(
+            store
+                .read(&Digest::of(b"other body"), 0, None)
+                .await
+                .unwrap(),
+            Bytes::from("other body")
+        );
     }
 }

@@ -24,7 +24,9 @@ impl Index {
     /// Present with this exact size (a file whose size disagrees with its
     /// digest, e.g. truncated on disk, does not count).
     pub fn contains(&self, d: &Digest) -> bool {
-        self.entries.get(d.hash()).is_some_and(|e| e.size == d.size())
+        self.entries
+            .get(d.hash())
+            .is_some_and(|e| e.size == d.size())
     }
 
     pub fn len(&self) -> u64 {
@@ -55,7 +57,11 @@ impl Index {
         if self.touch(d) {
             return;
         }
-        if let Some(stale) = self.entries.get(d.hash()).map(|e| Digest::new(*d.hash(), e.size)) {
+        if let Some(stale) = self
+            .entries
+            .get(d.hash())
+            .map(|e| Digest::new(*d.hash(), e.size))
+        {
             self.remove(&stale);
         }
         self.tick += 1;

@@ -7,7 +7,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "hearth", version, about = "Remote build execution for Bazel and any REAPI v2 client")]
+#[command(
+    name = "hearth",
+    version,
+    about = "Remote build execution for Bazel and any REAPI v2 client"
+)]
 #[command(args_override_self = true)]
 pub struct Cli {
     #[command(subcommand)]
@@ -119,11 +123,16 @@ fn parse_property(s: &str) -> Result<(String, String), String> {
 
 /// `grpc://` and `http://` URLs become the `http://` form tonic wants.
 pub fn server_url(s: &str) -> Result<String, String> {
-    if let Some(rest) = s.strip_prefix("grpc://").or_else(|| s.strip_prefix("http://")) {
+    if let Some(rest) = s
+        .strip_prefix("grpc://")
+        .or_else(|| s.strip_prefix("http://"))
+    {
         return Ok(format!("http://{rest}"));
     }
     if s.starts_with("grpcs://") || s.starts_with("https://") {
-        return Err(format!("{s}: TLS to the server is not supported yet; use grpc://"));
+        return Err(format!(
+            "{s}: TLS to the server is not supported yet; use grpc://"
+        ));
     }
     if s.contains("://") {
         return Err(format!("{s}: expected grpc://HOST:PORT"));

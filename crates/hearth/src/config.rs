@@ -8,14 +8,25 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 
 pub fn args_with_config_file(args: Vec<String>) -> Result<Vec<String>> {
-    let Some(pos) = args.iter().position(|a| a == "--config" || a.starts_with("--config=")) else {
+    let Some(pos) = args
+        .iter()
+        .position(|a| a == "--config" || a.starts_with("--config="))
+    else {
         return Ok(args);
     };
     let path = match args[pos].strip_prefix("--config=") {
         Some(p) => p.to_string(),
-        None => args.get(pos + 1).cloned().context("--config needs a file")?,
+        None => args
+            .get(pos + 1)
+            .cloned()
+            .context("--config needs a file")?,
     };
-    let Some(sub_at) = args.iter().skip(1).position(|a| !a.starts_with('-')).map(|i| i + 1) else {
+    let Some(sub_at) = args
+        .iter()
+        .skip(1)
+        .position(|a| !a.starts_with('-'))
+        .map(|i| i + 1)
+    else {
         return Ok(args);
     };
     let extra = flags_from_file(Path::new(&path), &args[sub_at])?;
@@ -26,8 +37,10 @@ pub fn args_with_config_file(args: Vec<String>) -> Result<Vec<String>> {
 }
 
 fn flags_from_file(path: &Path, subcommand: &str) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
-    let doc: toml::Table = toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config {}", path.display()))?;
+    let doc: toml::Table =
+        toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))?;
     let mut flags = Vec::new();
     let Some(table) = doc.get(subcommand) else {
         return Ok(flags);
@@ -46,7 +59,10 @@ fn flags_from_file(path: &Path, subcommand: &str) -> Result<Vec<String>> {
                 toml::Value::Integer(i) => i.to_string(),
                 toml::Value::Boolean(b) => b.to_string(),
                 toml::Value::Float(f) => f.to_string(),
-                _ => bail!("{}: [{subcommand}] {key} must be a string, number or boolean", path.display()),
+                _ => bail!(
+                    "{}: [{subcommand}] {key} must be a string, number or boolean",
+                    path.display()
+                ),
             };
             flags.push(format!("--{key}={text}"));
         }
@@ -68,12 +84,21 @@ mod tests {
             "[up]\nlisten = \"127.0.0.1:2000\"\ndata-dir = \"/tmp/x\"\nproperty = [\"Pool=a\", \"Arch=x86_64\"]\n",
         )
         .unwrap();
-        let args: Vec<String> = ["hearth", "up", "--config", file.to_str().unwrap(), "--listen", "127.0.0.1:3000"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let args: Vec<String> = [
+            "hearth",
+            "up",
+            "--config",
+            file.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:3000",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         let cli = crate::cli::Cli::parse_from(args_with_config_file(args).unwrap());
-        let crate::cli::Command::Up(up) = cli.command else { panic!("not up") };
+        let crate::cli::Command::Up(up) = cli.command else {
+            panic!("not up")
+        };
         assert_eq!(up.server.listen.port(), 3000);
         assert_eq!(up.server.data_dir, std::path::PathBuf::from("/tmp/x"));
         assert_eq!(up.executor.properties.len(), 2);

@@ -20,13 +20,14 @@ fn shutdown_on_signal() -> CancellationToken {
     let token = CancellationToken::new();
     let t = token.clone();
     tokio::spawn(async move {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot watch SIGTERM");
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot watch SIGTERM");
+                    return;
+                }
+            };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
@@ -44,7 +45,8 @@ struct Server {
 }
 
 async fn build_server(args: &ServerArgs) -> Result<Server> {
-    std::fs::create_dir_all(&args.data_dir).with_context(|| format!("creating {}", args.data_dir.display()))?;
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating {}", args.data_dir.display()))?;
     let store = Arc::new(
         DiskStore::open(&args.data_dir, args.cas_max_bytes)
             .with_context(|| format!("opening the CAS in {}", args.data_dir.display()))?,
@@ -61,7 +63,11 @@ async fn build_server(args: &ServerArgs) -> Result<Server> {
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
-    Ok(Server { store, listener, ctx })
+    Ok(Server {
+        store,
+        listener,
+        ctx,
+    })
 }
 
 async fn serve(server: Server, shutdown: CancellationToken) -> Result<()> {
@@ -92,11 +98,16 @@ fn executor_config(opts: &ExecutorOptions, work_dir: std::path::PathBuf) -> Exec
 }
 
 fn session_config(opts: &ExecutorOptions, server: String) -> session::SessionConfig {
-    let capacity = opts
-        .capacity
-        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1));
+    let capacity = opts.capacity.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1)
+    });
     let mut properties = opts.properties.clone();
-    for (name, value) in [("OSFamily", std::env::consts::OS), ("Arch", std::env::consts::ARCH)] {
+    for (name, value) in [
+        ("OSFamily", std::env::consts::OS),
+        ("Arch", std::env::consts::ARCH),
+    ] {
         if !properties.iter().any(|(k, _)| k.eq_ignore_ascii_case(name)) {
             properties.push((name.to_string(), value.to_string()));
         }
@@ -105,7 +116,11 @@ fn session_config(opts: &ExecutorOptions, server: String) -> session::SessionCon
         server,
         properties,
         capacity,
-        description: format!("hearth {} on {}", env!("CARGO_PKG_VERSION"), std::env::consts::OS),
+        description: format!(
+            "hearth {} on {}",
+            env!("CARGO_PKG_VERSION"),
+            std::env::consts::OS
+        ),
     }
 }
 
@@ -130,7 +145,8 @@ pub async fn up(args: UpArgs) -> Result<()> {
     };
     let cas = LocalCas::shared(server.store.clone());
     let config = executor_config(&args.executor, args.server.data_dir.join("executor"));
-    let executor = Arc::new(Executor::new(config, cas, runners()).context("starting the executor")?);
+    let executor =
+        Arc::new(Executor::new(config, cas, runners()).context("starting the executor")?);
     let channel = session::channel(&connect)?;
     let sess = tokio::spawn(session::run(
         executor,
@@ -147,9 +163,11 @@ pub async fn up(args: UpArgs) -> Result<()> {
 pub async fn executor(args: ExecutorArgs) -> Result<()> {
     let shutdown = shutdown_on_signal();
     let url = server_url(&args.server).map_err(anyhow::Error::msg)?;
-    std::fs::create_dir_all(&args.work_dir).with_context(|| format!("creating {}", args.work_dir.display()))?;
+    std::fs::create_dir_all(&args.work_dir)
+        .with_context(|| format!("creating {}", args.work_dir.display()))?;
     let local = Arc::new(
-        DiskStore::open(&args.work_dir.join("cache"), args.cache_max_bytes).context("opening the local cache")?,
+        DiskStore::open(&args.work_dir.join("cache"), args.cache_max_bytes)
+            .context("opening the local cache")?,
     );
     let channel = session::channel(&url)?;
     let upstream = Arc::new(GrpcStore::new(
@@ -159,8 +177,15 @@ pub async fn executor(args: ExecutorArgs) -> Result<()> {
     ));
     let cas = LocalCas::caching(local, upstream);
     let config = executor_config(&args.options, args.work_dir.clone());
-    let executor = Arc::new(Executor::new(config, cas, runners()).context("starting the executor")?);
+    let executor =
+        Arc::new(Executor::new(config, cas, runners()).context("starting the executor")?);
     tracing::info!(executor = executor.id(), server = %url, "executor starting");
-    session::run(executor, session_config(&args.options, url), channel, shutdown).await;
+    session::run(
+        executor,
+        session_config(&args.options, url),
+        channel,
+        shutdown,
+    )
+    .await;
     Ok(())
 }

@@ -1,7 +1,9 @@
 //! `hearth status`: a one-screen summary of a running server.
 
 use anyhow::{Context, Result};
-use hearth_proto::worker::{worker_service_client::WorkerServiceClient, StatusRequest, StatusResponse};
+use hearth_proto::worker::{
+    worker_service_client::WorkerServiceClient, StatusRequest, StatusResponse,
+};
 
 use crate::cli::{server_url, StatusArgs};
 
@@ -10,7 +12,11 @@ pub async fn run(args: StatusArgs) -> Result<()> {
     let mut client = WorkerServiceClient::connect(url.clone())
         .await
         .with_context(|| format!("connecting to {url}"))?;
-    let status = client.status(StatusRequest {}).await.context("asking for status")?.into_inner();
+    let status = client
+        .status(StatusRequest {})
+        .await
+        .context("asking for status")?
+        .into_inner();
     print!("{}", render(&status));
     Ok(())
 }
@@ -38,12 +44,22 @@ pub fn render(s: &StatusResponse) -> String {
         String::new()
     };
     out.push_str(&format!("uptime     {}s\n", s.uptime_seconds));
-    out.push_str(&format!("actions    {} queued, {} running, {} completed, {} cache hits\n",
-        s.queued_actions, s.running_actions, s.completed_actions, s.cache_hits));
-    out.push_str(&format!("cas        {} in {} blobs{limit}\n", human_bytes(s.cas_bytes), s.cas_blobs));
+    out.push_str(&format!(
+        "actions    {} queued, {} running, {} completed, {} cache hits\n",
+        s.queued_actions, s.running_actions, s.completed_actions, s.cache_hits
+    ));
+    out.push_str(&format!(
+        "cas        {} in {} blobs{limit}\n",
+        human_bytes(s.cas_bytes),
+        s.cas_blobs
+    ));
     out.push_str(&format!("executors  {}\n", s.executors.len()));
     for e in &s.executors {
-        let props: Vec<String> = e.properties.iter().map(|p| format!("{}={}", p.name, p.value)).collect();
+        let props: Vec<String> = e
+            .properties
+            .iter()
+            .map(|p| format!("{}={}", p.name, p.value))
+            .collect();
         out.push_str(&format!(
             "  {:<28} {}/{} busy  isolation={}  {}  up {}s\n",
             e.executor_id,
@@ -80,6 +96,9 @@ mod tests {
         let text = render(&s);
         assert!(text.contains("3 queued"), "{text}");
         assert!(text.contains("1.5 MB in 10 blobs"), "{text}");
-        assert!(text.contains("box-1") && text.contains("1/2 busy"), "{text}");
+        assert!(
+            text.contains("box-1") && text.contains("1/2 busy"),
+            "{text}"
+        );
     }
 }

@@ -6,11 +6,14 @@ mod common;
 
 use common::*;
 use futures::stream;
-use hearth_proto::bytestream::{byte_stream_client::ByteStreamClient, QueryWriteStatusRequest, ReadRequest, WriteRequest};
+use hearth_proto::bytestream::{
+    byte_stream_client::ByteStreamClient, QueryWriteStatusRequest, ReadRequest, WriteRequest,
+};
 use hearth_proto::reapi::{
-    action_cache_client::ActionCacheClient, batch_update_blobs_request, capabilities_client::CapabilitiesClient,
-    ActionResult, BatchUpdateBlobsRequest, Directory, DirectoryNode, FindMissingBlobsRequest, GetActionResultRequest,
-    GetCapabilitiesRequest, GetTreeRequest, OutputFile, UpdateActionResultRequest,
+    action_cache_client::ActionCacheClient, batch_update_blobs_request,
+    capabilities_client::CapabilitiesClient, ActionResult, BatchUpdateBlobsRequest, Directory,
+    DirectoryNode, FindMissingBlobsRequest, GetActionResultRequest, GetCapabilitiesRequest,
+    GetTreeRequest, OutputFile, UpdateActionResultRequest,
 };
 use hearth_storage::Digest;
 use tonic::Code;
@@ -26,12 +29,21 @@ async fn capabilities_admit_bazel_2_1_and_advertise_sha256() {
         .into_inner();
     let low = caps.low_api_version.unwrap();
     let high = caps.high_api_version.unwrap();
-    assert_eq!((low.major, low.minor), (2, 0), "Bazel 2.1 needs low_api_version <= 2.0");
+    assert_eq!(
+        (low.major, low.minor),
+        (2, 0),
+        "Bazel 2.1 needs low_api_version <= 2.0"
+    );
     assert!(high.major == 2 && high.minor >= 3);
     let cache = caps.cache_capabilities.unwrap();
     assert_eq!(cache.digest_functions, vec![1], "SHA-256");
     assert!(cache.max_batch_total_size_bytes > 0);
-    assert!(cache.action_cache_update_capabilities.unwrap().update_enabled);
+    assert!(
+        cache
+            .action_cache_update_capabilities
+            .unwrap()
+            .update_enabled
+    );
     assert!(caps.execution_capabilities.unwrap().exec_enabled);
 }
 
@@ -110,7 +122,11 @@ async fn malformed_digests_and_oversized_batches_are_invalid_argument() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().contains("blob_digests[0]"), "{}", err.message());
+    assert!(
+        err.message().contains("blob_digests[0]"),
+        "{}",
+        err.message()
+    );
 
     let big = vec![7u8; 3 * 1024 * 1024];
     let reqs = (0..2)
@@ -141,13 +157,23 @@ fn bytestream(c: &tonic::transport::Channel) -> ByteStreamClient<tonic::transpor
         .max_encoding_message_size(64 << 20)
 }
 
-fn chunks(resource: &str, data: &[u8], start: usize, chunk: usize, finish: bool) -> Vec<WriteRequest> {
+fn chunks(
+    resource: &str,
+    data: &[u8],
+    start: usize,
+    chunk: usize,
+    finish: bool,
+) -> Vec<WriteRequest> {
     let mut out = Vec::new();
     let mut off = start;
     while off < data.len() {
         let end = (off + chunk).min(data.len());
         out.push(WriteRequest {
-            resource_name: if out.is_empty() { resource.to_string() } else { String::new() },
+            resource_name: if out.is_empty() {
+                resource.to_string()
+            } else {
+                String::new()
+            },
             write_offset: off as i64,
             finish_write: finish && end == data.len(),
             data: data[off..end].to_vec(),
@@ -163,7 +189,12 @@ async fn bytestream_write_read_with_offset_and_limit() {
     let c = channel(&h).await;
     let data: Vec<u8> = (0..6_000_000u32).map(|i| (i % 251) as u8).collect();
     let d = Digest::of(&data);
-    let resource = format!("inst/uploads/{}/blobs/{}/{}", uuid::Uuid::new_v4(), d.hash_hex(), d.size());
+    let resource = format!(
+        "inst/uploads/{}/blobs/{}/{}",
+        uuid::Uuid::new_v4(),
+        d.hash_hex(),
+        d.size()
+    );
     let resp = bytestream(&c)
         .write(stream::iter(chunks(&resource, &data, 0, 64 * 1024, true)))
         .await
@@ -203,11 +234,22 @@ async fn bytestream_write_resumes_after_an_interrupted_stream() {
     let c = channel(&h).await;
     let data: Vec<u8> = (0..5_000_000u32).map(|i| (i % 199) as u8).collect();
     let d = Digest::of(&data);
-    let resource = format!("uploads/{}/blobs/{}/{}", uuid::Uuid::new_v4(), d.hash_hex(), d.size());
+    let resource = format!(
+        "uploads/{}/blobs/{}/{}",
+        uuid::Uuid::new_v4(),
+        d.hash_hex(),
+        d.size()
+    );
     // First attempt: half the data, no finish_write; the stream just ends.
     let half = 2_500_000;
     let err = bytestream(&c)
-        .write(stream::iter(chunks(&resource, &data[..half], 0, 1 << 20, false)))
+        .write(stream::iter(chunks(
+            &resource,
+            &data[..half],
+            0,
+            1 << 20,
+            false,
+        )))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Aborted, "{}", err.message());
@@ -227,7 +269,9 @@ async fn bytestream_write_resumes_after_an_interrupted_stream() {
         .into_inner();
     assert_eq!(resp.committed_size, data.len() as i64);
     let status = bytestream(&c)
-        .query_write_status(QueryWriteStatusRequest { resource_name: resource })
+        .query_write_status(QueryWriteStatusRequest {
+            resource_name: resource,
+        })
         .await
         .unwrap()
         .into_inner();
@@ -246,7 +290,11 @@ async fn bytestream_rejects_malformed_names_and_wrong_content() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().contains("malformed resource name"), "{}", err.message());
+    assert!(
+        err.message().contains("malformed resource name"),
+        "{}",
+        err.message()
+    );
 
     let claimed = Digest::of(b"the real content");
     let bogus = b"other content!!!";
@@ -264,11 +312,21 @@ async fn bytestream_rejects_malformed_names_and_wrong_content() {
         })
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::NotFound, "nothing was stored under the claimed digest");
+    assert_eq!(
+        err.code(),
+        Code::NotFound,
+        "nothing was stored under the claimed digest"
+    );
 
     let no_uploads = format!("blobs/{}/{}", claimed.hash_hex(), claimed.size());
     let err = bytestream(&c)
-        .write(stream::iter(chunks(&no_uploads, b"the real content", 0, 100, true)))
+        .write(stream::iter(chunks(
+            &no_uploads,
+            b"the real content",
+            0,
+            100,
+            true,
+        )))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
@@ -402,7 +460,11 @@ async fn configured_instances_reject_unknown_names() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().contains("\"other\"") && err.message().contains("\"main\""), "{}", err.message());
+    assert!(
+        err.message().contains("\"other\"") && err.message().contains("\"main\""),
+        "{}",
+        err.message()
+    );
 }
 
 #[tokio::test]

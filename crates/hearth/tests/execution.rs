@@ -6,7 +6,8 @@ mod common;
 
 use common::*;
 use hearth_proto::reapi::{
-    execution_stage, Action, Command, Directory, DirectoryNode, SymlinkNode, Tree, WaitExecutionRequest,
+    execution_stage, Action, Command, Directory, DirectoryNode, SymlinkNode, Tree,
+    WaitExecutionRequest,
 };
 use hearth_storage::Digest;
 use prost::Message;
@@ -16,40 +17,72 @@ use tonic::Code;
 async fn action_runs_streams_stages_and_is_cached() {
     let h = up(&[]);
     let c = channel(&h).await;
-    let mut spec = ActionSpec::new("mkdir -p out && tr a-z A-Z < in.txt > out/up.txt && echo done; echo warn >&2");
+    let mut spec = ActionSpec::new(
+        "mkdir -p out && tr a-z A-Z < in.txt > out/up.txt && echo done; echo warn >&2",
+    );
     spec.files = vec![("in.txt", b"hello remote")];
     spec.outputs = vec!["out/up.txt"];
     let action = make_action(&c, &spec).await;
 
     let (ops, resp) = execute(&c, action, false).await.unwrap();
-    assert_eq!(stage_of(ops.last().unwrap()), execution_stage::Value::Completed as i32);
+    assert_eq!(
+        stage_of(ops.last().unwrap()),
+        execution_stage::Value::Completed as i32
+    );
     assert!(!resp.cached_result);
     assert_eq!(resp.status.clone().unwrap_or_default().code, 0);
     let result = resp.result.unwrap();
     assert_eq!(result.exit_code, 0);
     assert_eq!(result.output_files.len(), 1);
     assert_eq!(result.output_files[0].path, "out/up.txt");
-    assert_eq!(read_blob(&c, result.output_files[0].digest.as_ref().unwrap()).await.as_ref(), b"HELLO REMOTE");
-    assert_eq!(read_blob(&c, result.stdout_digest.as_ref().unwrap()).await.as_ref(), b"done\n");
-    assert_eq!(read_blob(&c, result.stderr_digest.as_ref().unwrap()).await.as_ref(), b"warn\n");
+    assert_eq!(
+        read_blob(&c, result.output_files[0].digest.as_ref().unwrap())
+            .await
+            .as_ref(),
+        b"HELLO REMOTE"
+    );
+    assert_eq!(
+        read_blob(&c, result.stdout_digest.as_ref().unwrap())
+            .await
+            .as_ref(),
+        b"done\n"
+    );
+    assert_eq!(
+        read_blob(&c, result.stderr_digest.as_ref().unwrap())
+            .await
+            .as_ref(),
+        b"warn\n"
+    );
     let meta = result.execution_metadata.unwrap();
     assert!(!meta.worker.is_empty());
     for (name, t) in [
         ("queued", &meta.queued_timestamp),
         ("worker_start", &meta.worker_start_timestamp),
         ("input_fetch_start", &meta.input_fetch_start_timestamp),
-        ("input_fetch_completed", &meta.input_fetch_completed_timestamp),
+        (
+            "input_fetch_completed",
+            &meta.input_fetch_completed_timestamp,
+        ),
         ("execution_start", &meta.execution_start_timestamp),
         ("execution_completed", &meta.execution_completed_timestamp),
         ("output_upload_start", &meta.output_upload_start_timestamp),
-        ("output_upload_completed", &meta.output_upload_completed_timestamp),
+        (
+            "output_upload_completed",
+            &meta.output_upload_completed_timestamp,
+        ),
         ("worker_completed", &meta.worker_completed_timestamp),
     ] {
-        assert!(t.as_ref().is_some_and(|t| t.seconds > 0), "{name} timestamp missing");
+        assert!(
+            t.as_ref().is_some_and(|t| t.seconds > 0),
+            "{name} timestamp missing"
+        );
     }
 
     let (_, again) = execute(&c, action, false).await.unwrap();
-    assert!(again.cached_result, "second run comes from the action cache");
+    assert!(
+        again.cached_result,
+        "second run comes from the action cache"
+    );
     let (_, forced) = execute(&c, action, true).await.unwrap();
     assert!(!forced.cached_result, "skip_cache_lookup executes again");
 }
@@ -86,10 +119,16 @@ async fn directories_symlinks_and_legacy_output_fields() {
     let r = resp.result.unwrap();
     assert_eq!(r.exit_code, 0, "{:?}", resp.status);
     assert_eq!(r.output_files.len(), 1);
-    assert_eq!(r.output_file_symlinks.len(), 1, "legacy symlink field for output_files");
+    assert_eq!(
+        r.output_file_symlinks.len(),
+        1,
+        "legacy symlink field for output_files"
+    );
     assert_eq!(r.output_file_symlinks[0].target, "f.txt");
     assert_eq!(r.output_directories.len(), 1);
-    let tree = Tree::decode(read_blob(&c, r.output_directories[0].tree_digest.as_ref().unwrap()).await).unwrap();
+    let tree =
+        Tree::decode(read_blob(&c, r.output_directories[0].tree_digest.as_ref().unwrap()).await)
+            .unwrap();
     let root_dir = tree.root.unwrap();
     let names: Vec<&str> = root_dir.files.iter().map(|f| f.name.as_str()).collect();
     assert_eq!(names, vec!["a"]);
@@ -98,7 +137,12 @@ async fn directories_symlinks_and_legacy_output_fields() {
     let sub = &tree.children[0];
     assert_eq!(sub.files[0].name, "b");
     assert!(sub.files[0].is_executable);
-    assert_eq!(read_blob(&c, sub.files[0].digest.as_ref().unwrap()).await.as_ref(), b"b\n");
+    assert_eq!(
+        read_blob(&c, sub.files[0].digest.as_ref().unwrap())
+            .await
+            .as_ref(),
+        b"b\n"
+    );
 }
 
 #[tokio::test]
@@ -110,11 +154,18 @@ async fn inputs_keep_their_layout_and_executable_bit() {
     upload(&c, &[script, data]).await;
     let mut sub = Directory::default();
     sub.files.push(file_node("data.txt", data, false));
-    sub.symlinks.push(SymlinkNode { name: "alias".into(), target: "data.txt".into(), node_properties: None });
+    sub.symlinks.push(SymlinkNode {
+        name: "alias".into(),
+        target: "data.txt".into(),
+        node_properties: None,
+    });
     let sub_d = upload_msg(&c, &sub).await;
     let mut root = Directory::default();
     root.files.push(file_node("tool.sh", script, true));
-    root.directories.push(DirectoryNode { name: "pkg".into(), digest: Some(sub_d.to_proto()) });
+    root.directories.push(DirectoryNode {
+        name: "pkg".into(),
+        digest: Some(sub_d.to_proto()),
+    });
     let root_d = upload_msg(&c, &root).await;
     let command = Command {
         arguments: vec!["../tool.sh".into(), "x".into()],
@@ -130,19 +181,32 @@ async fn inputs_keep_their_layout_and_executable_bit() {
     let cd = upload_msg(&c, &command).await;
     let action = upload_msg(
         &c,
-        &Action { command_digest: Some(cd.to_proto()), input_root_digest: Some(root_d.to_proto()), ..Default::default() },
+        &Action {
+            command_digest: Some(cd.to_proto()),
+            input_root_digest: Some(root_d.to_proto()),
+            ..Default::default()
+        },
     )
     .await;
     let (_, resp) = execute(&c, action, false).await.unwrap();
     let r = resp.result.unwrap();
     assert_eq!(r.exit_code, 0);
-    assert_eq!(read_blob(&c, r.stdout_digest.as_ref().unwrap()).await.as_ref(), b"from-tool x\n");
+    assert_eq!(
+        read_blob(&c, r.stdout_digest.as_ref().unwrap())
+            .await
+            .as_ref(),
+        b"from-tool x\n"
+    );
 
     let mut spec = ActionSpec::new("test -x tool.sh && test ! -x in.txt && cat in.txt");
     spec.files = vec![("in.txt", b"plain")];
     let a2 = make_action(&c, &spec).await;
     let (_, resp) = execute(&c, a2, false).await.unwrap();
-    assert_eq!(resp.result.as_ref().unwrap().exit_code, 1, "tool.sh is absent in this action's root");
+    assert_eq!(
+        resp.result.as_ref().unwrap().exit_code,
+        1,
+        "tool.sh is absent in this action's root"
+    );
 }
 
 #[tokio::test]
@@ -174,10 +238,20 @@ async fn timeout_kills_the_action_with_deadline_exceeded() {
     let (_, resp) = execute(&c, action, false).await.unwrap();
     assert!(t.elapsed() < std::time::Duration::from_secs(10));
     let status = resp.status.unwrap();
-    assert_eq!(status.code, Code::DeadlineExceeded as i32, "{}", status.message);
+    assert_eq!(
+        status.code,
+        Code::DeadlineExceeded as i32,
+        "{}",
+        status.message
+    );
     assert!(status.message.contains("timed out"));
     let r = resp.result.unwrap();
-    assert_eq!(read_blob(&c, r.stdout_digest.as_ref().unwrap()).await.as_ref(), b"started\n");
+    assert_eq!(
+        read_blob(&c, r.stdout_digest.as_ref().unwrap())
+            .await
+            .as_ref(),
+        b"started\n"
+    );
     let (_, again) = execute(&c, action, false).await.unwrap();
     assert!(!again.cached_result, "a timed-out action is not cached");
 }
@@ -199,7 +273,9 @@ async fn wait_execution_follows_an_operation_by_name() {
     assert!(!first.done);
     drop(stream);
     let mut waited = exec(&c)
-        .wait_execution(WaitExecutionRequest { name: first.name.clone() })
+        .wait_execution(WaitExecutionRequest {
+            name: first.name.clone(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -211,7 +287,9 @@ async fn wait_execution_follows_an_operation_by_name() {
     assert!(last.done);
     assert_eq!(response_of(&last).result.unwrap().exit_code, 0);
     let err = exec(&c)
-        .wait_execution(WaitExecutionRequest { name: "operations/nope".into() })
+        .wait_execution(WaitExecutionRequest {
+            name: "operations/nope".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
@@ -224,7 +302,11 @@ async fn identical_concurrent_executions_share_one_run() {
     let action = make_action(&c, &ActionSpec::new("sleep 1")).await;
     let (a, b) = tokio::join!(execute(&c, action, false), execute(&c, action, false));
     let (a, b) = (a.unwrap(), b.unwrap());
-    assert_eq!(a.0.last().unwrap().name, b.0.last().unwrap().name, "one operation for both");
+    assert_eq!(
+        a.0.last().unwrap().name,
+        b.0.last().unwrap().name,
+        "one operation for both"
+    );
 }
 
 #[tokio::test]
@@ -235,10 +317,21 @@ async fn missing_inputs_are_failed_precondition_with_violations() {
     let mut root = Directory::default();
     root.files.push(file_node("ghost", absent, false));
     let root_d = upload_msg(&c, &root).await;
-    let cmd = upload_msg(&c, &Command { arguments: vec!["true".into()], ..Default::default() }).await;
+    let cmd = upload_msg(
+        &c,
+        &Command {
+            arguments: vec!["true".into()],
+            ..Default::default()
+        },
+    )
+    .await;
     let action = upload_msg(
         &c,
-        &Action { command_digest: Some(cmd.to_proto()), input_root_digest: Some(root_d.to_proto()), ..Default::default() },
+        &Action {
+            command_digest: Some(cmd.to_proto()),
+            input_root_digest: Some(root_d.to_proto()),
+            ..Default::default()
+        },
     )
     .await;
     let err = execute(&c, action, false).await.unwrap_err();
@@ -249,19 +342,34 @@ async fn missing_inputs_are_failed_precondition_with_violations() {
     let d = Digest::of(absent);
     assert_eq!(v[0].subject, format!("blobs/{}/{}", d.hash_hex(), d.size()));
 
-    let err = execute(&c, Digest::of(b"no such action"), false).await.unwrap_err();
+    let err = execute(&c, Digest::of(b"no such action"), false)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
 }
 
 async fn run_tree(c: &tonic::transport::Channel, root: Directory) -> tonic::Status {
     let root_d = upload_msg(c, &root).await;
-    let cmd = upload_msg(c, &Command { arguments: vec!["true".into()], ..Default::default() }).await;
-    let action = upload_msg(
+    let cmd = upload_msg(
         c,
-        &Action { command_digest: Some(cmd.to_proto()), input_root_digest: Some(root_d.to_proto()), ..Default::default() },
+        &Command {
+            arguments: vec!["true".into()],
+            ..Default::default()
+        },
     )
     .await;
-    execute(c, action, false).await.expect_err("the tree must be rejected")
+    let action = upload_msg(
+        c,
+        &Action {
+            command_digest: Some(cmd.to_proto()),
+            input_root_digest: Some(root_d.to_proto()),
+            ..Default::default()
+        },
+    )
+    .await;
+    execute(c, action, false)
+        .await
+        .expect_err("the tree must be rejected")
 }
 
 #[tokio::test]
@@ -273,41 +381,91 @@ async fn malformed_input_trees_are_invalid_argument() {
         let mut root = Directory::default();
         root.files.push(file_node(bad, b"x", false));
         let err = run_tree(&c, root).await;
-        assert_eq!(err.code(), Code::InvalidArgument, "name {bad:?}: {}", err.message());
-        assert!(err.message().contains("single path components"), "{}", err.message());
+        assert_eq!(
+            err.code(),
+            Code::InvalidArgument,
+            "name {bad:?}: {}",
+            err.message()
+        );
+        assert!(
+            err.message().contains("single path components"),
+            "{}",
+            err.message()
+        );
     }
     let mut dup = Directory::default();
     dup.files.push(file_node("same", b"x", false));
-    dup.symlinks.push(SymlinkNode { name: "same".into(), target: "x".into(), node_properties: None });
+    dup.symlinks.push(SymlinkNode {
+        name: "same".into(),
+        target: "x".into(),
+        node_properties: None,
+    });
     let err = run_tree(&c, dup).await;
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().contains("two entries named"), "{}", err.message());
+    assert!(
+        err.message().contains("two entries named"),
+        "{}",
+        err.message()
+    );
 
     let mut abs = Directory::default();
-    abs.symlinks.push(SymlinkNode { name: "etc".into(), target: "/etc/passwd".into(), node_properties: None });
+    abs.symlinks.push(SymlinkNode {
+        name: "etc".into(),
+        target: "/etc/passwd".into(),
+        node_properties: None,
+    });
     let err = run_tree(&c, abs).await;
     assert_eq!(err.code(), Code::InvalidArgument);
 
     let mut sub = Directory::default();
-    sub.symlinks.push(SymlinkNode { name: "up".into(), target: "../../outside".into(), node_properties: None });
+    sub.symlinks.push(SymlinkNode {
+        name: "up".into(),
+        target: "../../outside".into(),
+        node_properties: None,
+    });
     let sub_d = upload_msg(&c, &sub).await;
     let mut root = Directory::default();
-    root.directories.push(DirectoryNode { name: "pkg".into(), digest: Some(sub_d.to_proto()) });
+    root.directories.push(DirectoryNode {
+        name: "pkg".into(),
+        digest: Some(sub_d.to_proto()),
+    });
     let err = run_tree(&c, root).await;
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().contains("climbs out of the input root"), "{}", err.message());
+    assert!(
+        err.message().contains("climbs out of the input root"),
+        "{}",
+        err.message()
+    );
 
     // One level up from pkg/ stays inside the root: accepted.
     let mut sub = Directory::default();
-    sub.symlinks.push(SymlinkNode { name: "up".into(), target: "../pkg".into(), node_properties: None });
+    sub.symlinks.push(SymlinkNode {
+        name: "up".into(),
+        target: "../pkg".into(),
+        node_properties: None,
+    });
     let sub_d = upload_msg(&c, &sub).await;
     let mut root = Directory::default();
-    root.directories.push(DirectoryNode { name: "pkg".into(), digest: Some(sub_d.to_proto()) });
+    root.directories.push(DirectoryNode {
+        name: "pkg".into(),
+        digest: Some(sub_d.to_proto()),
+    });
     let root_d = upload_msg(&c, &root).await;
-    let cmd = upload_msg(&c, &Command { arguments: vec!["true".into()], ..Default::default() }).await;
+    let cmd = upload_msg(
+        &c,
+        &Command {
+            arguments: vec!["true".into()],
+            ..Default::default()
+        },
+    )
+    .await;
     let ok = upload_msg(
         &c,
-        &Action { command_digest: Some(cmd.to_proto()), input_root_digest: Some(root_d.to_proto()), ..Default::default() },
+        &Action {
+            command_digest: Some(cmd.to_proto()),
+            input_root_digest: Some(root_d.to_proto()),
+            ..Default::default()
+        },
     )
     .await;
     assert!(execute(&c, ok, false).await.is_ok());
@@ -319,22 +477,37 @@ async fn platform_properties_are_checked() {
     let c = channel(&h).await;
     let mut spec = ActionSpec::new("true");
     spec.platform = vec![("workload-isolation-type", "docker")];
-    let err = execute(&c, make_action(&c, &spec).await, false).await.unwrap_err();
+    let err = execute(&c, make_action(&c, &spec).await, false)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().contains("workload-isolation-type") && err.message().contains("none, firecracker"));
+    assert!(
+        err.message().contains("workload-isolation-type")
+            && err.message().contains("none, firecracker")
+    );
 
     spec.platform = vec![("recycle-runner", "maybe")];
-    let err = execute(&c, make_action(&c, &spec).await, false).await.unwrap_err();
+    let err = execute(&c, make_action(&c, &spec).await, false)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
 
     spec.platform = vec![("Pool", "gpu")];
-    let err = execute(&c, make_action(&c, &spec).await, false).await.unwrap_err();
+    let err = execute(&c, make_action(&c, &spec).await, false)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("Pool"), "{}", err.message());
 
     // Names are case-insensitive, values trimmed; unknown names are accepted.
-    spec.platform = vec![("OSFAMILY", " Linux "), ("some-custom-key", "v"), ("Workload-Isolation-Type", "none")];
-    let (_, resp) = execute(&c, make_action(&c, &spec).await, false).await.unwrap();
+    spec.platform = vec![
+        ("OSFAMILY", " Linux "),
+        ("some-custom-key", "v"),
+        ("Workload-Isolation-Type", "none"),
+    ];
+    let (_, resp) = execute(&c, make_action(&c, &spec).await, false)
+        .await
+        .unwrap();
     assert_eq!(resp.result.unwrap().exit_code, 0);
 }
 
@@ -344,14 +517,38 @@ async fn bad_commands_are_invalid_argument() {
     let c = channel(&h).await;
     let root = upload_msg(&c, &Directory::default()).await;
     for (cmd, why) in [
-        (Command { arguments: vec![], ..Default::default() }, "arguments is empty"),
-        (Command { arguments: vec!["true".into()], output_paths: vec!["../x".into()], ..Default::default() }, "output path"),
-        (Command { arguments: vec!["true".into()], working_directory: "/abs".into(), ..Default::default() }, "working_directory"),
+        (
+            Command {
+                arguments: vec![],
+                ..Default::default()
+            },
+            "arguments is empty",
+        ),
+        (
+            Command {
+                arguments: vec!["true".into()],
+                output_paths: vec!["../x".into()],
+                ..Default::default()
+            },
+            "output path",
+        ),
+        (
+            Command {
+                arguments: vec!["true".into()],
+                working_directory: "/abs".into(),
+                ..Default::default()
+            },
+            "working_directory",
+        ),
     ] {
         let cd = upload_msg(&c, &cmd).await;
         let action = upload_msg(
             &c,
-            &Action { command_digest: Some(cd.to_proto()), input_root_digest: Some(root.to_proto()), ..Default::default() },
+            &Action {
+                command_digest: Some(cd.to_proto()),
+                input_root_digest: Some(root.to_proto()),
+                ..Default::default()
+            },
         )
         .await;
         let err = execute(&c, action, false).await.unwrap_err();

@@ -8,7 +8,9 @@ use std::process::{Child, Command as Proc, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use hearth_proto::worker::{worker_service_client::WorkerServiceClient, StatusRequest, StatusResponse};
+use hearth_proto::worker::{
+    worker_service_client::WorkerServiceClient, StatusRequest, StatusResponse,
+};
 use tonic::Code;
 
 struct Executor(Child);
@@ -31,7 +33,15 @@ fn server(extra: &[&str]) -> Hearth {
 fn executor(h: &Hearth, id: &str) -> Executor {
     let work = h.dir.path().join(format!("exec-{id}"));
     let child = Proc::new(bin())
-        .args(["executor", "--server", &h.addr.replace("http://", "grpc://"), "--capacity", "1", "--executor-id", id])
+        .args([
+            "executor",
+            "--server",
+            &h.addr.replace("http://", "grpc://"),
+            "--capacity",
+            "1",
+            "--executor-id",
+            id,
+        ])
         .arg("--work-dir")
         .arg(&work)
         .env("HEARTH_LOG", "warn")
@@ -42,17 +52,28 @@ fn executor(h: &Hearth, id: &str) -> Executor {
 }
 
 async fn status(c: &tonic::transport::Channel) -> StatusResponse {
-    WorkerServiceClient::new(c.clone()).status(StatusRequest {}).await.unwrap().into_inner()
+    WorkerServiceClient::new(c.clone())
+        .status(StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
 }
 
-async fn wait_for(c: &tonic::transport::Channel, what: &str, cond: impl Fn(&StatusResponse) -> bool) -> StatusResponse {
+async fn wait_for(
+    c: &tonic::transport::Channel,
+    what: &str,
+    cond: impl Fn(&StatusResponse) -> bool,
+) -> StatusResponse {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let s = status(c).await;
         if cond(&s) {
             return s;
         }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}: {s:?}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {s:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -91,7 +112,11 @@ async fn actions_fail_after_the_queue_timeout_without_executors() {
     let (_, resp) = execute(&c, action, false).await.unwrap();
     let status = resp.status.unwrap();
     assert_eq!(status.code, Code::Unavailable as i32);
-    assert!(status.message.contains("queue timeout"), "{}", status.message);
+    assert!(
+        status.message.contains("queue timeout"),
+        "{}",
+        status.message
+    );
 }
 
 #[tokio::test]
@@ -108,16 +133,38 @@ async fn killed_executor_mid_action_is_retried_elsewhere() {
         let c = c.clone();
         async move { execute(&c, action, false).await }
     });
-    let s = wait_for(&c, "the action to start", |s| s.executors.iter().any(|e| e.running == 1)).await;
-    let busy = s.executors.iter().find(|e| e.running == 1).unwrap().executor_id.clone();
-    let (mut victim, _other) = if busy == "victim-a" { (e1, e2) } else { (e2, e1) };
+    let s = wait_for(&c, "the action to start", |s| {
+        s.executors.iter().any(|e| e.running == 1)
+    })
+    .await;
+    let busy = s
+        .executors
+        .iter()
+        .find(|e| e.running == 1)
+        .unwrap()
+        .executor_id
+        .clone();
+    let (mut victim, _other) = if busy == "victim-a" {
+        (e1, e2)
+    } else {
+        (e2, e1)
+    };
     victim.0.kill().unwrap();
     let _ = victim.0.wait();
     let (_, resp) = run.await.unwrap().unwrap();
     let r = resp.result.unwrap();
     assert_eq!(r.exit_code, 0, "{:?}", resp.status);
-    assert_ne!(r.execution_metadata.unwrap().worker, busy, "finished on the survivor");
-    assert_eq!(read_blob(&c, r.output_files[0].digest.as_ref().unwrap()).await.as_ref(), b"survived\n");
+    assert_ne!(
+        r.execution_metadata.unwrap().worker,
+        busy,
+        "finished on the survivor"
+    );
+    assert_eq!(
+        read_blob(&c, r.output_files[0].digest.as_ref().unwrap())
+            .await
+            .as_ref(),
+        b"survived\n"
+    );
     let s = status(&c).await;
     assert_eq!(s.executors.len(), 1);
 }
@@ -134,6 +181,9 @@ async fn status_command_prints_a_summary() {
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("executors  1"), "{text}");
-    assert!(text.contains("local-exec") && text.contains("isolation=none"), "{text}");
+    assert!(
+        text.contains("local-exec") && text.contains("isolation=none"),
+        "{text}"
+    );
     assert!(text.contains("0 queued, 0 running"), "{text}");
 }

@@ -9,9 +9,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use hearth_proto::longrunning::{operation, Operation};
 use hearth_proto::reapi::{
-    self, batch_update_blobs_request, content_addressable_storage_client::ContentAddressableStorageClient,
-    execution_client::ExecutionClient, Action, BatchUpdateBlobsRequest, Command, Directory, ExecuteRequest,
-    ExecuteResponse, FileNode,
+    self, batch_update_blobs_request,
+    content_addressable_storage_client::ContentAddressableStorageClient,
+    execution_client::ExecutionClient, Action, BatchUpdateBlobsRequest, Command, Directory,
+    ExecuteRequest, ExecuteResponse, FileNode,
 };
 use hearth_storage::Digest;
 use prost::Message;
@@ -46,7 +47,9 @@ pub fn spawn_listening(args: &[&str], dir: tempfile::TempDir) -> Hearth {
         .expect("starting hearth");
     let stdout = child.stdout.take().expect("stdout");
     let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).expect("reading hearth's stdout");
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("reading hearth's stdout");
     let addr = line
         .trim()
         .strip_prefix("hearth listening on ")
@@ -75,7 +78,11 @@ pub fn up_in(dir: tempfile::TempDir, extra: &[&str]) -> Hearth {
 
 pub async fn channel(h: &Hearth) -> Channel {
     for _ in 0..50 {
-        if let Ok(c) = Channel::from_shared(h.addr.clone()).expect("url").connect().await {
+        if let Ok(c) = Channel::from_shared(h.addr.clone())
+            .expect("url")
+            .connect()
+            .await
+        {
             return c;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -191,7 +198,10 @@ pub async fn make_action(c: &Channel, spec: &ActionSpec<'_>) -> Digest {
     let action = Action {
         command_digest: Some(command_digest.to_proto()),
         input_root_digest: Some(root_digest.to_proto()),
-        timeout: spec.timeout_secs.map(|s| hearth_proto::protobuf::Duration { seconds: s, nanos: 0 }),
+        timeout: spec.timeout_secs.map(|s| hearth_proto::protobuf::Duration {
+            seconds: s,
+            nanos: 0,
+        }),
         do_not_cache: spec.do_not_cache,
         ..Default::default()
     };
@@ -199,7 +209,11 @@ pub async fn make_action(c: &Channel, spec: &ActionSpec<'_>) -> Digest {
 }
 
 /// Runs Execute to completion; returns every Operation seen and the response.
-pub async fn execute(c: &Channel, action: Digest, skip_cache_lookup: bool) -> Result<(Vec<Operation>, ExecuteResponse), tonic::Status> {
+pub async fn execute(
+    c: &Channel,
+    action: Digest,
+    skip_cache_lookup: bool,
+) -> Result<(Vec<Operation>, ExecuteResponse), tonic::Status> {
     let mut stream = exec(c)
         .execute(ExecuteRequest {
             instance_name: String::new(),
@@ -262,6 +276,10 @@ pub fn violations(s: &tonic::Status) -> Vec<hearth_proto::precondition_failure::
         .details
         .iter()
         .filter(|a| a.type_url == hearth_proto::PRECONDITION_FAILURE_TYPE_URL)
-        .flat_map(|a| hearth_proto::PreconditionFailure::decode(a.value.as_slice()).expect("PreconditionFailure").violations)
+        .flat_map(|a| {
+            hearth_proto::PreconditionFailure::decode(a.value.as_slice())
+                .expect("PreconditionFailure")
+                .violations
+        })
         .collect()
 }
