@@ -1,0 +1,252 @@
+//! `hearth-bench --server grpc://127.0.0.1:1985`: measures a running server
+//! and prints a table. Numbers only; nothing is asserted.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use futures::{stream, StreamExt};
+use hearth_proto::bytestream::{byte_stream_client::ByteStreamClient, ReadRequest, WriteRequest};
+use hearth_proto::reapi::{
+    batch_update_blobs_request, command::EnvironmentVariable,
+    content_addressable_storage_client::ContentAddressableStorageClient, execution_client::ExecutionClient, Action,
+    BatchUpdateBlobsRequest, Command, Directory, ExecuteRequest, FindMissingBlobsRequest,
+};
+use hearth_storage::Digest;
+use prost::Message;
+use tonic::transport::Channel;
+
+#[derive(Parser)]
+struct Args {
+    /// The server to measure.
+    #[arg(long, default_value = "grpc://127.0.0.1:1985")]
+    server: String,
+    /// Sequential no-op actions for the round-trip figure.
+    #[arg(long, default_value_t = 500)]
+    actions: usize,
+}
+
+fn cas(c: &Channel) -> ContentAddressableStorageClient<Channel> {
+    ContentAddressableStorageClient::new(c.clone())
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20)
+}
+
+fn bytestream(c: &Channel) -> ByteStreamClient<Channel> {
+    ByteStreamClient::new(c.clone())
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20)
+}
+
+/// Bytes unique to this run, so nothing is already stored.
+fn unique_blob(size: usize, salt: u64) -> Vec<u8> {
+    let seed = uuid::Uuid::new_v4().as_u128() as u64 ^ salt;
+    let mut x = seed | 1;
+    (0..size)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn row(name: &str, value: String) {
+    println!("| {name:<58} | {value:>22} |");
+}
+
+async fn find_missing(c: &Channel) -> Result<()> {
+    let digests: Vec<_> = (0..1000u64).map(|i| Digest::of(&i.to_le_bytes()).to_proto()).collect();
+    let calls = 400;
+    let start = Instant::now();
+    stream::iter(0..calls)
+        .map(|_| {
+            let mut client = cas(c);
+            let req = FindMissingBlobsRequest { blob_digests: digests.clone(), ..Default::default() };
+            async move { client.find_missing_blobs(req).await }
+        })
+        .buffer_unordered(4)
+        .for_each(|r| async move {
+            r.expect("FindMissingBlobs");
+        })
+        .await;
+    let secs = start.elapsed().as_secs_f64();
+    row("FindMissingBlobs, 1,000 digests/call, 4 in flight", format!("{:.0} calls/s", calls as f64 / secs));
+    row("  = digests checked", format!("{:.0} digests/s", calls as f64 * 1000.0 / secs));
+    Ok(())
+}
+
+async fn batch_update(c: &Channel, blob_size: usize, per_batch: usize, batches: usize) -> Result<()> {
+    let data: Vec<Vec<Vec<u8>>> = (0..batches)
+        .map(|b| (0..per_batch).map(|i| unique_blob(blob_size, (b * per_batch + i) as u64)).collect())
+        .collect();
+    let start = Instant::now();
+    for batch in data {
+        let requests = batch
+            .into_iter()
+            .map(|d| batch_update_blobs_request::Request {
+                digest: Some(Digest::of(&d).to_proto()),
+                data: d,
+                compressor: 0,
+            })
+            .collect();
+        cas(c)
+            .batch_update_blobs(BatchUpdateBlobsRequest { requests, ..Default::default() })
+            .await
+            .context("BatchUpdateBlobs")?;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let n = (batches * per_batch) as f64;
+    row(
+        &format!("BatchUpdateBlobs, {} B blobs, {per_batch}/call", blob_size),
+        format!("{:.0} blobs/s, {:.1} MB/s", n / secs, n * blob_size as f64 / secs / 1e6),
+    );
+    Ok(())
+}
+
+async fn bytestream_large(c: &Channel, size: usize) -> Result<()> {
+    let data = unique_blob(size, 7);
+    let d = Digest::of(&data);
+    let resource = format!("uploads/{}/blobs/{}/{}", uuid::Uuid::new_v4(), d.hash_hex(), d.size());
+    let chunk = 1 << 20;
+    let reqs: Vec<WriteRequest> = data
+        .chunks(chunk)
+        .enumerate()
+        .map(|(i, part)| WriteRequest {
+            resource_name: if i == 0 { resource.clone() } else { String::new() },
+            write_offset: (i * chunk) as i64,
+            finish_write: (i + 1) * chunk >= size,
+            data: part.to_vec(),
+        })
+        .collect();
+    let start = Instant::now();
+    bytestream(c).write(stream::iter(reqs)).await.context("ByteStream.Write")?;
+    let w = start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    let mut s = bytestream(c)
+        .read(ReadRequest {
+            resource_name: format!("blobs/{}/{}", d.hash_hex(), d.size()),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let mut got = 0;
+    while let Some(m) = s.message().await? {
+        got += m.data.len();
+    }
+    let r = start.elapsed().as_secs_f64();
+    anyhow::ensure!(got == size, "read {got} of {size} bytes");
+    let mb = size as f64 / 1e6;
+    row(&format!("ByteStream.Write, one {:.0} MB blob", mb), format!("{:.0} MB/s", mb / w));
+    row(&format!("ByteStream.Read, one {:.0} MB blob", mb), format!("{:.0} MB/s", mb / r));
+    Ok(())
+}
+
+async fn bytestream_small(c: &Channel, size: usize, count: usize) -> Result<()> {
+    let blobs: Vec<Vec<u8>> = (0..count).map(|i| unique_blob(size, i as u64)).collect();
+    let start = Instant::now();
+    for data in blobs {
+        let d = Digest::of(&data);
+        let req = WriteRequest {
+            resource_name: format!("uploads/{}/blobs/{}/{}", uuid::Uuid::new_v4(), d.hash_hex(), d.size()),
+            write_offset: 0,
+            finish_write: true,
+            data,
+        };
+        bytestream(c).write(stream::iter([req])).await.context("ByteStream.Write")?;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    row(&format!("ByteStream.Write, {} B blobs, sequential", size), format!("{:.0} blobs/s", count as f64 / secs));
+    Ok(())
+}
+
+async fn upload_msg<M: Message>(c: &Channel, m: &M) -> Result<Digest> {
+    let data = m.encode_to_vec();
+    let d = Digest::of(&data);
+    cas(c)
+        .batch_update_blobs(BatchUpdateBlobsRequest {
+            requests: vec![batch_update_blobs_request::Request { digest: Some(d.to_proto()), data, compressor: 0 }],
+            ..Default::default()
+        })
+        .await?;
+    Ok(d)
+}
+
+async fn run_action(c: &Channel, action: Digest, skip_cache_lookup: bool) -> Result<Duration> {
+    let start = Instant::now();
+    let mut s = ExecutionClient::new(c.clone())
+        .execute(ExecuteRequest {
+            action_digest: Some(action.to_proto()),
+            skip_cache_lookup,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    while let Some(op) = s.message().await? {
+        if op.done {
+            return Ok(start.elapsed());
+        }
+    }
+    anyhow::bail!("stream ended before the action completed")
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1000.0
+}
+
+async fn noop_actions(c: &Channel, n: usize) -> Result<()> {
+    let root = upload_msg(c, &Directory::default()).await?;
+    let command = upload_msg(
+        c,
+        &Command {
+            arguments: vec!["/bin/true".into()],
+            environment_variables: vec![EnvironmentVariable { name: "RUN".into(), value: uuid::Uuid::new_v4().to_string() }],
+            ..Default::default()
+        },
+    )
+    .await?;
+    let action = upload_msg(
+        c,
+        &Action {
+            command_digest: Some(command.to_proto()),
+            input_root_digest: Some(root.to_proto()),
+            ..Default::default()
+        },
+    )
+    .await?;
+    for (label, skip) in [("executed (skip_cache_lookup)", true), ("served from the action cache", false)] {
+        run_action(c, action, skip).await?;
+        let mut times = Vec::with_capacity(n);
+        for _ in 0..n {
+            times.push(run_action(c, action, skip).await?);
+        }
+        times.sort();
+        row(
+            &format!("No-op action round trip, {label}"),
+            format!("p50 {:.2} ms, p99 {:.2} ms", percentile(&times, 0.5), percentile(&times, 0.99)),
+        );
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let url = args.server.replacen("grpc://", "http://", 1);
+    let c = tonic::transport::Endpoint::from_shared(url.clone())?
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    println!("| benchmark against {:<40} | {:>22} |", args.server, "result");
+    println!("|{:-<60}|{:->24}|", "", "");
+    find_missing(&c).await?;
+    batch_update(&c, 1024, 100, 50).await?;
+    batch_update(&c, 100 * 1024, 30, 10).await?;
+    bytestream_small(&c, 4096, 1000).await?;
+    bytestream_large(&c, 64 * 1024 * 1024).await?;
+    noop_actions(&c, args.actions).await?;
+    Ok(())
+}
