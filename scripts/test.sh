@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Runs Hearth's whole test suite: lint, unit and integration tests, and the
+# end-to-end tests with real Bazel 2.1 and 4.2 (installed here if missing).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+
+./scripts/install-bazel.sh
+cargo fmt --all --check
+cargo clippy --release --locked --all-targets -- -D warnings
+cargo test --release --locked --workspace
