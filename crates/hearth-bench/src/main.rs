@@ -9,8 +9,9 @@ use futures::{stream, StreamExt};
 use hearth_proto::bytestream::{byte_stream_client::ByteStreamClient, ReadRequest, WriteRequest};
 use hearth_proto::reapi::{
     batch_update_blobs_request, command::EnvironmentVariable,
-    content_addressable_storage_client::ContentAddressableStorageClient, execution_client::ExecutionClient, Action,
-    BatchUpdateBlobsRequest, Command, Directory, ExecuteRequest, FindMissingBlobsRequest,
+    content_addressable_storage_client::ContentAddressableStorageClient,
+    execution_client::ExecutionClient, Action, BatchUpdateBlobsRequest, Command, Directory,
+    ExecuteRequest, FindMissingBlobsRequest,
 };
 use hearth_storage::Digest;
 use prost::Message;
@@ -57,13 +58,18 @@ fn row(name: &str, value: String) {
 }
 
 async fn find_missing(c: &Channel) -> Result<()> {
-    let digests: Vec<_> = (0..1000u64).map(|i| Digest::of(&i.to_le_bytes()).to_proto()).collect();
+    let digests: Vec<_> = (0..1000u64)
+        .map(|i| Digest::of(&i.to_le_bytes()).to_proto())
+        .collect();
     let calls = 400;
     let start = Instant::now();
     stream::iter(0..calls)
         .map(|_| {
             let mut client = cas(c);
-            let req = FindMissingBlobsRequest { blob_digests: digests.clone(), ..Default::default() };
+            let req = FindMissingBlobsRequest {
+                blob_digests: digests.clone(),
+                ..Default::default()
+            };
             async move { client.find_missing_blobs(req).await }
         })
         .buffer_unordered(4)
@@ -72,14 +78,29 @@ async fn find_missing(c: &Channel) -> Result<()> {
         })
         .await;
     let secs = start.elapsed().as_secs_f64();
-    row("FindMissingBlobs, 1,000 digests/call, 4 in flight", format!("{:.0} calls/s", calls as f64 / secs));
-    row("  = digests checked", format!("{:.0} digests/s", calls as f64 * 1000.0 / secs));
+    row(
+        "FindMissingBlobs, 1,000 digests/call, 4 in flight",
+        format!("{:.0} calls/s", calls as f64 / secs),
+    );
+    row(
+        "  = digests checked",
+        format!("{:.0} digests/s", calls as f64 * 1000.0 / secs),
+    );
     Ok(())
 }
 
-async fn batch_update(c: &Channel, blob_size: usize, per_batch: usize, batches: usize) -> Result<()> {
+async fn batch_update(
+    c: &Channel,
+    blob_size: usize,
+    per_batch: usize,
+    batches: usize,
+) -> Result<()> {
     let data: Vec<Vec<Vec<u8>>> = (0..batches)
-        .map(|b| (0..per_batch).map(|i| unique_blob(blob_size, (b * per_batch + i) as u64)).collect())
+        .map(|b| {
+            (0..per_batch)
+                .map(|i| unique_blob(blob_size, (b * per_batch + i) as u64))
+                .collect()
+        })
         .collect();
     let start = Instant::now();
     for batch in data {
@@ -92,7 +113,10 @@ async fn batch_update(c: &Channel, blob_size: usize, per_batch: usize, batches: 
             })
             .collect();
         cas(c)
-            .batch_update_blobs(BatchUpdateBlobsRequest { requests, ..Default::default() })
+            .batch_update_blobs(BatchUpdateBlobsRequest {
+                requests,
+                ..Default::default()
+            })
             .await
             .context("BatchUpdateBlobs")?;
     }
@@ -100,7 +124,11 @@ async fn batch_update(c: &Channel, blob_size: usize, per_batch: usize, batches: 
     let n = (batches * per_batch) as f64;
     row(
         &format!("BatchUpdateBlobs, {} B blobs, {per_batch}/call", blob_size),
-        format!("{:.0} blobs/s, {:.1} MB/s", n / secs, n * blob_size as f64 / secs / 1e6),
+        format!(
+            "{:.0} blobs/s, {:.1} MB/s",
+            n / secs,
+            n * blob_size as f64 / secs / 1e6
+        ),
     );
     Ok(())
 }
@@ -108,20 +136,32 @@ async fn batch_update(c: &Channel, blob_size: usize, per_batch: usize, batches: 
 async fn bytestream_large(c: &Channel, size: usize) -> Result<()> {
     let data = unique_blob(size, 7);
     let d = Digest::of(&data);
-    let resource = format!("uploads/{}/blobs/{}/{}", uuid::Uuid::new_v4(), d.hash_hex(), d.size());
+    let resource = format!(
+        "uploads/{}/blobs/{}/{}",
+        uuid::Uuid::new_v4(),
+        d.hash_hex(),
+        d.size()
+    );
     let chunk = 1 << 20;
     let reqs: Vec<WriteRequest> = data
         .chunks(chunk)
         .enumerate()
         .map(|(i, part)| WriteRequest {
-            resource_name: if i == 0 { resource.clone() } else { String::new() },
+            resource_name: if i == 0 {
+                resource.clone()
+            } else {
+                String::new()
+            },
             write_offset: (i * chunk) as i64,
             finish_write: (i + 1) * chunk >= size,
             data: part.to_vec(),
         })
         .collect();
     let start = Instant::now();
-    bytestream(c).write(stream::iter(reqs)).await.context("ByteStream.Write")?;
+    bytestream(c)
+        .write(stream::iter(reqs))
+        .await
+        .context("ByteStream.Write")?;
     let w = start.elapsed().as_secs_f64();
     let start = Instant::now();
     let mut s = bytestream(c)
@@ -138,8 +178,14 @@ async fn bytestream_large(c: &Channel, size: usize) -> Result<()> {
     let r = start.elapsed().as_secs_f64();
     anyhow::ensure!(got == size, "read {got} of {size} bytes");
     let mb = size as f64 / 1e6;
-    row(&format!("ByteStream.Write, one {:.0} MB blob", mb), format!("{:.0} MB/s", mb / w));
-    row(&format!("ByteStream.Read, one {:.0} MB blob", mb), format!("{:.0} MB/s", mb / r));
+    row(
+        &format!("ByteStream.Write, one {:.0} MB blob", mb),
+        format!("{:.0} MB/s", mb / w),
+    );
+    row(
+        &format!("ByteStream.Read, one {:.0} MB blob", mb),
+        format!("{:.0} MB/s", mb / r),
+    );
     Ok(())
 }
 
@@ -149,15 +195,26 @@ async fn bytestream_small(c: &Channel, size: usize, count: usize) -> Result<()> 
     for data in blobs {
         let d = Digest::of(&data);
         let req = WriteRequest {
-            resource_name: format!("uploads/{}/blobs/{}/{}", uuid::Uuid::new_v4(), d.hash_hex(), d.size()),
+            resource_name: format!(
+                "uploads/{}/blobs/{}/{}",
+                uuid::Uuid::new_v4(),
+                d.hash_hex(),
+                d.size()
+            ),
             write_offset: 0,
             finish_write: true,
             data,
         };
-        bytestream(c).write(stream::iter([req])).await.context("ByteStream.Write")?;
+        bytestream(c)
+            .write(stream::iter([req]))
+            .await
+            .context("ByteStream.Write")?;
     }
     let secs = start.elapsed().as_secs_f64();
-    row(&format!("ByteStream.Write, {} B blobs, sequential", size), format!("{:.0} blobs/s", count as f64 / secs));
+    row(
+        &format!("ByteStream.Write, {} B blobs, sequential", size),
+        format!("{:.0} blobs/s", count as f64 / secs),
+    );
     Ok(())
 }
 
@@ -166,7 +223,11 @@ async fn upload_msg<M: Message>(c: &Channel, m: &M) -> Result<Digest> {
     let d = Digest::of(&data);
     cas(c)
         .batch_update_blobs(BatchUpdateBlobsRequest {
-            requests: vec![batch_update_blobs_request::Request { digest: Some(d.to_proto()), data, compressor: 0 }],
+            requests: vec![batch_update_blobs_request::Request {
+                digest: Some(d.to_proto()),
+                data,
+                compressor: 0,
+            }],
             ..Default::default()
         })
         .await?;
@@ -202,7 +263,10 @@ async fn noop_actions(c: &Channel, n: usize) -> Result<()> {
         c,
         &Command {
             arguments: vec!["/bin/true".into()],
-            environment_variables: vec![EnvironmentVariable { name: "RUN".into(), value: uuid::Uuid::new_v4().to_string() }],
+            environment_variables: vec![EnvironmentVariable {
+                name: "RUN".into(),
+                value: uuid::Uuid::new_v4().to_string(),
+            }],
             ..Default::default()
         },
     )
@@ -216,7 +280,10 @@ async fn noop_actions(c: &Channel, n: usize) -> Result<()> {
         },
     )
     .await?;
-    for (label, skip) in [("executed (skip_cache_lookup)", true), ("served from the action cache", false)] {
+    for (label, skip) in [
+        ("executed (skip_cache_lookup)", true),
+        ("served from the action cache", false),
+    ] {
         run_action(c, action, skip).await?;
         let mut times = Vec::with_capacity(n);
         for _ in 0..n {
@@ -225,7 +292,11 @@ async fn noop_actions(c: &Channel, n: usize) -> Result<()> {
         times.sort();
         row(
             &format!("No-op action round trip, {label}"),
-            format!("p50 {:.2} ms, p99 {:.2} ms", percentile(&times, 0.5), percentile(&times, 0.99)),
+            format!(
+                "p50 {:.2} ms, p99 {:.2} ms",
+                percentile(&times, 0.5),
+                percentile(&times, 0.99)
+            ),
         );
     }
     Ok(())
@@ -240,7 +311,10 @@ async fn main() -> Result<()> {
         .connect()
         .await
         .with_context(|| format!("connecting to {url}"))?;
-    println!("| benchmark against {:<40} | {:>22} |", args.server, "result");
+    println!(
+        "| benchmark against {:<40} | {:>22} |",
+        args.server, "result"
+    );
     println!("|{:-<60}|{:->24}|", "", "");
     find_missing(&c).await?;
     batch_update(&c, 1024, 100, 50).await?;
