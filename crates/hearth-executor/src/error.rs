@@ -25,6 +25,10 @@ pub enum ExecError {
     Internal(String),
     #[error("cancelled")]
     Cancelled,
+    /// An error whose gRPC code the runner chose (e.g. UNAVAILABLE for a VM
+    /// that failed to boot, NOT_FOUND for an unknown image).
+    #[error("{message}")]
+    Coded { code: Code, message: String },
 }
 
 impl ExecError {
@@ -62,6 +66,7 @@ impl ExecError {
                 ..
             } if source.raw_os_error() == Some(28) => Code::ResourceExhausted,
             ExecError::Cancelled => Code::Cancelled,
+            ExecError::Coded { code, .. } => *code,
             _ => Code::Internal,
         }
     }

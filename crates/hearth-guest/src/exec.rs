@@ -67,8 +67,10 @@ fn wait_for(pid: i32) -> ExitStatus {
 /// Runs a command to completion.
 pub fn run(req: &ExecRequest) -> Result<ExitStatus, String> {
     let program = req.args.first().ok_or("no arguments")?;
-    let stdout = File::create(&req.stdout_path).map_err(|e| format!("creating {}: {e}", req.stdout_path))?;
-    let stderr = File::create(&req.stderr_path).map_err(|e| format!("creating {}: {e}", req.stderr_path))?;
+    let stdout =
+        File::create(&req.stdout_path).map_err(|e| format!("creating {}: {e}", req.stdout_path))?;
+    let stderr =
+        File::create(&req.stderr_path).map_err(|e| format!("creating {}: {e}", req.stderr_path))?;
     let program = if program.contains('/') && !program.starts_with('/') {
         format!("{}/{program}", req.cwd)
     } else {
@@ -98,7 +100,10 @@ pub fn run(req: &ExecRequest) -> Result<ExitStatus, String> {
         Err(e) => {
             let msg = format!("hearth-guest: cannot run {program:?} in {}: {e}\n", req.cwd);
             let _ = std::fs::write(&req.stderr_path, msg);
-            Ok(ExitStatus { exit_code: 127, ..Default::default() })
+            Ok(ExitStatus {
+                exit_code: 127,
+                ..Default::default()
+            })
         }
     }
 }

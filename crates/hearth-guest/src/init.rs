@@ -38,7 +38,10 @@ pub fn disk_by_serial(serial: &str, wait: Duration) -> io::Result<String> {
             }
         }
         if Instant::now() > deadline {
-            return Err(io::Error::new(io::ErrorKind::NotFound, format!("no disk with serial {serial}")));
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("no disk with serial {serial}"),
+            ));
         }
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -89,7 +92,13 @@ pub fn boot() -> io::Result<BootOptions> {
     sys::mount("proc", "/proc", "proc", 0, "")?;
     sys::mount("sysfs", "/sys", "sysfs", 0, "")?;
     sys::mount("devtmpfs", "/dev", "devtmpfs", 0, "")?;
-    sys::mount("devpts", "/dev/pts", "devpts", 0, "newinstance,ptmxmode=0666,mode=0620")?;
+    sys::mount(
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        0,
+        "newinstance,ptmxmode=0666,mode=0620",
+    )?;
     sys::mount("tmpfs", "/dev/shm", "tmpfs", 0, "mode=1777")?;
     sys::mount("tmpfs", "/run", "tmpfs", 0, "mode=0755")?;
     sys::mount("cgroup2", "/sys/fs/cgroup", "cgroup2", 0, "")?;

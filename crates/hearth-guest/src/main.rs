@@ -11,7 +11,9 @@ use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::time::Duration;
 
-use hearth_guest::protocol::{read_frame, write_frame, Request, Response, PORT_NAME, PROTOCOL_VERSION};
+use hearth_guest::protocol::{
+    read_frame, write_frame, Request, Response, PORT_NAME, PROTOCOL_VERSION,
+};
 
 /// Writes a line to the kernel log (which the host keeps as the console log).
 pub fn log(msg: &str) {
@@ -33,7 +35,11 @@ fn find_port() -> Option<String> {
 fn uptime_millis() -> u64 {
     fs::read_to_string("/proc/uptime")
         .ok()
-        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse::<f64>().ok()))
+        .and_then(|s| {
+            s.split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+        })
         .map(|s| (s * 1000.0) as u64)
         .unwrap_or(0)
 }
@@ -41,11 +47,15 @@ fn uptime_millis() -> u64 {
 fn handle(req: Request) -> Response {
     let result: Result<Response, String> = match req {
         Request::Ping => Ok(Response::Pong),
-        Request::SetClock { unix_nanos } => sys::set_clock(unix_nanos).map(|_| Response::Ok).map_err(|e| e.to_string()),
-        Request::MountDisk { serial, path } => init::disk_by_serial(&serial, Duration::from_secs(5))
-            .and_then(|dev| sys::mount(&dev, &path, "ext4", 0, ""))
+        Request::SetClock { unix_nanos } => sys::set_clock(unix_nanos)
             .map(|_| Response::Ok)
             .map_err(|e| e.to_string()),
+        Request::MountDisk { serial, path } => {
+            init::disk_by_serial(&serial, Duration::from_secs(5))
+                .and_then(|dev| sys::mount(&dev, &path, "ext4", 0, ""))
+                .map(|_| Response::Ok)
+                .map_err(|e| e.to_string())
+        }
         Request::Unmount { path } => {
             sys::sync();
             let dev = fs::read_to_string("/proc/mounts").ok().and_then(|m| {
@@ -72,7 +82,11 @@ fn serve(path: &str) -> std::io::Result<()> {
     // Blocks until the host connects.
     write_frame(
         &mut port,
-        &Response::Hello { version: PROTOCOL_VERSION, kernel_release: release.trim().to_string(), uptime_millis: uptime_millis() },
+        &Response::Hello {
+            version: PROTOCOL_VERSION,
+            kernel_release: release.trim().to_string(),
+            uptime_millis: uptime_millis(),
+        },
     )?;
     loop {
         let req: Request = match read_frame(&mut port) {
@@ -110,4 +124,3 @@ fn main() {
         }
     }
 }
-

@@ -23,11 +23,18 @@ pub const MAX_FRAME: usize = 16 * 1024 * 1024;
 pub enum Request {
     Ping,
     /// Sets the guest's wall clock (after boot, after a resume).
-    SetClock { unix_nanos: u64 },
+    SetClock {
+        unix_nanos: u64,
+    },
     /// Mounts the disk with this serial (ext4, read-write) at `path`.
-    MountDisk { serial: String, path: String },
+    MountDisk {
+        serial: String,
+        path: String,
+    },
     /// Syncs and unmounts `path`, dropping the device's cached blocks.
-    Unmount { path: String },
+    Unmount {
+        path: String,
+    },
     Exec(ExecRequest),
     /// Syncs the filesystems and powers the VM off.
     Shutdown,
@@ -57,7 +64,9 @@ pub enum Response {
     },
     Pong,
     Ok,
-    Error { message: String },
+    Error {
+        message: String,
+    },
     Exited(ExitStatus),
 }
 
@@ -85,7 +94,10 @@ pub fn read_frame<T: DeserializeOwned>(r: &mut impl Read) -> io::Result<T> {
     r.read_exact(&mut len)?;
     let len = u32::from_be_bytes(len) as usize;
     if len > MAX_FRAME {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("frame of {len} bytes exceeds {MAX_FRAME}")));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("frame of {len} bytes exceeds {MAX_FRAME}"),
+        ));
     }
     let mut body = vec![0u8; len];
     r.read_exact(&mut body)?;

@@ -5,7 +5,8 @@ use std::io;
 use std::path::Path;
 
 fn cstr(s: &str) -> io::Result<CString> {
-    CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("{s:?} contains NUL")))
+    CString::new(s)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("{s:?} contains NUL")))
 }
 
 fn check(ret: libc::c_int, what: impl FnOnce() -> String) -> io::Result<()> {
@@ -17,7 +18,13 @@ fn check(ret: libc::c_int, what: impl FnOnce() -> String) -> io::Result<()> {
     }
 }
 
-pub fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str) -> io::Result<()> {
+pub fn mount(
+    source: &str,
+    target: &str,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: &str,
+) -> io::Result<()> {
     std::fs::create_dir_all(target)?;
     let (s, t, f, d) = (cstr(source)?, cstr(target)?, cstr(fstype)?, cstr(data)?);
     // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
@@ -28,7 +35,15 @@ pub fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong, dat
 pub fn move_mount(source: &str, target: &str) -> io::Result<()> {
     let (s, t) = (cstr(source)?, cstr(target)?);
     // SAFETY: valid C strings; MS_MOVE ignores fstype and data.
-    let ret = unsafe { libc::mount(s.as_ptr(), t.as_ptr(), std::ptr::null(), libc::MS_MOVE, std::ptr::null()) };
+    let ret = unsafe {
+        libc::mount(
+            s.as_ptr(),
+            t.as_ptr(),
+            std::ptr::null(),
+            libc::MS_MOVE,
+            std::ptr::null(),
+        )
+    };
     check(ret, || format!("move mount {source} to {target}"))
 }
 
@@ -42,7 +57,9 @@ pub fn umount(target: &str) -> io::Result<()> {
 pub fn chroot(path: &str) -> io::Result<()> {
     let p = cstr(path)?;
     // SAFETY: valid C string.
-    check(unsafe { libc::chroot(p.as_ptr()) }, || format!("chroot {path}"))?;
+    check(unsafe { libc::chroot(p.as_ptr()) }, || {
+        format!("chroot {path}")
+    })?;
     std::env::set_current_dir("/")
 }
 
@@ -52,7 +69,8 @@ pub fn load_module(path: &Path) -> io::Result<()> {
     let params = cstr("")?;
     use std::os::fd::AsRawFd;
     // SAFETY: fd is open for the duration of the call; params is a valid C string.
-    let ret = unsafe { libc::syscall(libc::SYS_finit_module, file.as_raw_fd(), params.as_ptr(), 0) };
+    let ret =
+        unsafe { libc::syscall(libc::SYS_finit_module, file.as_raw_fd(), params.as_ptr(), 0) };
     if ret == 0 {
         return Ok(());
     }
@@ -60,7 +78,10 @@ pub fn load_module(path: &Path) -> io::Result<()> {
     if e.raw_os_error() == Some(libc::EEXIST) {
         return Ok(());
     }
-    Err(io::Error::new(e.kind(), format!("loading {}: {e}", path.display())))
+    Err(io::Error::new(
+        e.kind(),
+        format!("loading {}: {e}", path.display()),
+    ))
 }
 
 pub fn sync() {
@@ -81,12 +102,18 @@ pub fn set_clock(unix_nanos: u64) -> io::Result<()> {
         tv_nsec: (unix_nanos % 1_000_000_000) as libc::c_long,
     };
     // SAFETY: ts is a valid timespec.
-    check(unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) }, || "clock_settime".into())
+    check(
+        unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) },
+        || "clock_settime".into(),
+    )
 }
 
 pub fn sethostname(name: &str) -> io::Result<()> {
     // SAFETY: pointer and length describe `name`.
-    check(unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) }, || "sethostname".into())
+    check(
+        unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) },
+        || "sethostname".into(),
+    )
 }
 
 /// Drops the block device's cached buffers, so that content written to its
@@ -96,7 +123,9 @@ pub fn flush_block_device(dev: &str) -> io::Result<()> {
     use std::os::fd::AsRawFd;
     const BLKFLSBUF: libc::c_ulong = 0x1261;
     // SAFETY: BLKFLSBUF takes no argument; fd is open.
-    check(unsafe { libc::ioctl(f.as_raw_fd(), BLKFLSBUF, 0) }, || format!("BLKFLSBUF {dev}"))
+    check(unsafe { libc::ioctl(f.as_raw_fd(), BLKFLSBUF, 0) }, || {
+        format!("BLKFLSBUF {dev}")
+    })
 }
 
 /// Brings a network interface up, optionally with an IPv4 address/netmask.
@@ -117,22 +146,35 @@ pub fn interface_up(name: &str, addr: Option<([u8; 4], [u8; 4])>) -> io::Result<
                 let sin = libc::sockaddr_in {
                     sin_family: libc::AF_INET as libc::sa_family_t,
                     sin_port: 0,
-                    sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(value) },
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from_ne_bytes(value),
+                    },
                     sin_zero: [0; 8],
                 };
                 // SAFETY: sockaddr_in fits in the ifreq union's sockaddr.
                 unsafe {
-                    std::ptr::write(std::ptr::addr_of_mut!(req.ifr_ifru.ifru_addr).cast::<libc::sockaddr_in>(), sin);
+                    std::ptr::write(
+                        std::ptr::addr_of_mut!(req.ifr_ifru.ifru_addr).cast::<libc::sockaddr_in>(),
+                        sin,
+                    );
                 }
                 // SAFETY: req is a valid ifreq for this ioctl.
-                check(unsafe { libc::ioctl(sock, op as _, &req) }, || format!("configuring {name}"))?;
+                check(unsafe { libc::ioctl(sock, op as _, &req) }, || {
+                    format!("configuring {name}")
+                })?;
             }
         }
         // SAFETY: as above.
-        check(unsafe { libc::ioctl(sock, libc::SIOCGIFFLAGS as _, &mut req) }, || format!("flags of {name}"))?;
+        check(
+            unsafe { libc::ioctl(sock, libc::SIOCGIFFLAGS as _, &mut req) },
+            || format!("flags of {name}"),
+        )?;
         // SAFETY: reading/writing the flags member of the union.
         unsafe { req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short };
-        check(unsafe { libc::ioctl(sock, libc::SIOCSIFFLAGS as _, &req) }, || format!("bringing {name} up"))
+        check(
+            unsafe { libc::ioctl(sock, libc::SIOCSIFFLAGS as _, &req) },
+            || format!("bringing {name} up"),
+        )
     })();
     // SAFETY: closing our own socket.
     unsafe { libc::close(sock) };
@@ -154,12 +196,26 @@ pub fn default_route(gateway: [u8; 4]) -> io::Result<()> {
         sin_addr: libc::in_addr { s_addr: 0 },
         sin_zero: [0; 8],
     };
-    let gw = libc::sockaddr_in { sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(gateway) }, ..any };
+    let gw = libc::sockaddr_in {
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(gateway),
+        },
+        ..any
+    };
     // SAFETY: sockaddr_in fits in sockaddr.
     unsafe {
-        std::ptr::write(std::ptr::addr_of_mut!(rt.rt_dst).cast::<libc::sockaddr_in>(), any);
-        std::ptr::write(std::ptr::addr_of_mut!(rt.rt_genmask).cast::<libc::sockaddr_in>(), any);
-        std::ptr::write(std::ptr::addr_of_mut!(rt.rt_gateway).cast::<libc::sockaddr_in>(), gw);
+        std::ptr::write(
+            std::ptr::addr_of_mut!(rt.rt_dst).cast::<libc::sockaddr_in>(),
+            any,
+        );
+        std::ptr::write(
+            std::ptr::addr_of_mut!(rt.rt_genmask).cast::<libc::sockaddr_in>(),
+            any,
+        );
+        std::ptr::write(
+            std::ptr::addr_of_mut!(rt.rt_gateway).cast::<libc::sockaddr_in>(),
+            gw,
+        );
     }
     rt.rt_flags = (libc::RTF_UP | libc::RTF_GATEWAY) as libc::c_ushort;
     // SAFETY: rt is a valid rtentry.

@@ -24,12 +24,17 @@ pub fn resolve(spec: &str) -> Result<(u32, u32), String> {
     };
     let (uid, primary) = match user.parse::<u32>() {
         Ok(uid) => (uid, None),
-        Err(_) => lookup("/etc/passwd", user).ok_or_else(|| format!("user {user:?} is not in the image's /etc/passwd"))?,
+        Err(_) => lookup("/etc/passwd", user)
+            .ok_or_else(|| format!("user {user:?} is not in the image's /etc/passwd"))?,
     };
     let gid = match group {
         Some(g) => match g.parse::<u32>() {
             Ok(gid) => gid,
-            Err(_) => lookup("/etc/group", g).ok_or_else(|| format!("group {g:?} is not in the image's /etc/group"))?.0,
+            Err(_) => {
+                lookup("/etc/group", g)
+                    .ok_or_else(|| format!("group {g:?} is not in the image's /etc/group"))?
+                    .0
+            }
         },
         None => primary.unwrap_or(uid),
     };

@@ -72,6 +72,37 @@ pub struct ExecutorOptions {
     /// Stable executor id (default: hostname and a random suffix).
     #[arg(long)]
     pub executor_id: Option<String>,
+    #[command(flatten)]
+    pub vm: VmOptions,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct VmOptions {
+    /// MicroVMs (workload-isolation-type=firecracker): auto (KVM if a probe
+    /// boot works, else software emulation), kvm, tcg, or off.
+    #[arg(long = "vm", default_value = "auto", value_parser = ["auto", "kvm", "tcg", "off"])]
+    pub mode: String,
+    /// Directory with the guest kernel: vmlinuz, release, modules/<release>/.
+    #[arg(long, default_value = "/opt/hearth-deps/kernel")]
+    pub vm_kernel_dir: PathBuf,
+    /// The image VMs boot when an action names none.
+    #[arg(long, default_value = "/opt/hearth-deps/images/default.ext4")]
+    pub vm_default_image: PathBuf,
+    /// The static guest agent binary (default: next to this binary's build).
+    #[arg(long)]
+    pub guest_agent: Option<PathBuf>,
+    /// The QEMU binary.
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    pub qemu: PathBuf,
+    /// Registry (HOST:PORT) that may be used over plain HTTP; repeatable.
+    #[arg(long = "insecure-registry")]
+    pub insecure_registries: Vec<String>,
+    /// Default VM memory in MiB (EstimatedMemory overrides).
+    #[arg(long, default_value_t = 1024)]
+    pub vm_memory_mib: u64,
+    /// Default VM scratch disk (EstimatedFreeDiskBytes overrides).
+    #[arg(long, default_value = "4GB", value_parser = parse_size)]
+    pub vm_disk_bytes: u64,
 }
 
 #[derive(Args, Debug, Clone)]

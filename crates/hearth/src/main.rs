@@ -4,6 +4,7 @@ mod cli;
 mod config;
 mod serve;
 mod status;
+mod vm;
 
 use anyhow::Result;
 use clap::Parser;

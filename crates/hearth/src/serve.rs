@@ -124,8 +124,12 @@ fn session_config(opts: &ExecutorOptions, server: String) -> session::SessionCon
     }
 }
 
-fn runners() -> Vec<Arc<dyn Runner>> {
-    vec![Arc::new(HostRunner)]
+async fn runners(opts: &ExecutorOptions, work_dir: &std::path::Path) -> Vec<Arc<dyn Runner>> {
+    let mut runners: Vec<Arc<dyn Runner>> = vec![Arc::new(HostRunner)];
+    if let Some(vm) = crate::vm::runner(&opts.vm, work_dir).await {
+        runners.push(vm);
+    }
+    runners
 }
 
 pub async fn server(args: ServerArgs) -> Result<()> {
@@ -145,15 +149,21 @@ pub async fn up(args: UpArgs) -> Result<()> {
     };
     let cas = LocalCas::shared(server.store.clone());
     let config = executor_config(&args.executor, args.server.data_dir.join("executor"));
-    let executor =
-        Arc::new(Executor::new(config, cas, runners()).context("starting the executor")?);
     let channel = session::channel(&connect)?;
-    let sess = tokio::spawn(session::run(
-        executor,
-        session_config(&args.executor, connect),
-        channel,
-        shutdown.clone(),
-    ));
+    let opts = args.executor.clone();
+    let stop = shutdown.clone();
+    // The executor joins once its runners are ready (a VM probe boot takes
+    // seconds); the server answers meanwhile.
+    let sess = tokio::spawn(async move {
+        let runners = runners(&opts, &config.work_dir).await;
+        match Executor::new(config, cas, runners) {
+            Ok(executor) => {
+                let sc = session_config(&opts, connect);
+                session::run(Arc::new(executor), sc, channel, stop).await
+            }
+            Err(e) => tracing::error!("starting the executor: {e}"),
+        }
+    });
     let result = serve(server, shutdown.clone()).await;
     shutdown.cancel();
     let _ = sess.await;
@@ -177,8 +187,8 @@ pub async fn executor(args: ExecutorArgs) -> Result<()> {
     ));
     let cas = LocalCas::caching(local, upstream);
     let config = executor_config(&args.options, args.work_dir.clone());
-    let executor =
-        Arc::new(Executor::new(config, cas, runners()).context("starting the executor")?);
+    let runners = runners(&args.options, &args.work_dir).await;
+    let executor = Arc::new(Executor::new(config, cas, runners).context("starting the executor")?);
     tracing::info!(executor = executor.id(), server = %url, "executor starting");
     session::run(
         executor,

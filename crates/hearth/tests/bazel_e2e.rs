@@ -433,6 +433,8 @@ fn remote_build_and_cache(version: &'static str) {
             "127.0.0.1:0",
             "--data-dir",
             data.to_str().unwrap(),
+            "--vm",
+            "off",
         ],
         tmp.path(),
     );
@@ -598,6 +600,8 @@ fn executor_killed_mid_action_build_still_succeeds() {
                 "1",
                 "--executor-id",
                 id,
+                "--vm",
+                "off",
             ],
             tmp.path(),
         );

@@ -41,6 +41,8 @@ fn executor(h: &Hearth, id: &str) -> Executor {
             "1",
             "--executor-id",
             id,
+            "--vm",
+            "off",
         ])
         .arg("--work-dir")
         .arg(&work)

@@ -1,0 +1,77 @@
+//! The host end of the guest protocol, over QEMU's virtio-serial socket.
+
+use std::time::Duration;
+
+use hearth_guest::protocol::{Request, Response, MAX_FRAME, PROTOCOL_VERSION};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+use crate::VmError;
+
+pub struct AgentClient {
+    stream: UnixStream,
+}
+
+impl AgentClient {
+    /// Connects to the agent socket and reads the guest's hello.
+    pub async fn connect(
+        path: &std::path::Path,
+        boot_timeout: Duration,
+    ) -> Result<(Self, Response), VmError> {
+        let deadline = tokio::time::Instant::now() + boot_timeout;
+        let stream = loop {
+            match UnixStream::connect(path).await {
+                Ok(s) => break s,
+                Err(e) if tokio::time::Instant::now() > deadline => {
+                    return Err(VmError::io(format!("connecting to {}", path.display()), e))
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        };
+        let mut client = AgentClient { stream };
+        let hello = tokio::time::timeout_at(deadline, client.read())
+            .await
+            .map_err(|_| {
+                VmError::Agent(format!("no hello within {}s", boot_timeout.as_secs()))
+            })??;
+        match &hello {
+            Response::Hello { version, .. } if *version == PROTOCOL_VERSION => Ok((client, hello)),
+            Response::Hello { version, .. } => Err(VmError::Version(*version, PROTOCOL_VERSION)),
+            other => Err(VmError::Agent(format!("expected hello, got {other:?}"))),
+        }
+    }
+
+    async fn read(&mut self) -> Result<Response, VmError> {
+        let len = self
+            .stream
+            .read_u32()
+            .await
+            .map_err(|e| VmError::Agent(format!("reading: {e}")))? as usize;
+        if len > MAX_FRAME {
+            return Err(VmError::Agent(format!("frame of {len} bytes")));
+        }
+        let mut body = vec![0u8; len];
+        self.stream
+            .read_exact(&mut body)
+            .await
+            .map_err(|e| VmError::Agent(format!("reading: {e}")))?;
+        serde_json::from_slice(&body).map_err(|e| VmError::Agent(format!("bad frame: {e}")))
+    }
+
+    /// Sends one request and reads its response. An `Error` response becomes `Err`.
+    pub async fn call(&mut self, req: &Request) -> Result<Response, VmError> {
+        let mut frame = Vec::new();
+        hearth_guest::protocol::write_frame(&mut frame, req)
+            .map_err(|e| VmError::Agent(e.to_string()))?;
+        self.stream
+            .write_all(&frame)
+            .await
+            .map_err(|e| VmError::Agent(format!("writing: {e}")))?;
+        match self.read().await? {
+            Response::Error { message } => Err(VmError::Agent(format!(
+                "{req:?} failed in the guest: {message}"
+            ))),
+            other => Ok(other),
+        }
+    }
+}

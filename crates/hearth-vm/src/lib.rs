@@ -1,0 +1,62 @@
+//! MicroVM execution for `workload-isolation-type=firecracker`.
+//!
+//! - [`Vmm`] is the small backend trait (boot a VM from a [`VmSpec`]);
+//!   [`QemuVmm`] implements it with QEMU's `microvm` machine, under KVM or
+//!   software emulation ([`Accel`]).
+//! - [`initramfs`] assembles the guest's initramfs (the `hearth-guest` agent
+//!   as `/init` plus the kernel modules it needs), cached by content hash.
+//! - [`VmRunner`] implements the executor's `Runner` seam: one action, one VM.
+
+mod accel;
+mod agent;
+mod disks;
+mod error;
+pub mod initramfs;
+mod qemu;
+mod qmp;
+mod runner;
+
+pub use accel::{detect_accel, host_tsc_khz, Accel};
+pub use agent::AgentClient;
+pub use error::VmError;
+pub use qemu::{QemuVm, QemuVmm};
+pub use runner::{ImageSource, ResolvedImage, VmRunner, VmRunnerConfig};
+
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+
+/// A disk attached to the VM; the guest finds it by `serial`.
+#[derive(Debug, Clone)]
+pub struct DiskSpec {
+    pub path: PathBuf,
+    pub serial: String,
+    pub read_only: bool,
+}
+
+/// What to boot.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub disks: Vec<DiskSpec>,
+    /// Outbound networking (QEMU user networking) or none at all.
+    pub network: bool,
+    /// Private directory for the VM's sockets and console log.
+    pub run_dir: PathBuf,
+}
+
+/// The kernel and initramfs every VM of a backend boots.
+#[derive(Debug, Clone)]
+pub struct BootFiles {
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+}
+
+/// A VMM backend.
+#[async_trait]
+pub trait Vmm: Send + Sync + 'static {
+    /// Boots a VM and waits until its agent says hello.
+    async fn boot(&self, spec: &VmSpec) -> Result<QemuVm, VmError>;
+    fn accel(&self) -> Accel;
+}

@@ -1,0 +1,187 @@
+//! The QEMU `microvm` backend: a minimal machine (virtio-mmio devices found
+//! through ACPI), disks as virtio-blk with serial numbers, the agent on a
+//! virtio-serial port, QMP for control.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use hearth_guest::protocol::{Response, PORT_NAME};
+use tokio::process::{Child, Command};
+
+use crate::qmp::Qmp;
+use crate::{Accel, AgentClient, BootFiles, VmError, VmSpec, Vmm};
+
+pub struct QemuVmm {
+    pub qemu: PathBuf,
+    pub boot: BootFiles,
+    pub accel: Accel,
+    /// Passed as `tsc_early_khz` under TCG.
+    pub tsc_khz: Option<u64>,
+    pub boot_timeout: Duration,
+}
+
+/// A running VM. Killed (with its QEMU process) when dropped.
+pub struct QemuVm {
+    child: Child,
+    agent: AgentClient,
+    pub hello: Response,
+    run_dir: PathBuf,
+}
+
+impl QemuVmm {
+    fn args(&self, spec: &VmSpec) -> Vec<String> {
+        let mut append = vec!["console=ttyS0", "quiet", "panic=-1", "reboot=t"]
+            .into_iter()
+            .map(String::from)
+            .collect::<Vec<_>>();
+        if self.accel == Accel::Tcg {
+            if let Some(khz) = self.tsc_khz {
+                append.push(format!("tsc_early_khz={khz}"));
+            }
+        }
+        if spec.network {
+            append.push("hearth.net=1".into());
+        }
+        let run = &spec.run_dir;
+        let mut a: Vec<String> = vec!["-M".into(), "microvm".into()];
+        a.extend(self.accel.qemu_args().iter().map(|s| s.to_string()));
+        a.extend([
+            "-m".into(),
+            format!("{}M", spec.memory_mib),
+            "-smp".into(),
+            spec.vcpus.to_string(),
+            "-nodefaults".into(),
+            "-no-user-config".into(),
+            "-nographic".into(),
+            "-no-reboot".into(),
+            "-kernel".into(),
+            self.boot.kernel.display().to_string(),
+            "-initrd".into(),
+            self.boot.initramfs.display().to_string(),
+            "-append".into(),
+            append.join(" "),
+            "-serial".into(),
+            format!("file:{}", run.join("console.log").display()),
+        ]);
+        for (i, d) in spec.disks.iter().enumerate() {
+            let ro = if d.read_only { ",readonly=on" } else { "" };
+            a.push("-drive".into());
+            a.push(format!(
+                "id=disk{i},file={},format=raw,if=none,cache=unsafe{ro}",
+                d.path.display()
+            ));
+            a.push("-device".into());
+            a.push(format!(
+                "virtio-blk-device,drive=disk{i},serial={}",
+                d.serial
+            ));
+        }
+        if spec.network {
+            a.extend([
+                "-netdev".into(),
+                "user,id=net0".into(),
+                "-device".into(),
+                "virtio-net-device,netdev=net0".into(),
+            ]);
+        }
+        a.extend([
+            "-device".into(),
+            "virtio-serial-device".into(),
+            "-chardev".into(),
+            format!(
+                "socket,id=agent,path={},server=on,wait=off",
+                run.join("agent.sock").display()
+            ),
+            "-device".into(),
+            format!("virtserialport,chardev=agent,name={PORT_NAME}"),
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", run.join("qmp.sock").display()),
+        ]);
+        a
+    }
+}
+
+/// The last lines of a console log, for error messages.
+pub fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+#[async_trait]
+impl Vmm for QemuVmm {
+    async fn boot(&self, spec: &VmSpec) -> Result<QemuVm, VmError> {
+        std::fs::create_dir_all(&spec.run_dir)
+            .map_err(|e| VmError::io(format!("creating {}", spec.run_dir.display()), e))?;
+        let log = std::fs::File::create(spec.run_dir.join("qemu.log"))
+            .map_err(|e| VmError::io("creating qemu.log", e))?;
+        let log2 = log.try_clone().map_err(|e| VmError::io("qemu.log", e))?;
+        let mut child = Command::new(&self.qemu)
+            .args(self.args(spec))
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| VmError::io(format!("starting {}", self.qemu.display()), e))?;
+        let agent_sock = spec.run_dir.join("agent.sock");
+        let console = spec.run_dir.join("console.log");
+        let connected = tokio::select! {
+            r = AgentClient::connect(&agent_sock, self.boot_timeout) => r,
+            status = child.wait() => {
+                let qemu_log = tail(&spec.run_dir.join("qemu.log"), 20);
+                return Err(VmError::Boot {
+                    reason: format!("QEMU exited ({}) before the agent answered: {qemu_log}",
+                        status.map(|s| s.to_string()).unwrap_or_default()),
+                    console: tail(&console, 30),
+                });
+            }
+        };
+        match connected {
+            Ok((agent, hello)) => Ok(QemuVm {
+                child,
+                agent,
+                hello,
+                run_dir: spec.run_dir.clone(),
+            }),
+            Err(e) => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                Err(VmError::Boot {
+                    reason: e.to_string(),
+                    console: tail(&console, 30),
+                })
+            }
+        }
+    }
+
+    fn accel(&self) -> Accel {
+        self.accel
+    }
+}
+
+impl QemuVm {
+    pub fn agent(&mut self) -> &mut AgentClient {
+        &mut self.agent
+    }
+
+    /// Stops the VM now (no guest shutdown) and waits for QEMU to exit.
+    pub async fn kill(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+    }
+
+    pub fn console_tail(&self) -> String {
+        tail(&self.run_dir.join("console.log"), 30)
+    }
+
+    /// Pauses or resumes the vCPUs through QMP.
+    pub async fn set_running(&mut self, running: bool) -> Result<(), VmError> {
+        let mut qmp = Qmp::connect(&self.run_dir.join("qmp.sock")).await?;
+        qmp.execute(if running { "cont" } else { "stop" }, serde_json::json!({}))
+            .await?;
+        Ok(())
+    }
+}

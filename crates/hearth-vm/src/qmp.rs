@@ -1,0 +1,63 @@
+//! A minimal QMP client: greeting, capabilities negotiation, commands.
+//! Hand-written (a JSON line per message over a Unix socket) because Hearth
+//! needs only a handful of commands and this keeps build times down.
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+use crate::VmError;
+
+pub struct Qmp {
+    reader: BufReader<tokio::net::unix::OwnedReadHalf>,
+    writer: tokio::net::unix::OwnedWriteHalf,
+}
+
+impl Qmp {
+    pub async fn connect(path: &std::path::Path) -> Result<Self, VmError> {
+        let stream = UnixStream::connect(path)
+            .await
+            .map_err(|e| VmError::io(format!("connecting to QMP at {}", path.display()), e))?;
+        let (r, w) = stream.into_split();
+        let mut qmp = Qmp {
+            reader: BufReader::new(r),
+            writer: w,
+        };
+        qmp.next_message().await?; // greeting
+        qmp.execute("qmp_capabilities", json!({})).await?;
+        Ok(qmp)
+    }
+
+    async fn next_message(&mut self) -> Result<Value, VmError> {
+        let mut line = String::new();
+        let n = self
+            .reader
+            .read_line(&mut line)
+            .await
+            .map_err(|e| VmError::io("reading QMP", e))?;
+        if n == 0 {
+            return Err(VmError::Agent("QMP connection closed".into()));
+        }
+        serde_json::from_str(&line).map_err(|e| VmError::Agent(format!("bad QMP message: {e}")))
+    }
+
+    /// Runs a command and returns its `return` value (events are skipped).
+    pub async fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, VmError> {
+        let msg = json!({ "execute": command, "arguments": arguments });
+        let mut line = msg.to_string();
+        line.push('\n');
+        self.writer
+            .write_all(line.as_bytes())
+            .await
+            .map_err(|e| VmError::io("writing QMP", e))?;
+        loop {
+            let v = self.next_message().await?;
+            if let Some(r) = v.get("return") {
+                return Ok(r.clone());
+            }
+            if let Some(e) = v.get("error") {
+                return Err(VmError::Agent(format!("QMP {command}: {e}")));
+            }
+        }
+    }
+}

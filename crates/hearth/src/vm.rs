@@ -1,0 +1,172 @@
+//! Setting up the microVM runner for an executor: find the kernel, agent and
+//! default image, build the initramfs, pick the accelerator with a probe
+//! boot, and only then offer `firecracker`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use hearth_executor::Runner;
+use hearth_guest::protocol::{ROOT_SERIAL, SCRATCH_SERIAL, WORK_SERIAL};
+use hearth_vm::{
+    detect_accel, host_tsc_khz, initramfs, Accel, BootFiles, DiskSpec, QemuVmm, VmRunner,
+    VmRunnerConfig, VmSpec, Vmm,
+};
+
+use crate::cli::VmOptions;
+
+/// The agent binary built by scripts/install.sh for the guest target.
+fn find_agent(opts: &VmOptions) -> Result<PathBuf> {
+    if let Some(p) = &opts.guest_agent {
+        return Ok(p.clone());
+    }
+    let exe = std::env::current_exe().context("locating this binary")?;
+    let dir = exe.parent().context("binary has no directory")?;
+    for candidate in [
+        dir.join("hearth-guest"),
+        dir.join("../x86_64-unknown-linux-gnu/release/hearth-guest"),
+        dir.join("../../x86_64-unknown-linux-gnu/release/hearth-guest"),
+    ] {
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    bail!("no hearth-guest agent next to {} (build it with scripts/install.sh, or pass --guest-agent)", exe.display())
+}
+
+async fn probe(vmm: &QemuVmm, dir: &Path, image: &Path) -> Result<()> {
+    let run = dir.join(format!("probe-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&run)?;
+    let scratch = run.join("scratch.img");
+    let work = run.join("work.img");
+    for p in [&scratch, &work] {
+        let out = std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-O", "^has_journal"])
+            .arg(p)
+            .arg("64M")
+            .output()?;
+        if !out.status.success() {
+            bail!("mkfs.ext4 failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    let spec = VmSpec {
+        vcpus: 1,
+        memory_mib: 256,
+        disks: vec![
+            DiskSpec {
+                path: image.to_path_buf(),
+                serial: ROOT_SERIAL.into(),
+                read_only: true,
+            },
+            DiskSpec {
+                path: scratch,
+                serial: SCRATCH_SERIAL.into(),
+                read_only: false,
+            },
+            DiskSpec {
+                path: work,
+                serial: WORK_SERIAL.into(),
+                read_only: false,
+            },
+        ],
+        network: false,
+        run_dir: run.join("run"),
+    };
+    let result = vmm.boot(&spec).await;
+    let _ = std::fs::remove_dir_all(&run);
+    let mut vm = result?;
+    vm.kill().await;
+    Ok(())
+}
+
+/// The VM runner, or None (logged) when microVMs are off or don't work here.
+pub async fn runner(opts: &VmOptions, work_dir: &Path) -> Option<Arc<dyn Runner>> {
+    if opts.mode == "off" {
+        return None;
+    }
+    match setup(opts, work_dir).await {
+        Ok(r) => Some(r),
+        Err(e) => {
+            tracing::warn!("microVMs unavailable on this executor: {e:#}");
+            None
+        }
+    }
+}
+
+async fn setup(opts: &VmOptions, work_dir: &Path) -> Result<Arc<dyn Runner>> {
+    let kdir = &opts.vm_kernel_dir;
+    let release = std::fs::read_to_string(kdir.join("release")).with_context(|| {
+        format!(
+            "no guest kernel in {} (run scripts/install-vm.sh)",
+            kdir.display()
+        )
+    })?;
+    let kernel = kdir.join("vmlinuz");
+    let modules = kdir.join("modules").join(release.trim());
+    let agent = find_agent(opts)?;
+    if !opts.vm_default_image.is_file() {
+        bail!(
+            "no default image at {} (run scripts/install-vm.sh)",
+            opts.vm_default_image.display()
+        );
+    }
+    let vm_dir = work_dir.join("vms");
+    if vm_dir.exists() {
+        let _ = std::fs::remove_dir_all(&vm_dir);
+    }
+    std::fs::create_dir_all(&vm_dir)?;
+    let initrd = initramfs::build(&agent, &modules, &work_dir.join("vm-cache"))
+        .context("building the initramfs")?;
+    let make = |accel: Accel| QemuVmm {
+        qemu: opts.qemu.clone(),
+        boot: BootFiles {
+            kernel: kernel.clone(),
+            initramfs: initrd.clone(),
+        },
+        accel,
+        tsc_khz: host_tsc_khz(),
+        boot_timeout: match accel {
+            Accel::Kvm => Duration::from_secs(10),
+            Accel::Tcg => Duration::from_secs(60),
+        },
+    };
+    let forced = match opts.mode.as_str() {
+        "kvm" => Some(Accel::Kvm),
+        "tcg" => Some(Accel::Tcg),
+        _ => None,
+    };
+    let accel = detect_accel(forced, |a| {
+        let vmm = make(a);
+        let dir = vm_dir.clone();
+        let image = opts.vm_default_image.clone();
+        async move {
+            match probe(&vmm, &dir, &image).await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::info!("KVM probe boot failed, using software emulation: {e:#}");
+                    false
+                }
+            }
+        }
+    })
+    .await;
+    let vmm = make(accel);
+    let t = std::time::Instant::now();
+    probe(&vmm, &vm_dir, &opts.vm_default_image)
+        .await
+        .with_context(|| format!("probe boot with {accel}"))?;
+    tracing::info!(accelerator = %accel, probe_boot_ms = t.elapsed().as_millis() as u64, "microVMs ready");
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1);
+    let config = VmRunnerConfig {
+        work_dir: vm_dir,
+        default_image: opts.vm_default_image.clone(),
+        default_vcpus: 1,
+        max_vcpus: cores,
+        default_memory_mib: opts.vm_memory_mib,
+        default_disk_bytes: opts.vm_disk_bytes,
+    };
+    Ok(Arc::new(VmRunner::new(Arc::new(vmm), None, config)))
+}
