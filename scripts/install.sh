@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what Hearth needs on Debian 12 (run as root) and builds it.
 # Idempotent: steps whose result exists are skipped.
-#   scripts/install.sh            # packages + release build of `hearth`
+#   scripts/install.sh            # packages, microVM prerequisites, release build
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -23,5 +23,11 @@ if ! command -v cargo >/dev/null; then
     exit 1
 fi
 
+# QEMU, the guest kernel and the default guest image.
+./scripts/install-vm.sh
+
 cargo build --release --locked -p hearth -p hearth-bench
+# The guest agent runs as PID 1 inside the VMs: a static binary.
+RUSTFLAGS="-C target-feature=+crt-static -C strip=debuginfo" \
+    cargo build --release --locked -p hearth-guest --target x86_64-unknown-linux-gnu
 echo "built: $(pwd)/target/release/hearth"

@@ -387,9 +387,14 @@ fn assert_only(counts: &BTreeMap<String, u64>, allowed: &str, text: &str) -> u64
     counts.get(allowed).copied().unwrap_or(0)
 }
 
-/// Asserts `//:NAME ... PASSED` (with `(cached)` when `cached`) is in the summary.
+/// Asserts `//:NAME ... PASSED` (with `(cached)` when `cached`) is in the summary;
+/// NAME may also be `pkg:target`.
 fn assert_test_passed(text: &str, name: &str, cached: bool) {
-    let label = format!("//:{name}");
+    let label = if name.contains(':') {
+        format!("//{name}")
+    } else {
+        format!("//:{name}")
+    };
     let line = text
         .lines()
         .find(|l| l.split_whitespace().next() == Some(label.as_str()))
@@ -546,15 +551,15 @@ fn bazel_2_1_remote_build_and_cache() {
     remote_build_and_cache("2.1");
 }
 
-/// Finds `slow/slow.txt` under `ROOT/<output base>/execroot/hearth_e2e/bazel-out/<config>/bin`.
-fn find_slow_output(root: &Path) -> Option<PathBuf> {
+/// Finds `REL` (e.g. `slow/slow.txt`) under `ROOT/<output base>/execroot/hearth_e2e/bazel-out/<config>/bin`.
+fn find_output(root: &Path, rel: &str) -> Option<PathBuf> {
     for base in std::fs::read_dir(root).ok()?.flatten() {
         let out = base.path().join("execroot/hearth_e2e/bazel-out");
         let Ok(configs) = std::fs::read_dir(&out) else {
             continue;
         };
         for config in configs.flatten() {
-            let f = config.path().join("bin/slow/slow.txt");
+            let f = config.path().join("bin").join(rel);
             if f.is_file() {
                 return Some(f);
             }
@@ -669,7 +674,7 @@ fn executor_killed_mid_action_build_still_succeeds() {
         "expected exactly one remote process (counts {counts:?}):\n{}",
         out.text
     );
-    let output = find_slow_output(&root)
+    let output = find_output(&root, "slow/slow.txt")
         .unwrap_or_else(|| panic!("no slow/slow.txt under {}", root.display()));
     assert_eq!(
         std::fs::read_to_string(&output).unwrap(),
@@ -703,4 +708,70 @@ fn executor_killed_mid_action_build_still_succeeds() {
     assert!(actions.completed >= 1, "nothing completed:\n{status}");
     drop(executors);
     drop(server);
+}
+
+/// `hearth up` with microVMs (software emulation here); `//vm:in_vm_test` and `//vm:shout` are an
+/// `sh_test` and a genrule with `exec_properties = {"workload-isolation-type":
+/// "firecracker"}`. The test script passes only inside our VM (PID 1 is the
+/// agent, the kernel is the guest's); the genrule's output carries the guest
+/// kernel release.
+fn microvm_build(version: &'static str) {
+    require_bazel(version);
+    let release = std::fs::read_to_string("/opt/hearth-deps/kernel/release")
+        .expect("guest kernel missing: run scripts/install-vm.sh");
+    let _serial = serial();
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let data = tmp.path().join("data");
+    let (hearth, port) = Hearth::spawn_listening(
+        "hearth-up",
+        &[
+            "up",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--vm",
+            "tcg",
+        ],
+        tmp.path(),
+    );
+    poll(
+        "the executor to offer firecracker",
+        Duration::from_secs(120),
+        || hearth_status(port).contains("firecracker").then_some(()),
+    );
+    let root = tmp.path().join(format!("bazel-{version}"));
+    let _bazel_server = BazelServer {
+        version,
+        root: root.clone(),
+    };
+    let out = bazel(
+        version,
+        &root,
+        "test",
+        &flags_with(&remote_flags(port), &["//vm:in_vm_test", "//vm:shout"]),
+        "vm",
+    );
+    assert_success(&out, "`bazel test //vm:in_vm_test //vm:shout` in microVMs");
+    let counts = process_counts(&out.text);
+    assert_only(&counts, "remote", &out.text);
+    assert_test_passed(&out.text, "vm:in_vm_test", false);
+    let shout = find_output(&root, "vm/shout.txt").expect("vm/shout.txt in the output tree");
+    let text = std::fs::read_to_string(shout).unwrap();
+    assert!(
+        text.starts_with(release.trim()),
+        "genrule did not run on the guest kernel: {text}"
+    );
+    assert!(text.contains("SPOKEN INSIDE A MICROVM"), "{text}");
+    drop(hearth);
+}
+
+#[test]
+fn bazel_4_2_runs_actions_in_microvms() {
+    microvm_build("4.2");
+}
+
+#[test]
+fn bazel_2_1_runs_actions_in_microvms() {
+    microvm_build("2.1");
 }
