@@ -10,7 +10,7 @@ set -euo pipefail
 DEPS=${HEARTH_DEPS:-/opt/hearth-deps}
 export DEBIAN_FRONTEND=noninteractive
 
-pkgs=(qemu-system-x86 qemu-utils e2fsprogs debootstrap docker-registry ca-certificates cpio)
+pkgs=(qemu-system-x86 qemu-utils e2fsprogs debootstrap docker-registry ca-certificates cpio slirp4netns iproute2 util-linux)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")

@@ -7,8 +7,10 @@ cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 export DEBIAN_FRONTEND=noninteractive
 
-# Build tools: a C compiler for crates with C parts, and git.
-pkgs=(gcc libc6-dev git ca-certificates)
+# Build tools: a C compiler for crates with C parts, and git; OpenSSL headers for
+# hearth-image's HTTPS client (native-tls); e2fsprogs (mkfs.ext4, debugfs) to turn
+# container images into disk images; docker-registry for hearth-image's tests.
+pkgs=(gcc libc6-dev git ca-certificates pkg-config libssl-dev e2fsprogs docker-registry)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")

@@ -13,15 +13,27 @@ use hearth_guest::protocol::{ROOT_SERIAL, SCRATCH_SERIAL};
 use crate::log;
 use crate::sys;
 
-/// Kernel command line options we read (`hearth.net=1`).
+/// Kernel command line options we read: `hearth.net=1` (configure eth0) and
+/// `hearth.fwd=PORT,PORT` (host registries reachable at 127.0.0.1:PORT).
 pub struct BootOptions {
     pub network: bool,
+    pub forwards: Vec<u16>,
 }
 
 fn cmdline() -> BootOptions {
     let line = fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let forwards = line
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("hearth.fwd="))
+        .flat_map(|v| {
+            v.split(',')
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u16>>()
+        })
+        .collect();
     BootOptions {
         network: line.split_whitespace().any(|w| w == "hearth.net=1"),
+        forwards,
     }
 }
 

@@ -3,6 +3,7 @@
 //! `hearth.agent` (see protocol.rs), one request at a time.
 
 mod exec;
+mod forward;
 mod init;
 mod sys;
 mod user;
@@ -109,9 +110,16 @@ fn main() {
         std::process::exit(2);
     }
     exec::spawn_reaper();
-    if let Err(e) = init::boot() {
-        log(&format!("boot failed: {e}"));
-        sys::power_off();
+    match init::boot() {
+        Ok(opts) => {
+            for port in opts.forwards {
+                forward::spawn(port);
+            }
+        }
+        Err(e) => {
+            log(&format!("boot failed: {e}"));
+            sys::power_off();
+        }
     }
     let Some(port) = find_port() else {
         log("no virtio-serial port named hearth.agent");

@@ -11,6 +11,7 @@ mod accel;
 mod agent;
 mod disks;
 mod error;
+pub mod forward;
 pub mod initramfs;
 mod qemu;
 mod qmp;
@@ -40,8 +41,12 @@ pub struct VmSpec {
     pub vcpus: u32,
     pub memory_mib: u64,
     pub disks: Vec<DiskSpec>,
-    /// Outbound networking (QEMU user networking) or none at all.
+    /// Outbound networking (QEMU user networking inside a private network
+    /// namespace, so the guest can't reach the host's own services) or none.
     pub network: bool,
+    /// Host-loopback services the guest may reach at 127.0.0.1:PORT, each
+    /// through a Unix socket the executor serves (see [`forward`]).
+    pub forwards: Vec<(u16, PathBuf)>,
     /// Private directory for the VM's sockets and console log.
     pub run_dir: PathBuf,
 }

@@ -20,6 +20,9 @@ pub struct QemuVmm {
     /// Passed as `tsc_early_khz` under TCG.
     pub tsc_khz: Option<u64>,
     pub boot_timeout: Duration,
+    /// The `hearth` binary, whose `forward-unix` subcommand QEMU runs for
+    /// each guest connection to a forwarded service.
+    pub forward_exe: PathBuf,
 }
 
 /// A running VM. Killed (with its QEMU process) when dropped.
@@ -28,6 +31,8 @@ pub struct QemuVm {
     agent: AgentClient,
     pub hello: Response,
     run_dir: PathBuf,
+    /// Gives a networked VM's namespace its outbound connectivity.
+    slirp: Option<Child>,
 }
 
 impl QemuVmm {
@@ -43,6 +48,10 @@ impl QemuVmm {
         }
         if spec.network {
             append.push("hearth.net=1".into());
+        }
+        if !spec.forwards.is_empty() {
+            let ports: Vec<String> = spec.forwards.iter().map(|(p, _)| p.to_string()).collect();
+            append.push(format!("hearth.fwd={}", ports.join(",")));
         }
         let run = &spec.run_dir;
         let mut a: Vec<String> = vec!["-M".into(), "microvm".into()];
@@ -79,9 +88,17 @@ impl QemuVmm {
             ));
         }
         if spec.network {
+            let mut netdev = "user,id=net0".to_string();
+            for (port, sock) in &spec.forwards {
+                netdev.push_str(&format!(
+                    ",guestfwd=tcp:10.0.2.100:{port}-cmd:{} forward-unix {}",
+                    self.forward_exe.display(),
+                    sock.display()
+                ));
+            }
             a.extend([
                 "-netdev".into(),
-                "user,id=net0".into(),
+                netdev,
                 "-device".into(),
                 "virtio-net-device,netdev=net0".into(),
             ]);
@@ -118,7 +135,21 @@ impl Vmm for QemuVmm {
         let log = std::fs::File::create(spec.run_dir.join("qemu.log"))
             .map_err(|e| VmError::io("creating qemu.log", e))?;
         let log2 = log.try_clone().map_err(|e| VmError::io("qemu.log", e))?;
-        let mut child = Command::new(&self.qemu)
+        // A networked VM gets a private network namespace: there, QEMU's
+        // host alias 10.0.2.2 and 127.0.0.1 reach nothing of the executor
+        // host; slirp4netns gives the namespace outbound connectivity with
+        // the host's loopback closed.
+        let mut cmd = if spec.network {
+            // Loopback must be up in the namespace: libslirp's guestfwd
+            // builds its socket pairs over it.
+            let mut c = Command::new("unshare");
+            c.args(["--net", "--", "sh", "-c", "ip link set lo up && exec \"$0\" \"$@\""])
+                .arg(&self.qemu);
+            c
+        } else {
+            Command::new(&self.qemu)
+        };
+        let mut child = cmd
             .args(self.args(spec))
             .stdin(Stdio::null())
             .stdout(log)
@@ -126,6 +157,34 @@ impl Vmm for QemuVmm {
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| VmError::io(format!("starting {}", self.qemu.display()), e))?;
+        let slirp = if spec.network {
+            let pid = child
+                .id()
+                .ok_or_else(|| VmError::Setup("QEMU exited at once".into()))?;
+            let slirp_log = std::fs::File::create(spec.run_dir.join("slirp4netns.log"))
+                .map_err(|e| VmError::io("creating slirp4netns.log", e))?;
+            Some(
+                Command::new("slirp4netns")
+                    .args([
+                        "--configure",
+                        "--mtu=65520",
+                        "--disable-host-loopback",
+                        "--cidr=10.0.3.0/24",
+                    ])
+                    .arg(pid.to_string())
+                    .arg("tap0")
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(slirp_log)
+                    .kill_on_drop(true)
+                    .spawn()
+                    .map_err(|e| {
+                        VmError::io("starting slirp4netns (networking for network=external)", e)
+                    })?,
+            )
+        } else {
+            None
+        };
         let agent_sock = spec.run_dir.join("agent.sock");
         let console = spec.run_dir.join("console.log");
         let connected = tokio::select! {
@@ -145,6 +204,7 @@ impl Vmm for QemuVmm {
                 agent,
                 hello,
                 run_dir: spec.run_dir.clone(),
+                slirp,
             }),
             Err(e) => {
                 let _ = child.start_kill();
@@ -171,6 +231,10 @@ impl QemuVm {
     pub async fn kill(&mut self) {
         let _ = self.child.start_kill();
         let _ = self.child.wait().await;
+        if let Some(s) = &mut self.slirp {
+            let _ = s.start_kill();
+            let _ = s.wait().await;
+        }
     }
 
     pub fn console_tail(&self) -> String {

@@ -45,12 +45,17 @@ pub struct VmRunnerConfig {
     pub max_vcpus: u32,
     pub default_memory_mib: u64,
     pub default_disk_bytes: u64,
+    /// Host-loopback services (allowed registries) networked VMs may reach
+    /// at 127.0.0.1:PORT: port and the Unix socket that leads there.
+    pub forwards: Vec<(u16, PathBuf)>,
 }
 
 pub struct VmRunner {
     vmm: Arc<dyn Vmm>,
     images: Option<Arc<dyn ImageSource>>,
     config: VmRunnerConfig,
+    /// Serves `config.forwards` for as long as the runner lives.
+    _forwarder: Option<crate::forward::Forwarder>,
 }
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -99,7 +104,14 @@ impl VmRunner {
             vmm,
             images,
             config,
+            _forwarder: None,
         }
+    }
+
+    /// Keeps the forwarder behind `config.forwards` alive with the runner.
+    pub fn with_forwarder(mut self, forwarder: crate::forward::Forwarder) -> Self {
+        self._forwarder = Some(forwarder);
+        self
     }
 
     async fn image(&self, spec: &RunSpec) -> Result<ResolvedImage, ExecError> {
@@ -181,6 +193,7 @@ impl Runner for VmRunner {
         );
         a.and(b).map_err(vm_error)?;
 
+        let network = spec.platform.get("network") == Some("external");
         let vm_spec = VmSpec {
             vcpus,
             memory_mib,
@@ -201,7 +214,12 @@ impl Runner for VmRunner {
                     read_only: false,
                 },
             ],
-            network: spec.platform.get("network") == Some("external"),
+            network,
+            forwards: if network {
+                self.config.forwards.clone()
+            } else {
+                vec![]
+            },
             run_dir: vm_dir.0.join("run"),
         };
         let mut vm = tokio::select! {

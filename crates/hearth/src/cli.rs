@@ -28,6 +28,10 @@ pub enum Command {
     Executor(ExecutorArgs),
     /// Shows connected executors, queued and running actions, cache size.
     Status(StatusArgs),
+    /// Internal: joins stdin/stdout to a Unix socket (run by QEMU to forward
+    /// a VM's connection to an allowed host service).
+    #[command(hide = true)]
+    ForwardUnix { socket: PathBuf },
 }
 
 #[derive(Args, Debug, Clone)]

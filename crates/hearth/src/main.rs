@@ -12,6 +12,10 @@ use clap::Parser;
 fn main() -> Result<()> {
     let args = config::args_with_config_file(std::env::args().collect())?;
     let cli = cli::Cli::parse_from(args);
+    if let cli::Command::ForwardUnix { socket } = &cli.command {
+        // Runs per forwarded connection: no logging, no runtime.
+        return Ok(hearth_vm::forward::stdio_to_unix(socket)?);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("HEARTH_LOG")
@@ -28,6 +32,7 @@ fn main() -> Result<()> {
             cli::Command::Server(a) => serve::server(a).await,
             cli::Command::Executor(a) => serve::executor(a).await,
             cli::Command::Status(a) => status::run(a).await,
+            cli::Command::ForwardUnix { .. } => Ok(()),
         }
     })
 }

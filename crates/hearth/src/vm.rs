@@ -71,6 +71,7 @@ async fn probe(vmm: &QemuVmm, dir: &Path, image: &Path) -> Result<()> {
             },
         ],
         network: false,
+        forwards: vec![],
         run_dir: run.join("run"),
     };
     let result = vmm.boot(&spec).await;
@@ -130,6 +131,7 @@ async fn setup(opts: &VmOptions, work_dir: &Path) -> Result<Arc<dyn Runner>> {
             Accel::Kvm => Duration::from_secs(10),
             Accel::Tcg => Duration::from_secs(60),
         },
+        forward_exe: std::env::current_exe().unwrap_or_else(|_| "hearth".into()),
     };
     let forced = match opts.mode.as_str() {
         "kvm" => Some(Accel::Kvm),
@@ -157,6 +159,20 @@ async fn setup(opts: &VmOptions, work_dir: &Path) -> Result<Arc<dyn Runner>> {
         .await
         .with_context(|| format!("probe boot with {accel}"))?;
     tracing::info!(accelerator = %accel, probe_boot_ms = t.elapsed().as_millis() as u64, "microVMs ready");
+    // Registries on this host's loopback that VMs may use, at the same address.
+    let loopback: Vec<std::net::SocketAddr> = opts
+        .insecure_registries
+        .iter()
+        .filter_map(|r| {
+            r.replace("localhost", "127.0.0.1")
+                .parse::<std::net::SocketAddr>()
+                .ok()
+        })
+        .filter(|a| a.ip().is_loopback())
+        .collect();
+    let forwarder = hearth_vm::forward::Forwarder::start(&work_dir.join("vm-forward"), &loopback)
+        .context("serving forwards to host registries")?;
+    let forwards = forwarder.sockets().to_vec();
     let cores = std::thread::available_parallelism()
         .map(|n| n.get() as u32)
         .unwrap_or(1);
@@ -167,6 +183,9 @@ async fn setup(opts: &VmOptions, work_dir: &Path) -> Result<Arc<dyn Runner>> {
         max_vcpus: cores,
         default_memory_mib: opts.vm_memory_mib,
         default_disk_bytes: opts.vm_disk_bytes,
+        forwards,
     };
-    Ok(Arc::new(VmRunner::new(Arc::new(vmm), None, config)))
+    Ok(Arc::new(
+        VmRunner::new(Arc::new(vmm), None, config).with_forwarder(forwarder),
+    ))
 }

@@ -147,3 +147,78 @@ async fn timeout_kills_the_vm() {
         String::from_utf8_lossy(&qemus.stdout)
     );
 }
+
+/// Serves `reply` to every connection on a fresh loopback port.
+fn loopback_service(reply: &'static str) -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            use std::io::Write;
+            let mut s = s;
+            let _ = s.write_all(reply.as_bytes());
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn guest_reaches_allowed_registries_but_no_other_host_service() {
+    let allowed = loopback_service("registry-ok\n");
+    let secret = loopback_service("host-secret\n");
+    let allowed_flag = format!("127.0.0.1:{allowed}");
+    let accel = std::env::var("HEARTH_TEST_VM").unwrap_or_else(|_| "tcg".into());
+    let h = up(&["--vm", &accel, "--insecure-registry", &allowed_flag]);
+    let c = channel(&h).await;
+    wait_for_vm_executor(&c).await;
+    let script = format!(
+        "try() {{ timeout 5 bash -c \"head -c 12 < /dev/tcp/$1/$2\" 2>/dev/null || echo blocked; }}; \
+         echo \"allowed=$(try 127.0.0.1 {allowed})\"; \
+         echo \"alias=$(try 10.0.2.2 {secret})\"; \
+         echo \"alias-allowed=$(try 10.0.2.2 {allowed})\"; \
+         echo \"loopback=$(try 127.0.0.1 {secret})\"; \
+         echo \"eth0=$(cat /sys/class/net/eth0/operstate 2>/dev/null || echo none)\""
+    );
+    let mut spec = ActionSpec::new(&script);
+    spec.platform = vec![FC, ("network", "external")];
+    let action = make_action(&c, &spec).await;
+    let (_, resp) = execute(&c, action, false).await.unwrap();
+    let r = resp.result.unwrap();
+    let out = String::from_utf8(
+        read_blob(&c, r.stdout_digest.as_ref().unwrap())
+            .await
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(
+        out.contains("allowed=registry-ok"),
+        "the allowed registry is reachable at its host address:\n{out}"
+    );
+    assert!(
+        out.contains("alias=blocked"),
+        "QEMU's host alias must not reach host services:\n{out}"
+    );
+    assert!(out.contains("alias-allowed=blocked"), "{out}");
+    assert!(out.contains("loopback=blocked"), "{out}");
+    assert!(
+        out.contains("eth0=up"),
+        "network=external has an interface:\n{out}"
+    );
+
+    // network=off: no interface at all, and the registry is not reachable.
+    let mut spec = ActionSpec::new(&script);
+    spec.platform = vec![FC, ("network", "off")];
+    let action = make_action(&c, &spec).await;
+    let (_, resp) = execute(&c, action, false).await.unwrap();
+    let r = resp.result.unwrap();
+    let out = String::from_utf8(
+        read_blob(&c, r.stdout_digest.as_ref().unwrap())
+            .await
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(
+        out.contains("eth0=none") && out.contains("allowed=blocked"),
+        "{out}"
+    );
+}
