@@ -1,6 +1,9 @@
 //! `hearth-bench --server grpc://127.0.0.1:1985`: measures a running server
 //! and prints a table. Numbers only; nothing is asserted.
 
+// Command.platform is what Bazel 2.1 sends; the benchmark does the same.
+#![allow(deprecated)]
+
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -25,6 +28,9 @@ struct Args {
     /// Sequential no-op actions for the round-trip figure.
     #[arg(long, default_value_t = 500)]
     actions: usize,
+    /// Instead of the REAPI figures, measure microVM actions (this many).
+    #[arg(long)]
+    vm_actions: Option<usize>,
 }
 
 fn cas(c: &Channel) -> ContentAddressableStorageClient<Channel> {
@@ -316,11 +322,118 @@ async fn main() -> Result<()> {
         args.server, "result"
     );
     println!("|{:-<60}|{:->24}|", "", "");
+    if let Some(n) = args.vm_actions {
+        return vm_actions(&c, n).await;
+    }
     find_missing(&c).await?;
     batch_update(&c, 1024, 100, 50).await?;
     batch_update(&c, 100 * 1024, 30, 10).await?;
     bytestream_small(&c, 4096, 1000).await?;
     bytestream_large(&c, 64 * 1024 * 1024).await?;
     noop_actions(&c, args.actions).await?;
+    Ok(())
+}
+
+fn millis_between(a: &Option<hearth_proto::protobuf::Timestamp>, b_nanos: i128) -> f64 {
+    let a = a
+        .as_ref()
+        .map(|t| t.seconds as i128 * 1_000_000_000 + t.nanos as i128)
+        .unwrap_or(0);
+    (b_nanos - a) as f64 / 1e6
+}
+
+/// Fresh-VM actions: from the runner starting (execution_start_timestamp) to
+/// the command's first instruction (its own clock, which the agent sets from
+/// the host's), and the whole Execute round trip.
+async fn vm_actions(c: &Channel, n: usize) -> Result<()> {
+    use hearth_proto::reapi::{platform::Property, ExecuteResponse, Platform};
+    let root = upload_msg(c, &Directory::default()).await?;
+    let mut to_start = Vec::new();
+    let mut totals = Vec::new();
+    for i in 0..n {
+        let command = upload_msg(
+            c,
+            &Command {
+                arguments: vec!["/bin/date".into(), "+%s%N".into()],
+                environment_variables: vec![EnvironmentVariable {
+                    name: "RUN".into(),
+                    value: format!("{}-{i}", uuid::Uuid::new_v4()),
+                }],
+                platform: Some(Platform {
+                    properties: vec![Property {
+                        name: "workload-isolation-type".into(),
+                        value: "firecracker".into(),
+                    }],
+                }),
+                ..Default::default()
+            },
+        )
+        .await?;
+        let action = upload_msg(
+            c,
+            &Action {
+                command_digest: Some(command.to_proto()),
+                input_root_digest: Some(root.to_proto()),
+                ..Default::default()
+            },
+        )
+        .await?;
+        let start = Instant::now();
+        let mut s = ExecutionClient::new(c.clone())
+            .execute(ExecuteRequest {
+                action_digest: Some(action.to_proto()),
+                skip_cache_lookup: true,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        let mut last = None;
+        while let Some(op) = s.message().await? {
+            if op.done {
+                last = Some(op);
+                break;
+            }
+        }
+        totals.push(start.elapsed());
+        let op = last.context("no final operation")?;
+        let Some(hearth_proto::longrunning::operation::Result::Response(any)) = op.result else {
+            anyhow::bail!("operation without response");
+        };
+        let resp = ExecuteResponse::decode(any.value.as_slice())?;
+        let result = resp.result.context("no result")?;
+        anyhow::ensure!(result.exit_code == 0, "action failed: {:?}", resp.status);
+        let stdout = result.stdout_digest.context("no stdout")?;
+        let out = cas(c)
+            .batch_read_blobs(hearth_proto::reapi::BatchReadBlobsRequest {
+                digests: vec![stdout],
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        let text = String::from_utf8(out.responses[0].data.clone())?;
+        let cmd_start: i128 = text.trim().parse().context("date output")?;
+        let meta = result.execution_metadata.context("no metadata")?;
+        to_start.push(Duration::from_secs_f64(
+            millis_between(&meta.execution_start_timestamp, cmd_start).max(0.0) / 1000.0,
+        ));
+    }
+    to_start.sort();
+    totals.sort();
+    row(
+        &format!("MicroVM cold start: runner start → command start ({n} runs)"),
+        format!(
+            "p50 {:.0} ms, max {:.0} ms",
+            percentile(&to_start, 0.5),
+            percentile(&to_start, 1.0)
+        ),
+    );
+    row(
+        "MicroVM trivial action: Execute round trip",
+        format!(
+            "p50 {:.0} ms, max {:.0} ms",
+            percentile(&totals, 0.5),
+            percentile(&totals, 1.0)
+        ),
+    );
     Ok(())
 }
