@@ -16,6 +16,33 @@ use hearth_vm::{
 
 use crate::cli::VmOptions;
 
+/// `container-image` references resolved by the OCI image store.
+struct Images(hearth_image::ImageStore);
+
+#[async_trait::async_trait]
+impl hearth_vm::ImageSource for Images {
+    async fn resolve(
+        &self,
+        reference: &str,
+        credentials: Option<(&str, &str)>,
+    ) -> Result<hearth_vm::ResolvedImage, hearth_executor::ExecError> {
+        let creds = credentials.map(|(u, p)| hearth_image::Credentials {
+            username: u.to_string(),
+            password: p.to_string(),
+        });
+        match self.0.resolve(reference, creds.as_ref()).await {
+            Ok(image) => Ok(hearth_vm::ResolvedImage {
+                path: image.path,
+                env: image.config.env,
+            }),
+            Err(e) => Err(hearth_executor::ExecError::Coded {
+                code: e.grpc_code(),
+                message: format!("container-image=docker://{reference}: {e}"),
+            }),
+        }
+    }
+}
+
 /// The agent binary built by scripts/install.sh for the guest target.
 fn find_agent(opts: &VmOptions) -> Result<PathBuf> {
     if let Some(p) = &opts.guest_agent {
@@ -185,7 +212,13 @@ async fn setup(opts: &VmOptions, work_dir: &Path) -> Result<Arc<dyn Runner>> {
         default_disk_bytes: opts.vm_disk_bytes,
         forwards,
     };
+    let images = hearth_image::ImageStore::new(hearth_image::ImageConfig {
+        cache_dir: work_dir.join("images"),
+        insecure_registries: opts.insecure_registries.clone(),
+    })
+    .context("opening the image cache")?;
+    let images: Arc<dyn hearth_vm::ImageSource> = Arc::new(Images(images));
     Ok(Arc::new(
-        VmRunner::new(Arc::new(vmm), None, config).with_forwarder(forwarder),
+        VmRunner::new(Arc::new(vmm), Some(images), config).with_forwarder(forwarder),
     ))
 }

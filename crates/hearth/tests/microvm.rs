@@ -222,3 +222,47 @@ async fn guest_reaches_allowed_registries_but_no_other_host_service() {
         "{out}"
     );
 }
+
+#[tokio::test]
+async fn bad_images_fail_with_a_precise_status() {
+    let accel = std::env::var("HEARTH_TEST_VM").unwrap_or_else(|_| "tcg".into());
+    // A registry address nothing listens on, allowed over plain HTTP.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_port = dead.local_addr().unwrap().port();
+    drop(dead);
+    let dead_flag = format!("127.0.0.1:{dead_port}");
+    let h = up(&["--vm", &accel, "--insecure-registry", &dead_flag]);
+    let c = channel(&h).await;
+    wait_for_vm_executor(&c).await;
+    let cases = [
+        (
+            format!("docker://127.0.0.1:{dead_port}/team/app:1"),
+            Code::Unavailable,
+            "team/app",
+        ),
+        (
+            "docker://Not A Reference!".to_string(),
+            Code::InvalidArgument,
+            "Not A Reference!",
+        ),
+        (
+            "ubuntu:20.04".to_string(),
+            Code::InvalidArgument,
+            "docker://",
+        ),
+    ];
+    for (image, code, named) in cases {
+        let mut spec = ActionSpec::new("true");
+        spec.platform = vec![FC, ("container-image", &image)];
+        let action = make_action(&c, &spec).await;
+        let (_, resp) = execute(&c, action, false).await.unwrap();
+        let status = resp.status.unwrap();
+        assert_eq!(status.code, code as i32, "{image}: {}", status.message);
+        assert!(
+            status.message.contains(named),
+            "{image}: message should name {named:?}: {}",
+            status.message
+        );
+        assert!(resp.result.is_none() || resp.result.unwrap().exit_code == 0);
+    }
+}
