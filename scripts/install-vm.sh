@@ -10,7 +10,7 @@ set -euo pipefail
 DEPS=${HEARTH_DEPS:-/opt/hearth-deps}
 export DEBIAN_FRONTEND=noninteractive
 
-pkgs=(qemu-system-x86 qemu-utils e2fsprogs debootstrap docker-registry ca-certificates cpio slirp4netns iproute2 util-linux)
+pkgs=(qemu-system-x86 qemu-utils e2fsprogs debootstrap docker-registry ca-certificates cpio slirp4netns iproute2 util-linux lz4 file busybox-static)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
@@ -30,12 +30,19 @@ if [ -z "$kpkg" ]; then
     kpkg=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-/ {print $2; exit}')
 fi
 release=${kpkg#linux-image-}
-if [ "$(cat "$kdir/release" 2>/dev/null)" != "$release" ]; then
+if [ "$(cat "$kdir/release" 2>/dev/null)" != "$release" ] || [ ! -f "$kdir/vmlinux" ]; then
     tmp=$(mktemp -d)
     (cd "$tmp" && apt-get download "$kpkg")
     dpkg -x "$tmp"/"$kpkg"_*.deb "$tmp/x"
     rm -rf "$kdir.new" && mkdir -p "$kdir.new/modules"
     cp "$tmp/x/boot/vmlinuz-$release" "$kdir.new/vmlinuz"
+    # The uncompressed kernel (an ELF with a PVH entry point) boots ~0.3 s
+    # faster under emulation: cut the LZ4 payload out of the bzImage.
+    off=$(grep -obUaP '\x02\x21\x4c\x18' "$kdir.new/vmlinuz" | head -n1 | cut -d: -f1)
+    if [ -n "$off" ]; then
+        tail -c +$((off + 1)) "$kdir.new/vmlinuz" | lz4 -dc > "$kdir.new/vmlinux" 2>/dev/null || true
+        file "$kdir.new/vmlinux" 2>/dev/null | grep -q ELF || rm -f "$kdir.new/vmlinux"
+    fi
     cp -a "$tmp/x/lib/modules/$release" "$kdir.new/modules/"
     echo "$release" > "$kdir.new/release"
     rm -rf "$kdir" && mv "$kdir.new" "$kdir"

@@ -8,7 +8,7 @@ use std::io;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use hearth_guest::protocol::{ROOT_SERIAL, SCRATCH_SERIAL};
+use hearth_guest::protocol::{ROOT_SERIAL, SCRATCH_SERIAL, WORK_SERIAL};
 
 use crate::log;
 use crate::sys;
@@ -59,9 +59,16 @@ pub fn disk_by_serial(serial: &str, wait: Duration) -> io::Result<String> {
     }
 }
 
-fn load_modules() {
+/// Network drivers, loaded only when the VM has a network device (each
+/// module load costs tens of milliseconds under emulation).
+const NET_MODULES: &[&str] = &["failover.ko", "net_failover.ko", "virtio_net.ko"];
+
+fn load_modules(network: bool) {
     let order = fs::read_to_string("/modules/order").unwrap_or_default();
     for name in order.lines().filter(|l| !l.trim().is_empty()) {
+        if !network && NET_MODULES.contains(&name.trim()) {
+            continue;
+        }
         if let Err(e) = sys::load_module(&Path::new("/modules").join(name.trim())) {
             log(&format!("module {name}: {e}"));
         }
@@ -74,7 +81,7 @@ pub fn boot() -> io::Result<BootOptions> {
     sys::mount("proc", "/proc", "proc", 0, "")?;
     sys::mount("sysfs", "/sys", "sysfs", 0, "")?;
     let opts = cmdline();
-    load_modules();
+    load_modules(opts.network);
 
     let root = disk_by_serial(ROOT_SERIAL, Duration::from_secs(20))?;
     let scratch = disk_by_serial(SCRATCH_SERIAL, Duration::from_secs(20))?;
@@ -119,6 +126,10 @@ pub fn boot() -> io::Result<BootOptions> {
     let _ = sys::sethostname("hearth-vm");
     if let Err(e) = sys::interface_up("lo", Some(([127, 0, 0, 1], [255, 0, 0, 0]))) {
         log(&format!("lo: {e}"));
+    }
+    // The workspace disk, when attached at boot, is ready at /work.
+    if let Ok(work) = disk_by_serial(WORK_SERIAL, Duration::ZERO) {
+        sys::mount(&work, "/work", "ext4", 0, "")?;
     }
     if opts.network {
         // QEMU user networking's fixed addresses.

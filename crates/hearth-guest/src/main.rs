@@ -70,7 +70,14 @@ fn handle(req: Request) -> Response {
                 .map(|_| Response::Ok)
                 .map_err(|e| e.to_string())
         }
-        Request::Exec(e) => exec::run(&e).map(Response::Exited),
+        Request::Exec(e) => {
+            if let Some(nanos) = e.clock_unix_nanos {
+                if let Err(err) = sys::set_clock(nanos) {
+                    log(&format!("setting the clock: {err}"));
+                }
+            }
+            exec::run(&e).map(Response::Exited)
+        }
         Request::Shutdown => sys::power_off(),
     };
     result.unwrap_or_else(|message| Response::Error { message })

@@ -8,7 +8,7 @@ use std::io::{self, Read, Write};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// Bumped on any incompatible change; the host refuses other versions.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// The virtio-serial port name the agent listens on.
 pub const PORT_NAME: &str = "hearth.agent";
 /// Serial numbers of the VM's disks, which the guest finds them by.
@@ -26,7 +26,8 @@ pub enum Request {
     SetClock {
         unix_nanos: u64,
     },
-    /// Mounts the disk with this serial (ext4, read-write) at `path`.
+    /// Mounts the disk with this serial (ext4, read-write) at `path`. (The
+    /// workspace disk attached at boot is mounted at /work by init.)
     MountDisk {
         serial: String,
         path: String,
@@ -51,6 +52,9 @@ pub struct ExecRequest {
     /// Files (guest paths) that receive the command's stdout and stderr.
     pub stdout_path: String,
     pub stderr_path: String,
+    /// Sets the guest clock first (saves a round trip after boot or resume).
+    #[serde(default)]
+    pub clock_unix_nanos: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -117,6 +121,7 @@ mod tests {
             user: Some("1000:1000".into()),
             stdout_path: "/work/stdout".into(),
             stderr_path: "/work/stderr".into(),
+            clock_unix_nanos: Some(1),
         });
         let mut buf = Vec::new();
         write_frame(&mut buf, &req).unwrap();

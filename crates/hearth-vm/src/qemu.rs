@@ -143,8 +143,14 @@ impl Vmm for QemuVmm {
             // Loopback must be up in the namespace: libslirp's guestfwd
             // builds its socket pairs over it.
             let mut c = Command::new("unshare");
-            c.args(["--net", "--", "sh", "-c", "ip link set lo up && exec \"$0\" \"$@\""])
-                .arg(&self.qemu);
+            c.args([
+                "--net",
+                "--",
+                "sh",
+                "-c",
+                "ip link set lo up && exec \"$0\" \"$@\"",
+            ])
+            .arg(&self.qemu);
             c
         } else {
             Command::new(&self.qemu)

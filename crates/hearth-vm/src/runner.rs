@@ -108,6 +108,20 @@ impl VmRunner {
         }
     }
 
+    /// Boots; a boot that fails (QEMU died, or the guest hung — rare under
+    /// emulation) is retried once from a fresh run directory.
+    async fn boot_with_retry(&self, mut spec: VmSpec) -> Result<QemuVm, VmError> {
+        match self.vmm.boot(&spec).await {
+            Ok(vm) => Ok(vm),
+            Err(first @ VmError::Boot { .. }) => {
+                tracing::warn!(error = %first, "microVM boot failed; retrying once");
+                spec.run_dir = spec.run_dir.with_file_name("run-retry");
+                self.vmm.boot(&spec).await
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Keeps the forwarder behind `config.forwards` alive with the runner.
     pub fn with_forwarder(mut self, forwarder: crate::forward::Forwarder) -> Self {
         self._forwarder = Some(forwarder);
@@ -175,6 +189,7 @@ impl Runner for VmRunner {
         spec: &RunSpec,
         cancel: CancellationToken,
     ) -> Result<RunOutcome, ExecError> {
+        let started = std::time::Instant::now();
         let image = self.image(spec).await?;
         let (vcpus, memory_mib, disk_bytes) = self.size(spec)?;
         let vm_dir = VmDir(self.config.work_dir.join(uuid::Uuid::new_v4().to_string()));
@@ -222,10 +237,16 @@ impl Runner for VmRunner {
             },
             run_dir: vm_dir.0.join("run"),
         };
+        let booting = std::time::Instant::now();
         let mut vm = tokio::select! {
-            vm = self.vmm.boot(&vm_spec) => vm.map_err(vm_error)?,
+            vm = self.boot_with_retry(vm_spec) => vm.map_err(vm_error)?,
             _ = cancel.cancelled() => return Err(ExecError::Cancelled),
         };
+        tracing::debug!(
+            disks_ms = (booting - started).as_millis() as u64,
+            boot_ms = booting.elapsed().as_millis() as u64,
+            "microVM up"
+        );
         let outcome = self.run_in(&mut vm, spec, &image, cancel).await;
         vm.kill().await;
         let outcome = outcome?;
@@ -265,19 +286,6 @@ impl VmRunner {
         let now = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default();
-        agent
-            .call(&Request::SetClock {
-                unix_nanos: now.as_nanos() as u64,
-            })
-            .await
-            .map_err(vm_error)?;
-        agent
-            .call(&Request::MountDisk {
-                serial: WORK_SERIAL.into(),
-                path: "/work".into(),
-            })
-            .await
-            .map_err(vm_error)?;
         let mut env = spec.environment.clone();
         for kv in &image.env {
             if let Some((k, v)) = kv.split_once('=') {
@@ -305,6 +313,7 @@ impl VmRunner {
                 .map(String::from),
             stdout_path: "/work/stdout".into(),
             stderr_path: "/work/stderr".into(),
+            clock_unix_nanos: Some(now.as_nanos() as u64),
         });
         let exited = tokio::select! {
             r = agent.call(&req) => r.map_err(vm_error)?,

@@ -130,7 +130,11 @@ async fn setup(opts: &VmOptions, work_dir: &Path) -> Result<Arc<dyn Runner>> {
             kdir.display()
         )
     })?;
-    let kernel = kdir.join("vmlinuz");
+    // The uncompressed kernel boots faster; the bzImage works too.
+    let kernel = [kdir.join("vmlinux"), kdir.join("vmlinuz")]
+        .into_iter()
+        .find(|k| k.is_file())
+        .with_context(|| format!("no vmlinux or vmlinuz in {}", kdir.display()))?;
     let modules = kdir.join("modules").join(release.trim());
     let agent = find_agent(opts)?;
     if !opts.vm_default_image.is_file() {
@@ -156,7 +160,7 @@ async fn setup(opts: &VmOptions, work_dir: &Path) -> Result<Arc<dyn Runner>> {
         tsc_khz: host_tsc_khz(),
         boot_timeout: match accel {
             Accel::Kvm => Duration::from_secs(10),
-            Accel::Tcg => Duration::from_secs(60),
+            Accel::Tcg => Duration::from_secs(30),
         },
         forward_exe: std::env::current_exe().unwrap_or_else(|_| "hearth".into()),
     };

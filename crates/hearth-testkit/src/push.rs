@@ -1,6 +1,6 @@
 //! A push client for tests: plain HTTP (or HTTPS), monolithic blob uploads, manifests.
 
-use super::{sha256, DOCKER_MANIFEST, OCI_MANIFEST};
+use crate::{sha256, DOCKER_MANIFEST, OCI_MANIFEST};
 
 /// Pushes with plain HTTP, as `docker push` would: monolithic blob uploads, then the
 /// manifest. `auth` is a full `Authorization` header value, if the registry needs one.
