@@ -64,6 +64,21 @@ fn wait_for(pid: i32) -> ExitStatus {
     }
 }
 
+/// Where the workspace disk is mounted.
+const WORKSPACE: &str = "/work";
+
+/// `chown -R` without following symlinks.
+fn chown_tree(path: &std::path::Path, uid: u32, gid: u32) -> std::io::Result<()> {
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid))?;
+    let meta = std::fs::symlink_metadata(path)?;
+    if meta.is_dir() {
+        for entry in std::fs::read_dir(path)? {
+            chown_tree(&entry?.path(), uid, gid)?;
+        }
+    }
+    Ok(())
+}
+
 /// Runs a command to completion.
 pub fn run(req: &ExecRequest) -> Result<ExitStatus, String> {
     let program = req.args.first().ok_or("no arguments")?;
@@ -87,6 +102,11 @@ pub fn run(req: &ExecRequest) -> Result<ExitStatus, String> {
         .process_group(0);
     if let Some(spec) = &req.user {
         let (uid, gid) = crate::user::resolve(spec)?;
+        // The workspace must be the user's to write outputs into.
+        if req.cwd.starts_with(WORKSPACE) {
+            chown_tree(std::path::Path::new(WORKSPACE), uid, gid)
+                .map_err(|e| format!("giving {WORKSPACE} to {spec}: {e}"))?;
+        }
         // std drops supplementary groups when a root parent changes uid.
         cmd.uid(uid).gid(gid);
     }

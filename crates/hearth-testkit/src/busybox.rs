@@ -63,6 +63,18 @@ pub async fn push_busybox_image(
     tag: &str,
     extra_files: &[(&str, &[u8], u32)],
 ) -> String {
+    push_busybox_image_with_auth(registry_host, repo, tag, extra_files, None).await
+}
+
+/// [`push_busybox_image`] to a registry that wants an `Authorization` header
+/// (e.g. `Basic …` for htpasswd).
+pub async fn push_busybox_image_with_auth(
+    registry_host: &str,
+    repo: &str,
+    tag: &str,
+    extra_files: &[(&str, &[u8], u32)],
+    auth: Option<String>,
+) -> String {
     let busybox = std::fs::read(BUSYBOX).unwrap_or_else(|e| {
         panic!("reading {BUSYBOX} (Debian package busybox-static, see scripts/install-vm.sh): {e}")
     });
@@ -120,7 +132,7 @@ pub async fn push_busybox_image(
         };
     }
 
-    Pusher::new(registry_host, None)
+    Pusher::new(registry_host, auth)
         .image(
             repo,
             tag,

@@ -16,7 +16,7 @@ use tar::{EntryType, Header};
 
 mod busybox;
 mod push;
-pub use busybox::{push_busybox_image, BUSYBOX};
+pub use busybox::{push_busybox_image, push_busybox_image_with_auth, BUSYBOX};
 pub use push::Pusher;
 
 pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";

@@ -266,3 +266,92 @@ async fn bad_images_fail_with_a_precise_status() {
         assert!(resp.result.is_none() || resp.result.unwrap().exit_code == 0);
     }
 }
+
+#[tokio::test]
+async fn custom_image_from_a_local_registry_with_credentials_and_user() {
+    let dir = tempfile::tempdir().unwrap();
+    let auth = hearth_testkit::Registry::htpasswd_yaml(dir.path(), "ci", "s3cret");
+    let registry = hearth_testkit::Registry::start_with(&auth, "", dir);
+    let basic = format!("Basic {}", base64_encode(b"ci:s3cret"));
+    hearth_testkit::push_busybox_image_with_auth(
+        &registry.host,
+        "team/tools",
+        "1",
+        &[("etc/hearth-test", b"custom image\n", 0o644)],
+        Some(basic),
+    )
+    .await;
+    let accel = std::env::var("HEARTH_TEST_VM").unwrap_or_else(|_| "tcg".into());
+    let h = up(&["--vm", &accel, "--insecure-registry", &registry.host]);
+    let c = channel(&h).await;
+    wait_for_vm_executor(&c).await;
+    let image = format!("docker://{}/team/tools:1", registry.host);
+
+    let mut spec = ActionSpec::new("cat /etc/hearth-test; id -u; echo made-by-$(id -un) > out.txt");
+    spec.outputs = vec!["out.txt"];
+    spec.platform = vec![
+        FC,
+        ("container-image", &image),
+        ("container-registry-username", "ci"),
+        ("container-registry-password", "s3cret"),
+        ("dockerUser", "builder"),
+    ];
+    let action = make_action(&c, &spec).await;
+    let (_, resp) = execute(&c, action, false).await.unwrap();
+    assert_eq!(
+        resp.status.clone().unwrap_or_default().code,
+        0,
+        "{:?}",
+        resp.status
+    );
+    let r = resp.result.unwrap();
+    let stdout = read_blob(&c, r.stdout_digest.as_ref().unwrap()).await;
+    let stderr = read_blob(&c, r.stderr_digest.as_ref().unwrap()).await;
+    assert_eq!(
+        String::from_utf8_lossy(&stdout),
+        "custom image\n1000\n",
+        "stderr: {}",
+        String::from_utf8_lossy(&stderr)
+    );
+    assert_eq!(
+        read_blob(&c, r.output_files[0].digest.as_ref().unwrap())
+            .await
+            .as_ref(),
+        b"made-by-builder\n"
+    );
+
+    // Without credentials the registry refuses the pull, and the action says so.
+    let mut spec = ActionSpec::new("true");
+    spec.platform = vec![FC, ("container-image", &image)];
+    let action = make_action(&c, &spec).await;
+    let (_, resp) = execute(&c, action, false).await.unwrap();
+    let status = resp.status.unwrap();
+    assert_eq!(
+        status.code,
+        Code::PermissionDenied as i32,
+        "{}",
+        status.message
+    );
+    assert!(status.message.contains("team/tools"), "{}", status.message);
+}
+
+fn base64_encode(data: &[u8]) -> String {
+    const T: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
