@@ -64,3 +64,28 @@ where
     }
     Accel::Tcg
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn forced_accelerator_skips_the_probe() {
+        let a = detect_accel(Some(Accel::Tcg), |_| async {
+            panic!("no probe when forced")
+        })
+        .await;
+        assert_eq!(a, Accel::Tcg);
+    }
+
+    #[tokio::test]
+    async fn failed_kvm_probe_falls_back_to_tcg() {
+        assert_eq!(detect_accel(None, |_| async { false }).await, Accel::Tcg);
+    }
+
+    #[test]
+    fn tsc_frequency_is_read_from_cpuinfo() {
+        let khz = host_tsc_khz().expect("cpu MHz in /proc/cpuinfo");
+        assert!(khz > 100_000, "{khz}");
+    }
+}

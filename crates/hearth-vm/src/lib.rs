@@ -20,7 +20,7 @@ mod runner;
 pub use accel::{detect_accel, host_tsc_khz, Accel};
 pub use agent::AgentClient;
 pub use error::VmError;
-pub use qemu::{QemuVm, QemuVmm};
+pub use qemu::{kill_stale, QemuVm, QemuVmm};
 pub use runner::{ImageSource, ResolvedImage, VmRunner, VmRunnerConfig};
 
 use std::path::PathBuf;

@@ -155,6 +155,16 @@ impl Vmm for QemuVmm {
         } else {
             Command::new(&self.qemu)
         };
+        // If the executor dies, its VMs die with it.
+        // SAFETY: prctl is async-signal-safe; nothing else runs before exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let mut child = cmd
             .args(self.args(spec))
             .stdin(Stdio::null())
@@ -215,8 +225,14 @@ impl Vmm for QemuVmm {
             Err(e) => {
                 let _ = child.start_kill();
                 let _ = child.wait().await;
+                let qemu_log = tail(&spec.run_dir.join("qemu.log"), 20);
+                let reason = if qemu_log.trim().is_empty() {
+                    e.to_string()
+                } else {
+                    format!("{e}; QEMU said: {}", qemu_log.trim())
+                };
                 Err(VmError::Boot {
-                    reason: e.to_string(),
+                    reason,
                     console: tail(&console, 30),
                 })
             }
@@ -253,5 +269,64 @@ impl QemuVm {
         qmp.execute(if running { "cont" } else { "stop" }, serde_json::json!({}))
             .await?;
         Ok(())
+    }
+}
+
+/// Kills QEMU processes left over from an earlier executor whose VMs lived
+/// under `dir` (e.g. after the executor was killed), by their command line.
+pub fn kill_stale(dir: &Path) {
+    let needle = dir.display().to_string();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for p in procs.flatten() {
+        let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(p.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains("qemu-system") && cmdline.contains(&needle) {
+            tracing::warn!(pid, "killing a VM left over from an earlier executor");
+            // SAFETY: plain kill(2) on a pid we just read.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_vm_that_cannot_boot_reports_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let vmm = QemuVmm {
+            qemu: "qemu-system-x86_64".into(),
+            boot: BootFiles {
+                kernel: dir.path().join("no-such-kernel"),
+                initramfs: dir.path().join("no-such-initramfs"),
+            },
+            accel: Accel::Tcg,
+            tsc_khz: None,
+            boot_timeout: Duration::from_secs(20),
+            forward_exe: "hearth".into(),
+        };
+        let spec = VmSpec {
+            vcpus: 1,
+            memory_mib: 128,
+            disks: vec![],
+            network: false,
+            forwards: vec![],
+            run_dir: dir.path().join("run"),
+        };
+        let err = vmm.boot(&spec).await.err().expect("boot must fail");
+        let text = err.to_string();
+        assert!(matches!(err, VmError::Boot { .. }), "{text}");
+        assert!(
+            text.contains("no-such-kernel"),
+            "the reason names QEMU's complaint: {text}"
+        );
     }
 }

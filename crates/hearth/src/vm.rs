@@ -144,6 +144,7 @@ async fn setup(opts: &VmOptions, work_dir: &Path) -> Result<Arc<dyn Runner>> {
         );
     }
     let vm_dir = work_dir.join("vms");
+    hearth_vm::kill_stale(&vm_dir);
     if vm_dir.exists() {
         let _ = std::fs::remove_dir_all(&vm_dir);
     }

@@ -355,3 +355,43 @@ fn base64_encode(data: &[u8]) -> String {
     }
     out
 }
+
+fn qemu_pids(dir: &std::path::Path) -> String {
+    let out = std::process::Command::new("pgrep")
+        .args(["-f", &format!("qemu-system.*{}", dir.display())])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[tokio::test]
+async fn killed_executor_takes_its_vms_with_it() {
+    let mut h = up_vm();
+    let c = channel(&h).await;
+    wait_for_vm_executor(&c).await;
+    let mut spec = ActionSpec::new("sleep 600");
+    spec.platform = vec![FC];
+    let action = make_action(&c, &spec).await;
+    let running = tokio::spawn({
+        let c = c.clone();
+        async move { execute(&c, action, false).await }
+    });
+    let vms = h.dir.path().join("data/executor/vms");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while qemu_pids(&vms).is_empty() {
+        assert!(Instant::now() < deadline, "the VM never started");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    h.child.kill().unwrap();
+    h.child.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !qemu_pids(&vms).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "QEMU outlived its executor: {}",
+            qemu_pids(&vms)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    running.abort();
+}
