@@ -191,6 +191,7 @@ impl Executor {
             .unwrap_or(self.config.default_timeout)
             .min(self.config.max_timeout);
         let spec = RunSpec {
+            instance_name: a.instance_name.clone(),
             input_root: input_root.clone(),
             working_directory: command.working_directory.clone(),
             arguments: command.arguments.clone(),

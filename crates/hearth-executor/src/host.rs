@@ -104,6 +104,7 @@ mod tests {
 
     fn spec(dir: &Path, args: &[&str], timeout: Duration) -> RunSpec {
         RunSpec {
+            instance_name: String::new(),
             input_root: dir.to_path_buf(),
             working_directory: String::new(),
             arguments: args.iter().map(|s| s.to_string()).collect(),

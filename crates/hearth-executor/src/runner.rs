@@ -25,6 +25,8 @@ pub struct RunSpec {
     pub stdout_path: PathBuf,
     pub stderr_path: PathBuf,
     pub platform: Platform,
+    /// The REAPI instance name (part of a recycled runner's key).
+    pub instance_name: String,
 }
 
 /// How the command ended.

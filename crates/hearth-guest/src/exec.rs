@@ -53,6 +53,15 @@ pub fn spawn_reaper() {
     });
 }
 
+/// The exit status of `pid` if the reaper has collected it.
+pub fn try_exit(pid: i32) -> Option<ExitStatus> {
+    let (lock, _) = exits();
+    lock.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .done
+        .remove(&pid)
+}
+
 fn wait_for(pid: i32) -> ExitStatus {
     let (lock, cv) = exits();
     let mut e = lock.lock().unwrap_or_else(|p| p.into_inner());

@@ -2,6 +2,7 @@
 //! init.rs), then serves the host over the virtio-serial port named
 //! `hearth.agent` (see protocol.rs), one request at a time.
 
+mod dockerd;
 mod exec;
 mod forward;
 mod init;
@@ -77,6 +78,9 @@ fn handle(req: Request) -> Response {
                 }
             }
             exec::run(&e).map(Response::Exited)
+        }
+        Request::StartDockerd { args, timeout_secs } => {
+            dockerd::ensure_running(&args, Duration::from_secs(timeout_secs)).map(|_| Response::Ok)
         }
         Request::Shutdown => sys::power_off(),
     };

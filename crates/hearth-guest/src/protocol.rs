@@ -37,6 +37,12 @@ pub enum Request {
         path: String,
     },
     Exec(ExecRequest),
+    /// Starts dockerd (unless it is already running) and waits until it
+    /// answers on /var/run/docker.sock. `Error` if the image has no dockerd.
+    StartDockerd {
+        args: Vec<String>,
+        timeout_secs: u64,
+    },
     /// Syncs the filesystems and powers the VM off.
     Shutdown,
 }

@@ -12,7 +12,9 @@ mod agent;
 mod disks;
 mod error;
 pub mod forward;
+mod images;
 pub mod initramfs;
+mod pool;
 mod qemu;
 mod qmp;
 mod runner;
@@ -20,8 +22,9 @@ mod runner;
 pub use accel::{detect_accel, host_tsc_khz, Accel};
 pub use agent::AgentClient;
 pub use error::VmError;
+pub use images::{ImageSource, ResolvedImage, VmSize};
 pub use qemu::{kill_stale, QemuVm, QemuVmm};
-pub use runner::{ImageSource, ResolvedImage, VmRunner, VmRunnerConfig};
+pub use runner::{VmRunner, VmRunnerConfig};
 
 use std::path::PathBuf;
 
@@ -64,4 +67,7 @@ pub trait Vmm: Send + Sync + 'static {
     /// Boots a VM and waits until its agent says hello.
     async fn boot(&self, spec: &VmSpec) -> Result<QemuVm, VmError>;
     fn accel(&self) -> Accel;
+    /// What every VM of this backend has in common (VMM, kernel, initramfs,
+    /// accelerator): part of runner and snapshot keys.
+    fn identity(&self) -> String;
 }

@@ -242,6 +242,16 @@ impl Vmm for QemuVmm {
     fn accel(&self) -> Accel {
         self.accel
     }
+
+    fn identity(&self) -> String {
+        format!(
+            "{} {} {} {}",
+            self.qemu.display(),
+            self.boot.kernel.display(),
+            self.boot.initramfs.display(),
+            self.accel
+        )
+    }
 }
 
 impl QemuVm {

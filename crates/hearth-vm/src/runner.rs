@@ -1,8 +1,11 @@
-//! `workload-isolation-type=firecracker`: one action, one fresh microVM.
-//! The input root goes in as an ext4 workspace disk, the command runs through
-//! the guest agent, and the outputs come back out of that disk.
+//! `workload-isolation-type=firecracker`: the action runs in a microVM. The
+//! input root goes in as an ext4 workspace disk, the command runs through the
+//! guest agent, and the outputs come back out of that disk. With
+//! `recycle-runner=true` a VM that ran an action successfully is paused into
+//! the pool and resumed, with a fresh workspace, for the next action with an
+//! equal runner key; `init-dockerd=true` starts dockerd in it first.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -11,54 +14,45 @@ use hearth_executor::{ExecError, RunOutcome, RunSpec, Runner};
 use hearth_guest::protocol::{
     ExecRequest, Request, Response, ROOT_SERIAL, SCRATCH_SERIAL, WORK_SERIAL,
 };
-use hearth_scheduler::platform::{parse_bytes, parse_cpu};
+use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
+use crate::images::{self, ImageSource, ResolvedImage, VmSize};
+use crate::pool::{Lease, Pool, VmDir};
 use crate::{disks, DiskSpec, QemuVm, VmError, VmSpec, Vmm};
-
-/// A container image ready to boot: a read-only ext4 disk image.
-#[derive(Debug, Clone)]
-pub struct ResolvedImage {
-    pub path: PathBuf,
-    /// `NAME=VALUE` entries from the image config (PATH and the like).
-    pub env: Vec<String>,
-}
-
-/// Where `container-image` references are turned into disk images.
-#[async_trait]
-pub trait ImageSource: Send + Sync + 'static {
-    async fn resolve(
-        &self,
-        reference: &str,
-        credentials: Option<(&str, &str)>,
-    ) -> Result<ResolvedImage, ExecError>;
-}
 
 #[derive(Debug, Clone)]
 pub struct VmRunnerConfig {
     /// Per-VM directories (disks, sockets, console logs) go here.
-    pub work_dir: PathBuf,
+    pub work_dir: std::path::PathBuf,
     /// The image used when `container-image` is absent or `none`.
-    pub default_image: PathBuf,
-    pub default_vcpus: u32,
+    pub default_image: std::path::PathBuf,
+    pub default_size: VmSize,
     pub max_vcpus: u32,
-    pub default_memory_mib: u64,
-    pub default_disk_bytes: u64,
     /// Host-loopback services (allowed registries) networked VMs may reach
     /// at 127.0.0.1:PORT: port and the Unix socket that leads there.
-    pub forwards: Vec<(u16, PathBuf)>,
+    pub forwards: Vec<(u16, std::path::PathBuf)>,
+    /// `--registry-mirror` and `--insecure-registry` for dockerd in the VMs.
+    pub docker_mirrors: Vec<String>,
+    pub insecure_registries: Vec<String>,
+    /// Bounds of the pool of paused VMs.
+    pub pool_max_vms: usize,
+    pub pool_max_memory_mib: u64,
 }
 
 pub struct VmRunner {
     vmm: Arc<dyn Vmm>,
     images: Option<Arc<dyn ImageSource>>,
     config: VmRunnerConfig,
+    pool: Pool<Lease>,
     /// Serves `config.forwards` for as long as the runner lives.
     _forwarder: Option<crate::forward::Forwarder>,
 }
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// How long dockerd may take to answer (emulated boots are slow).
+const DOCKERD_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn vm_error(e: VmError) -> ExecError {
     let code = match e {
@@ -68,15 +62,6 @@ fn vm_error(e: VmError) -> ExecError {
     ExecError::Coded {
         code,
         message: format!("microVM: {e}"),
-    }
-}
-
-/// Removes a VM's directory when the action is done, whatever happened.
-struct VmDir(PathBuf);
-
-impl Drop for VmDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -94,6 +79,26 @@ fn dir_size(path: &Path) -> u64 {
         .sum()
 }
 
+/// The runner key: instance name, the whole platform (sorted), and the VM
+/// configuration (kernel and initramfs, image, size). A recycled VM is only
+/// handed to an action with an equal key.
+fn runner_key(spec: &RunSpec, vmm: &dyn Vmm, image: &ResolvedImage, size: VmSize) -> String {
+    let mut h = Sha256::new();
+    h.update(spec.instance_name.as_bytes());
+    h.update([0]);
+    for (k, v) in spec.platform.iter() {
+        h.update(k.as_bytes());
+        h.update([b'=']);
+        h.update(v.as_bytes());
+        h.update([0]);
+    }
+    h.update(vmm.identity().as_bytes());
+    h.update([0]);
+    h.update(image.path.display().to_string().as_bytes());
+    h.update(format!("\0{}/{}/{}", size.vcpus, size.memory_mib, size.disk_bytes).as_bytes());
+    hex::encode(h.finalize())
+}
+
 impl VmRunner {
     pub fn new(
         vmm: Arc<dyn Vmm>,
@@ -101,11 +106,23 @@ impl VmRunner {
         config: VmRunnerConfig,
     ) -> Self {
         VmRunner {
+            pool: Pool::new(config.pool_max_vms, config.pool_max_memory_mib),
             vmm,
             images,
             config,
             _forwarder: None,
         }
+    }
+
+    /// Keeps the forwarder behind `config.forwards` alive with the runner.
+    pub fn with_forwarder(mut self, forwarder: crate::forward::Forwarder) -> Self {
+        self._forwarder = Some(forwarder);
+        self
+    }
+
+    /// Runner keys of the paused VMs this runner holds.
+    pub fn warm_keys(&self) -> Vec<String> {
+        self.pool.keys()
     }
 
     /// Boots; a boot that fails (QEMU died, or the guest hung — rare under
@@ -122,112 +139,38 @@ impl VmRunner {
         }
     }
 
-    /// Keeps the forwarder behind `config.forwards` alive with the runner.
-    pub fn with_forwarder(mut self, forwarder: crate::forward::Forwarder) -> Self {
-        self._forwarder = Some(forwarder);
-        self
-    }
-
-    async fn image(&self, spec: &RunSpec) -> Result<ResolvedImage, ExecError> {
-        let p = &spec.platform;
-        let reference = match p.get("container-image") {
-            None | Some("") | Some("none") => {
-                return Ok(ResolvedImage {
-                    path: self.config.default_image.clone(),
-                    env: vec![],
-                })
-            }
-            Some(r) => r.strip_prefix("docker://").ok_or_else(|| {
-                ExecError::InvalidInput(format!(
-                    "container-image={r:?}: expected docker://REFERENCE or none"
-                ))
-            })?,
-        };
-        let images = self.images.as_ref().ok_or_else(|| ExecError::Coded {
-            code: Code::FailedPrecondition,
-            message: format!("container-image={reference:?}: this executor cannot pull images"),
-        })?;
-        let creds = match (
-            p.get("container-registry-username"),
-            p.get("container-registry-password"),
-        ) {
-            (Some(u), Some(pw)) => Some((u, pw)),
-            _ => None,
-        };
-        images.resolve(reference, creds).await
-    }
-
-    fn size(&self, spec: &RunSpec) -> Result<(u32, u64, u64), ExecError> {
-        let p = &spec.platform;
-        let vcpus = match p.get("estimatedcpu") {
-            Some(v) => parse_cpu(v).map_err(ExecError::InvalidInput)?.ceil() as u32,
-            None => self.config.default_vcpus,
-        }
-        .clamp(1, self.config.max_vcpus.max(1));
-        let memory_mib = match p.get("estimatedmemory") {
-            Some(v) => (parse_bytes(v).map_err(ExecError::InvalidInput)? / (1024 * 1024)).max(256),
-            None => self.config.default_memory_mib,
-        };
-        let disk = match p.get("estimatedfreediskbytes") {
-            Some(v) => parse_bytes(v)
-                .map_err(ExecError::InvalidInput)?
-                .max(64 << 20),
-            None => self.config.default_disk_bytes,
-        };
-        Ok((vcpus, memory_mib, disk))
-    }
-}
-
-#[async_trait]
-impl Runner for VmRunner {
-    fn isolation_type(&self) -> &'static str {
-        "firecracker"
-    }
-
-    async fn run(
+    /// A fresh VM with the workspace built from `ws_src`.
+    async fn cold(
         &self,
-        spec: &RunSpec,
-        cancel: CancellationToken,
-    ) -> Result<RunOutcome, ExecError> {
+        image: &ResolvedImage,
+        size: VmSize,
+        network: bool,
+        ws_src: &Path,
+    ) -> Result<Lease, ExecError> {
         let started = std::time::Instant::now();
-        let image = self.image(spec).await?;
-        let (vcpus, memory_mib, disk_bytes) = self.size(spec)?;
-        let vm_dir = VmDir(self.config.work_dir.join(uuid::Uuid::new_v4().to_string()));
-        std::fs::create_dir_all(&vm_dir.0)
+        let dir = VmDir(self.config.work_dir.join(uuid::Uuid::new_v4().to_string()));
+        std::fs::create_dir_all(&dir.0)
             .map_err(|e| ExecError::io("creating the VM directory", e))?;
-        let ws_src = spec
-            .input_root
-            .parent()
-            .ok_or_else(|| ExecError::Internal("input root has no parent".into()))?;
-        let scratch = vm_dir.0.join("scratch.img");
-        let work = vm_dir.0.join("work.img");
-        let work_size = dir_size(ws_src) * 2 + disk_bytes;
+        let scratch = dir.0.join("scratch.img");
+        let work_image = dir.0.join("work.img");
+        let work_size = dir_size(ws_src) * 2 + size.disk_bytes;
         let (a, b) = tokio::join!(
-            disks::mkfs(&scratch, disk_bytes, None),
-            disks::mkfs(&work, work_size, Some(ws_src))
+            disks::mkfs(&scratch, size.disk_bytes, None),
+            disks::mkfs(&work_image, work_size, Some(ws_src))
         );
         a.and(b).map_err(vm_error)?;
-
-        let network = spec.platform.get("network") == Some("external");
+        let disk = |path: &Path, serial: &str, read_only| DiskSpec {
+            path: path.to_path_buf(),
+            serial: serial.into(),
+            read_only,
+        };
         let vm_spec = VmSpec {
-            vcpus,
-            memory_mib,
+            vcpus: size.vcpus,
+            memory_mib: size.memory_mib,
             disks: vec![
-                DiskSpec {
-                    path: image.path.clone(),
-                    serial: ROOT_SERIAL.into(),
-                    read_only: true,
-                },
-                DiskSpec {
-                    path: scratch,
-                    serial: SCRATCH_SERIAL.into(),
-                    read_only: false,
-                },
-                DiskSpec {
-                    path: work.clone(),
-                    serial: WORK_SERIAL.into(),
-                    read_only: false,
-                },
+                disk(&image.path, ROOT_SERIAL, true),
+                disk(&scratch, SCRATCH_SERIAL, false),
+                disk(&work_image, WORK_SERIAL, false),
             ],
             network,
             forwards: if network {
@@ -235,26 +178,87 @@ impl Runner for VmRunner {
             } else {
                 vec![]
             },
-            run_dir: vm_dir.0.join("run"),
+            run_dir: dir.0.join("run"),
         };
         let booting = std::time::Instant::now();
-        let mut vm = tokio::select! {
-            vm = self.boot_with_retry(vm_spec) => vm.map_err(vm_error)?,
-            _ = cancel.cancelled() => return Err(ExecError::Cancelled),
-        };
+        let vm = self.boot_with_retry(vm_spec).await.map_err(vm_error)?;
         tracing::debug!(
             disks_ms = (booting - started).as_millis() as u64,
             boot_ms = booting.elapsed().as_millis() as u64,
             "microVM up"
         );
-        let outcome = self.run_in(&mut vm, spec, &image, cancel).await;
-        vm.kill().await;
-        let outcome = outcome?;
-        // Outputs: the workspace disk's /root replaces the input root.
-        if !outcome.timed_out {
+        Ok(Lease {
+            vm,
+            _dir: dir,
+            work_image,
+            work_size,
+            memory_mib: size.memory_mib,
+        })
+    }
+
+    /// Wakes a paused VM and gives it a fresh workspace built from `ws_src`.
+    async fn resume(&self, mut lease: Lease, ws_src: &Path) -> Result<Lease, VmError> {
+        if dir_size(ws_src) * 2 + (64 << 20) > lease.work_size {
+            lease.vm.kill().await;
+            return Err(VmError::Setup(
+                "the inputs do not fit the recycled VM's workspace".into(),
+            ));
+        }
+        let t = std::time::Instant::now();
+        // The guest unmounted the old workspace; rewrite the same file in place.
+        disks::mkfs(&lease.work_image, lease.work_size, Some(ws_src)).await?;
+        lease.vm.set_running(true).await?;
+        lease
+            .vm
+            .agent()
+            .call(&Request::MountDisk {
+                serial: WORK_SERIAL.into(),
+                path: "/work".into(),
+            })
+            .await?;
+        tracing::debug!(
+            resume_ms = t.elapsed().as_millis() as u64,
+            "recycled microVM resumed"
+        );
+        Ok(lease)
+    }
+
+    async fn start_dockerd(&self, vm: &mut QemuVm, image: &ResolvedImage) -> Result<(), ExecError> {
+        let mut args: Vec<String> = self
+            .config
+            .docker_mirrors
+            .iter()
+            .map(|m| format!("--registry-mirror={m}"))
+            .collect();
+        args.extend(
+            self.config
+                .insecure_registries
+                .iter()
+                .map(|r| format!("--insecure-registry={r}")),
+        );
+        let req = Request::StartDockerd {
+            args,
+            timeout_secs: DOCKERD_TIMEOUT.as_secs(),
+        };
+        match vm.agent().call(&req).await {
+            Ok(_) => Ok(()),
+            Err(VmError::Agent(msg)) if msg.contains("has no dockerd") => Err(ExecError::Coded {
+                code: Code::FailedPrecondition,
+                message: format!("init-dockerd=true, but {} has no dockerd", image.name),
+            }),
+            Err(e) => Err(ExecError::Coded {
+                code: Code::Unavailable,
+                message: format!("init-dockerd=true: dockerd did not start in the VM: {e}"),
+            }),
+        }
+    }
+
+    /// Copies outputs, stdout and stderr out of the workspace image.
+    async fn collect(&self, lease: &Lease, spec: &RunSpec, outputs: bool) -> Result<(), ExecError> {
+        if outputs {
             std::fs::remove_dir_all(&spec.input_root)
                 .map_err(|e| ExecError::io("clearing the input root", e))?;
-            disks::extract_dir(&work, "/root", &spec.input_root)
+            disks::extract_dir(&lease.work_image, "/root", &spec.input_root)
                 .await
                 .map_err(vm_error)?;
         }
@@ -262,7 +266,7 @@ impl Runner for VmRunner {
             ("/stdout", &spec.stdout_path),
             ("/stderr", &spec.stderr_path),
         ] {
-            if let Err(e) = disks::extract_file(&work, guest, host).await {
+            if let Err(e) = disks::extract_file(&lease.work_image, guest, host).await {
                 tracing::warn!(error = %e, "could not copy {guest} out of the VM");
             }
             if !host.exists() {
@@ -270,18 +274,29 @@ impl Runner for VmRunner {
                     .map_err(|e| ExecError::io("creating stdout/stderr", e))?;
             }
         }
-        Ok(outcome)
+        Ok(())
     }
-}
 
-impl VmRunner {
+    /// Pauses a VM into the pool, stopping whatever that evicts.
+    async fn park(&self, key: String, mut lease: Lease) {
+        if let Err(e) = lease.vm.set_running(false).await {
+            tracing::warn!(error = %e, "could not pause the VM; not recycling it");
+            lease.vm.kill().await;
+            return;
+        }
+        let memory = lease.memory_mib;
+        for mut evicted in self.pool.put(key, lease, memory) {
+            evicted.vm.kill().await;
+        }
+    }
+
     async fn run_in(
         &self,
         vm: &mut QemuVm,
         spec: &RunSpec,
         image: &ResolvedImage,
         cancel: CancellationToken,
-    ) -> Result<RunOutcome, ExecError> {
+    ) -> Result<(RunOutcome, bool), ExecError> {
         let agent = vm.agent();
         let now = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -317,7 +332,7 @@ impl VmRunner {
         });
         let exited = tokio::select! {
             r = agent.call(&req) => r.map_err(vm_error)?,
-            _ = tokio::time::sleep(spec.timeout) => return Ok(RunOutcome { exit_code: 137, timed_out: true }),
+            _ = tokio::time::sleep(spec.timeout) => return Ok((RunOutcome { exit_code: 137, timed_out: true }, false)),
             _ = cancel.cancelled() => return Err(ExecError::Cancelled),
         };
         let Response::Exited(status) = exited else {
@@ -325,19 +340,106 @@ impl VmRunner {
                 "unexpected answer to exec: {exited:?}"
             ))));
         };
-        // Flush the workspace so the host reads a consistent filesystem.
-        tokio::time::timeout(
+        // Flush the workspace so the host reads a consistent filesystem. If
+        // something the action left running still uses it, the guest has
+        // synced it; the VM is then stopped before the host reads it, and
+        // not recycled.
+        let released = match tokio::time::timeout(
             Duration::from_secs(30),
             agent.call(&Request::Unmount {
                 path: "/work".into(),
             }),
         )
         .await
-        .map_err(|_| vm_error(VmError::Agent("unmounting the workspace timed out".into())))?
-        .map_err(vm_error)?;
-        Ok(RunOutcome {
-            exit_code: status.exit_code,
-            timed_out: false,
-        })
+        {
+            Ok(Ok(_)) => true,
+            Ok(Err(e)) => {
+                tracing::info!(error = %e, "workspace still in use after the action; the VM will not be recycled");
+                false
+            }
+            Err(_) => false,
+        };
+        Ok((
+            RunOutcome {
+                exit_code: status.exit_code,
+                timed_out: false,
+            },
+            released,
+        ))
+    }
+}
+
+#[async_trait]
+impl Runner for VmRunner {
+    fn isolation_type(&self) -> &'static str {
+        "firecracker"
+    }
+
+    async fn run(
+        &self,
+        spec: &RunSpec,
+        cancel: CancellationToken,
+    ) -> Result<RunOutcome, ExecError> {
+        let image =
+            images::resolve(spec, &self.config.default_image, self.images.as_deref()).await?;
+        let size = images::size(spec, self.config.default_size, self.config.max_vcpus)?;
+        let recycle = spec.platform.flag("recycle-runner");
+        let dockerd = spec.platform.flag("init-dockerd");
+        // Docker needs to reach registries, so it implies networking unless
+        // the action says otherwise.
+        let network = match spec.platform.get("network") {
+            Some(v) => v == "external",
+            None => dockerd,
+        };
+        let ws_src = spec
+            .input_root
+            .parent()
+            .ok_or_else(|| ExecError::Internal("input root has no parent".into()))?;
+        let key = runner_key(spec, self.vmm.as_ref(), &image, size);
+        let warm = if recycle { self.pool.take(&key) } else { None };
+        let lease = match warm {
+            Some(warm) => match self.resume(warm, ws_src).await {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    tracing::warn!(error = %e, "recycled VM did not resume; booting a fresh one");
+                    None
+                }
+            },
+            None => None,
+        };
+        let mut lease = match lease {
+            Some(l) => l,
+            None => tokio::select! {
+                l = self.cold(&image, size, network, ws_src) => l?,
+                _ = cancel.cancelled() => return Err(ExecError::Cancelled),
+            },
+        };
+        if dockerd {
+            if let Err(e) = self.start_dockerd(&mut lease.vm, &image).await {
+                lease.vm.kill().await;
+                return Err(e);
+            }
+        }
+        let ran = self.run_in(&mut lease.vm, spec, &image, cancel).await;
+        let released = matches!(&ran, Ok((_, true)));
+        let outcome = ran.map(|(o, _)| o);
+        let finished = matches!(&outcome, Ok(o) if !o.timed_out);
+        if !released {
+            // Timed out, cancelled, broken, or the workspace is still in use:
+            // the VM goes, whatever it was doing.
+            lease.vm.kill().await;
+        }
+        let collected = self.collect(&lease, spec, finished).await;
+        let reusable = recycle
+            && released
+            && collected.is_ok()
+            && matches!(&outcome, Ok(o) if o.exit_code == 0);
+        if reusable {
+            self.park(key, lease).await;
+        } else {
+            lease.vm.kill().await;
+        }
+        collected?;
+        outcome
     }
 }

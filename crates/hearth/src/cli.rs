@@ -101,6 +101,15 @@ pub struct VmOptions {
     /// Registry (HOST:PORT) that may be used over plain HTTP; repeatable.
     #[arg(long = "insecure-registry")]
     pub insecure_registries: Vec<String>,
+    /// Registry mirror for dockerd in the VMs (init-dockerd=true); repeatable.
+    #[arg(long = "docker-mirror")]
+    pub docker_mirrors: Vec<String>,
+    /// Most paused VMs kept for recycle-runner=true.
+    #[arg(long, default_value_t = 4)]
+    pub vm_pool_size: usize,
+    /// Most memory (MiB) paused VMs may hold together.
+    #[arg(long, default_value_t = 8192)]
+    pub vm_pool_memory_mib: u64,
     /// Default VM memory in MiB (EstimatedMemory overrides).
     #[arg(long, default_value_t = 1024)]
     pub vm_memory_mib: u64,

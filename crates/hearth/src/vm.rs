@@ -34,6 +34,7 @@ impl hearth_vm::ImageSource for Images {
             Ok(image) => Ok(hearth_vm::ResolvedImage {
                 path: image.path,
                 env: image.config.env,
+                name: format!("image {reference} ({})", image.manifest_digest),
             }),
             Err(e) => Err(hearth_executor::ExecError::Coded {
                 code: e.grpc_code(),
@@ -43,23 +44,63 @@ impl hearth_vm::ImageSource for Images {
     }
 }
 
-/// The agent binary built by scripts/install.sh for the guest target.
+/// True when the ELF file has no program interpreter (PT_INTERP), i.e. it
+/// can run as PID 1 of an initramfs that has no dynamic loader.
+fn is_static_elf(path: &Path) -> bool {
+    let Ok(bytes) = std::fs::read(path) else {
+        return false;
+    };
+    let u16_at = |o: usize| {
+        bytes
+            .get(o..o + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]) as usize)
+    };
+    let u64_at = |o: usize| {
+        bytes
+            .get(o..o + 8)
+            .map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as usize)
+    };
+    if bytes.get(..4) != Some(b"\x7fELF") {
+        return false;
+    }
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38))
+    else {
+        return false;
+    };
+    const PT_INTERP: u32 = 3;
+    (0..phnum).all(|i| {
+        let at = phoff + i * phentsize;
+        bytes
+            .get(at..at + 4)
+            .is_some_and(|t| u32::from_le_bytes([t[0], t[1], t[2], t[3]]) != PT_INTERP)
+    })
+}
+
+/// The static agent binary built by scripts/install.sh for the guest target
+/// (a dynamically linked build of it, e.g. from `cargo build`, can't be /init).
 fn find_agent(opts: &VmOptions) -> Result<PathBuf> {
     if let Some(p) = &opts.guest_agent {
+        if !is_static_elf(p) {
+            bail!(
+                "--guest-agent {} is not a statically linked executable",
+                p.display()
+            );
+        }
         return Ok(p.clone());
     }
     let exe = std::env::current_exe().context("locating this binary")?;
     let dir = exe.parent().context("binary has no directory")?;
-    for candidate in [
-        dir.join("hearth-guest"),
+    let candidates = [
         dir.join("../x86_64-unknown-linux-gnu/release/hearth-guest"),
         dir.join("../../x86_64-unknown-linux-gnu/release/hearth-guest"),
-    ] {
-        if candidate.is_file() {
-            return Ok(candidate);
-        }
-    }
-    bail!("no hearth-guest agent next to {} (build it with scripts/install.sh, or pass --guest-agent)", exe.display())
+        dir.join("hearth-guest"),
+    ];
+    candidates.into_iter().find(|c| is_static_elf(c)).with_context(|| {
+        format!(
+            "no statically linked hearth-guest agent near {} (build it with scripts/install.sh, or pass --guest-agent)",
+            exe.display()
+        )
+    })
 }
 
 async fn probe(vmm: &QemuVmm, dir: &Path, image: &Path) -> Result<()> {
@@ -161,7 +202,8 @@ async fn setup(opts: &VmOptions, work_dir: &Path) -> Result<Arc<dyn Runner>> {
         tsc_khz: host_tsc_khz(),
         boot_timeout: match accel {
             Accel::Kvm => Duration::from_secs(10),
-            Accel::Tcg => Duration::from_secs(30),
+            // Emulated boots take ~2.5 s alone, much longer on a busy host.
+            Accel::Tcg => Duration::from_secs(90),
         },
         forward_exe: std::env::current_exe().unwrap_or_else(|_| "hearth".into()),
     };
@@ -187,9 +229,13 @@ async fn setup(opts: &VmOptions, work_dir: &Path) -> Result<Arc<dyn Runner>> {
     .await;
     let vmm = make(accel);
     let t = std::time::Instant::now();
-    probe(&vmm, &vm_dir, &opts.vm_default_image)
-        .await
-        .with_context(|| format!("probe boot with {accel}"))?;
+    // One retry: an emulated boot on a loaded host can hang (see FACTS).
+    if let Err(first) = probe(&vmm, &vm_dir, &opts.vm_default_image).await {
+        tracing::warn!("probe boot with {accel} failed, retrying: {first:#}");
+        probe(&vmm, &vm_dir, &opts.vm_default_image)
+            .await
+            .with_context(|| format!("probe boot with {accel}"))?;
+    }
     tracing::info!(accelerator = %accel, probe_boot_ms = t.elapsed().as_millis() as u64, "microVMs ready");
     // Registries on this host's loopback that VMs may use, at the same address.
     let loopback: Vec<std::net::SocketAddr> = opts
@@ -211,11 +257,17 @@ async fn setup(opts: &VmOptions, work_dir: &Path) -> Result<Arc<dyn Runner>> {
     let config = VmRunnerConfig {
         work_dir: vm_dir,
         default_image: opts.vm_default_image.clone(),
-        default_vcpus: 1,
+        default_size: hearth_vm::VmSize {
+            vcpus: 1,
+            memory_mib: opts.vm_memory_mib,
+            disk_bytes: opts.vm_disk_bytes,
+        },
         max_vcpus: cores,
-        default_memory_mib: opts.vm_memory_mib,
-        default_disk_bytes: opts.vm_disk_bytes,
         forwards,
+        docker_mirrors: opts.docker_mirrors.clone(),
+        insecure_registries: opts.insecure_registries.clone(),
+        pool_max_vms: opts.vm_pool_size,
+        pool_max_memory_mib: opts.vm_pool_memory_mib,
     };
     let images = hearth_image::ImageStore::new(hearth_image::ImageConfig {
         cache_dir: work_dir.join("images"),
@@ -226,4 +278,22 @@ async fn setup(opts: &VmOptions, work_dir: &Path) -> Result<Arc<dyn Runner>> {
     Ok(Arc::new(
         VmRunner::new(Arc::new(vmm), Some(images), config).with_forwarder(forwarder),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn static_and_dynamic_executables_are_told_apart() {
+        assert!(
+            !is_static_elf(Path::new("/bin/sh")),
+            "/bin/sh is dynamically linked"
+        );
+        assert!(
+            is_static_elf(Path::new("/bin/busybox")),
+            "busybox-static is static"
+        );
+        assert!(!is_static_elf(Path::new("/etc/hostname")));
+    }
 }

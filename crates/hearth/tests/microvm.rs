@@ -395,3 +395,87 @@ async fn killed_executor_takes_its_vms_with_it() {
     }
     running.abort();
 }
+
+async fn run_script(
+    c: &tonic::transport::Channel,
+    script: &str,
+    platform: &[(&str, &str)],
+) -> (i32, String, Duration) {
+    let mut spec = ActionSpec::new(script);
+    spec.platform = platform.to_vec();
+    let action = make_action(c, &spec).await;
+    let t = Instant::now();
+    let (_, resp) = execute(c, action, true).await.unwrap();
+    let took = t.elapsed();
+    assert_eq!(
+        resp.status.clone().unwrap_or_default().code,
+        0,
+        "{:?}",
+        resp.status
+    );
+    let r = resp.result.unwrap();
+    let out = read_blob(c, r.stdout_digest.as_ref().unwrap()).await;
+    let err = read_blob(c, r.stderr_digest.as_ref().unwrap()).await;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out),
+        String::from_utf8_lossy(&err)
+    );
+    (r.exit_code, text, took)
+}
+
+#[tokio::test]
+async fn recycled_runner_keeps_state_but_not_the_workspace() {
+    let h = up_vm();
+    let c = channel(&h).await;
+    wait_for_vm_executor(&c).await;
+    let warm = [FC, ("recycle-runner", "true")];
+    let (code, out, cold) = run_script(
+        &c,
+        "echo kept > /tmp/state; echo leftover > out1.txt; (cd / && exec sleep 60 >/dev/null 2>&1) & echo $! > /tmp/bg",
+        &warm,
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    let (code, out, resumed) = run_script(
+        &c,
+        "cat /tmp/state; test ! -e out1.txt && echo clean-workspace; kill -0 $(cat /tmp/bg) && echo bg-alive",
+        &warm,
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("kept"),
+        "state from run 1 is visible in run 2: {out}"
+    );
+    assert!(
+        out.contains("clean-workspace"),
+        "each action starts with an empty workspace: {out}"
+    );
+    assert!(
+        out.contains("bg-alive"),
+        "processes left running survive the pause: {out}"
+    );
+    assert!(
+        resumed < cold,
+        "resumed {resumed:?} should beat cold {cold:?}"
+    );
+
+    // Another key (runner-recycling-key) never gets that VM.
+    let other = [
+        FC,
+        ("recycle-runner", "true"),
+        ("runner-recycling-key", "other"),
+    ];
+    let (_, out, _) = run_script(&c, "cat /tmp/state 2>/dev/null || echo fresh", &other).await;
+    assert!(out.contains("fresh"), "{out}");
+
+    // A failed action's VM is not recycled.
+    let (code, _, _) = run_script(&c, "cat /tmp/state; exit 1", &warm).await;
+    assert_eq!(code, 1);
+    let (_, out, _) = run_script(&c, "cat /tmp/state 2>/dev/null || echo fresh", &warm).await;
+    assert!(
+        out.contains("fresh"),
+        "the VM of a failed action was recycled: {out}"
+    );
+}

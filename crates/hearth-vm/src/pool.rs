@@ -1,0 +1,122 @@
+//! Paused VMs kept for the next action with the same runner key
+//! (`recycle-runner=true`), bounded by count and memory, least recently
+//! used evicted first.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use crate::QemuVm;
+
+/// A VM and the files that live and die with it.
+pub struct Lease {
+    pub vm: QemuVm,
+    /// The VM's directory (disks, sockets, console); removed when the lease
+    /// is dropped, after the VM (fields drop in order).
+    pub _dir: VmDir,
+    pub work_image: PathBuf,
+    pub work_size: u64,
+    pub memory_mib: u64,
+}
+
+/// Removes a VM's directory when dropped.
+pub struct VmDir(pub PathBuf);
+
+impl Drop for VmDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+struct Entry<T> {
+    key: String,
+    item: T,
+    memory_mib: u64,
+    paused_at: Instant,
+}
+
+pub struct Pool<T> {
+    max_items: usize,
+    max_memory_mib: u64,
+    entries: Mutex<Vec<Entry<T>>>,
+}
+
+impl<T> Pool<T> {
+    pub fn new(max_items: usize, max_memory_mib: u64) -> Self {
+        Pool {
+            max_items,
+            max_memory_mib,
+            entries: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Entry<T>>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The most recently added item with this key, if any.
+    pub fn take(&self, key: &str) -> Option<T> {
+        let mut entries = self.lock();
+        let i = entries.iter().rposition(|e| e.key == key)?;
+        Some(entries.remove(i).item)
+    }
+
+    /// Adds an item; returns those evicted (least recently added first) to
+    /// stay within the bounds, for the caller to dispose of.
+    pub fn put(&self, key: String, item: T, memory_mib: u64) -> Vec<T> {
+        let mut entries = self.lock();
+        entries.push(Entry {
+            key,
+            item,
+            memory_mib,
+            paused_at: Instant::now(),
+        });
+        let mut evicted = Vec::new();
+        loop {
+            let memory: u64 = entries.iter().map(|e| e.memory_mib).sum();
+            if entries.len() <= self.max_items && memory <= self.max_memory_mib {
+                break;
+            }
+            let Some(oldest) = entries
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, e)| e.paused_at)
+                .map(|(i, _)| i)
+            else {
+                break;
+            };
+            evicted.push(entries.remove(oldest).item);
+        }
+        evicted
+    }
+
+    /// The keys held, for the scheduler's affinity.
+    pub fn keys(&self) -> Vec<String> {
+        self.lock().iter().map(|e| e.key.clone()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn takes_by_key_and_evicts_least_recent_beyond_bounds() {
+        let pool = Pool::new(2, 1000);
+        assert!(pool.put("a".into(), 1, 100).is_empty());
+        assert!(pool.put("b".into(), 2, 100).is_empty());
+        assert_eq!(
+            pool.put("c".into(), 3, 100),
+            vec![1],
+            "count bound evicts the oldest"
+        );
+        assert_eq!(pool.take("a"), None);
+        assert_eq!(pool.take("c"), Some(3));
+        assert_eq!(
+            pool.put("d".into(), 4, 950),
+            vec![2],
+            "memory bound evicts too"
+        );
+        assert_eq!(pool.keys(), vec!["d".to_string()]);
+    }
+}
