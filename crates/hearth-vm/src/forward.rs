@@ -71,8 +71,20 @@ pub fn stdio_to_unix(path: &Path) -> io::Result<()> {
         let _ = io::copy(&mut io::stdin().lock(), &mut to_sock);
         let _ = to_sock.shutdown(std::net::Shutdown::Write);
     });
+    // Not io::copy into stdout: Rust's stdout is line-buffered, and a
+    // response body that doesn't end in a newline would sit in the buffer.
     let mut from_sock = sock;
-    io::copy(&mut from_sock, &mut io::stdout().lock())?;
+    let mut out = io::stdout().lock();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = io::Read::read(&mut from_sock, &mut buf)?;
+        if n == 0 {
+            break;
+        }
+        io::Write::write_all(&mut out, &buf[..n])?;
+        io::Write::flush(&mut out)?;
+    }
+    drop(out);
     let _ = up.join();
     Ok(())
 }

@@ -403,6 +403,8 @@ async fn run_script(
 ) -> (i32, String, Duration) {
     let mut spec = ActionSpec::new(script);
     spec.platform = platform.to_vec();
+    // A hang fails the test instead of stalling it.
+    spec.timeout_secs = Some(400);
     let action = make_action(c, &spec).await;
     let t = Instant::now();
     let (_, resp) = execute(c, action, true).await.unwrap();
@@ -477,5 +479,59 @@ async fn recycled_runner_keeps_state_but_not_the_workspace() {
     assert!(
         out.contains("fresh"),
         "the VM of a failed action was recycled: {out}"
+    );
+}
+
+/// `init-dockerd=true`: dockerd answers before the command starts, and with
+/// `recycle-runner=true` the next action finds the same dockerd (same start
+/// time) still running. An image without dockerd is FAILED_PRECONDITION
+/// naming the image.
+#[tokio::test]
+async fn dockerd_is_started_and_survives_recycling() {
+    let registry = hearth_testkit::Registry::start("");
+    hearth_testkit::push_busybox_image(&registry.host, "team/nodocker", "1", &[]).await;
+    let accel = std::env::var("HEARTH_TEST_VM").unwrap_or_else(|_| "tcg".into());
+    let h = up(&["--vm", &accel, "--insecure-registry", &registry.host]);
+    let c = channel(&h).await;
+    wait_for_vm_executor(&c).await;
+    let docker = [FC, ("init-dockerd", "true"), ("recycle-runner", "true")];
+    let (code, out, fresh) = run_script(
+        &c,
+        "docker info -f 'server={{.ServerVersion}}' && stat -c %Y /var/run/docker.pid > /tmp/dockerd-started",
+        &docker,
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("server=20."), "{out}");
+    let (code, out, recycled) = run_script(
+        &c,
+        "test \"$(stat -c %Y /var/run/docker.pid)\" = \"$(cat /tmp/dockerd-started)\" && echo same-dockerd; docker info -f 'server={{.ServerVersion}}'",
+        &docker,
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("same-dockerd") && out.contains("server=20."),
+        "{out}"
+    );
+    eprintln!("init-dockerd action: fresh {fresh:?}, recycled {recycled:?}");
+    assert!(recycled < fresh, "recycled {recycled:?} vs fresh {fresh:?}");
+
+    let image = format!("docker://{}/team/nodocker:1", registry.host);
+    let mut spec = ActionSpec::new("true");
+    spec.platform = vec![FC, ("init-dockerd", "true"), ("container-image", &image)];
+    let action = make_action(&c, &spec).await;
+    let (_, resp) = execute(&c, action, false).await.unwrap();
+    let status = resp.status.unwrap();
+    assert_eq!(
+        status.code,
+        Code::FailedPrecondition as i32,
+        "{}",
+        status.message
+    );
+    assert!(
+        status.message.contains("team/nodocker") && status.message.contains("no dockerd"),
+        "{}",
+        status.message
     );
 }
