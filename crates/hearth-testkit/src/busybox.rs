@@ -132,12 +132,10 @@ pub async fn push_busybox_image_with_auth(
         };
     }
 
+    // Docker checks rootfs.diff_ids against the uncompressed layers.
+    let mut config = config_json(oci_arch(), &["PATH=/bin:/usr/bin"], "/", "");
+    config["rootfs"]["diff_ids"] = serde_json::json!([crate::sha256(&layer.tar())]);
     Pusher::new(registry_host, auth)
-        .image(
-            repo,
-            tag,
-            config_json(oci_arch(), &["PATH=/bin:/usr/bin"], "/", ""),
-            &[layer.gz()],
-        )
+        .image(repo, tag, config, &[layer.gz()])
         .await
 }

@@ -535,3 +535,67 @@ async fn dockerd_is_started_and_survives_recycling() {
         status.message
     );
 }
+/// The seed scenario: `docker run --rm ubuntu:20.04 echo PASS` inside a VM
+/// with `init-dockerd=true`, the image served by a local registry used as
+/// dockerd's mirror; then, with `recycle-runner=true`, the next action finds
+/// dockerd still up (same start time), the image cached, and a container the
+/// first run left behind still running.
+#[tokio::test]
+async fn docker_in_the_vm_fresh_and_recycled() {
+    let registry = hearth_testkit::Registry::start("");
+    // A stand-in for ubuntu:20.04 (no registry but ours is reachable here).
+    hearth_testkit::push_busybox_image(&registry.host, "library/ubuntu", "20.04", &[]).await;
+    let mirror = format!("http://{}", registry.host);
+    let accel = std::env::var("HEARTH_TEST_VM").unwrap_or_else(|_| "tcg".into());
+    let h = up(&[
+        "--vm",
+        &accel,
+        "--insecure-registry",
+        &registry.host,
+        "--docker-mirror",
+        &mirror,
+    ]);
+    let c = channel(&h).await;
+    wait_for_vm_executor(&c).await;
+    let docker = [FC, ("init-dockerd", "true"), ("recycle-runner", "true")];
+    let first = "docker run --rm ubuntu:20.04 echo PASS && \
+                 docker run -d --name keeper ubuntu:20.04 sleep 3600 >/dev/null && \
+                 stat -c %Y /var/run/docker.pid > /tmp/dockerd-started";
+    let (code, out, fresh) = run_script(&c, first, &docker).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("PASS"), "{out}");
+    let second = "test \"$(stat -c %Y /var/run/docker.pid)\" = \"$(cat /tmp/dockerd-started)\" && echo same-dockerd; \
+                  docker image inspect ubuntu:20.04 >/dev/null && echo image-cached; \
+                  docker container inspect -f '{{.State.Running}}' keeper; \
+                  docker run --rm ubuntu:20.04 echo PASS";
+    let (code, out, recycled) = run_script(&c, second, &docker).await;
+    assert_eq!(code, 0, "{out}");
+    for want in ["same-dockerd", "image-cached", "true", "PASS"] {
+        assert!(
+            out.contains(want),
+            "missing {want:?} in the recycled run:\n{out}"
+        );
+    }
+    eprintln!("docker action: fresh {fresh:?}, recycled {recycled:?}");
+    assert!(recycled < fresh, "recycled {recycled:?} vs fresh {fresh:?}");
+
+    // An image without dockerd: FAILED_PRECONDITION naming the image.
+    hearth_testkit::push_busybox_image(&registry.host, "team/nodocker", "1", &[]).await;
+    let image = format!("docker://{}/team/nodocker:1", registry.host);
+    let mut spec = ActionSpec::new("true");
+    spec.platform = vec![FC, ("init-dockerd", "true"), ("container-image", &image)];
+    let action = make_action(&c, &spec).await;
+    let (_, resp) = execute(&c, action, false).await.unwrap();
+    let status = resp.status.unwrap();
+    assert_eq!(
+        status.code,
+        Code::FailedPrecondition as i32,
+        "{}",
+        status.message
+    );
+    assert!(
+        status.message.contains("team/nodocker") && status.message.contains("dockerd"),
+        "{}",
+        status.message
+    );
+}
