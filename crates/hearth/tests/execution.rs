@@ -6,8 +6,7 @@ mod common;
 
 use common::*;
 use hearth_proto::reapi::{
-    execution_stage, Action, Command, Directory, DirectoryNode, SymlinkNode, Tree,
-    WaitExecutionRequest,
+    execution_stage, Command, Directory, DirectoryNode, SymlinkNode, Tree, WaitExecutionRequest,
 };
 use hearth_storage::Digest;
 use prost::Message;
@@ -106,15 +105,7 @@ async fn directories_symlinks_and_legacy_output_fields() {
         ..Default::default()
     };
     let cd = upload_msg(&c, &command).await;
-    let action = upload_msg(
-        &c,
-        &Action {
-            command_digest: Some(cd.to_proto()),
-            input_root_digest: Some(root.to_proto()),
-            ..Default::default()
-        },
-    )
-    .await;
+    let action = action_of(&c, cd, root).await;
     let (_, resp) = execute(&c, action, false).await.unwrap();
     let r = resp.result.unwrap();
     assert_eq!(r.exit_code, 0, "{:?}", resp.status);
@@ -179,15 +170,7 @@ async fn inputs_keep_their_layout_and_executable_bit() {
     };
     // The tool prints to stdout; a second command checks the data via the symlink.
     let cd = upload_msg(&c, &command).await;
-    let action = upload_msg(
-        &c,
-        &Action {
-            command_digest: Some(cd.to_proto()),
-            input_root_digest: Some(root_d.to_proto()),
-            ..Default::default()
-        },
-    )
-    .await;
+    let action = action_of(&c, cd, root_d).await;
     let (_, resp) = execute(&c, action, false).await.unwrap();
     let r = resp.result.unwrap();
     assert_eq!(r.exit_code, 0);
@@ -325,15 +308,7 @@ async fn missing_inputs_are_failed_precondition_with_violations() {
         },
     )
     .await;
-    let action = upload_msg(
-        &c,
-        &Action {
-            command_digest: Some(cmd.to_proto()),
-            input_root_digest: Some(root_d.to_proto()),
-            ..Default::default()
-        },
-    )
-    .await;
+    let action = action_of(&c, cmd, root_d).await;
     let err = execute(&c, action, false).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     let v = violations(&err);
@@ -358,15 +333,7 @@ async fn run_tree(c: &tonic::transport::Channel, root: Directory) -> tonic::Stat
         },
     )
     .await;
-    let action = upload_msg(
-        c,
-        &Action {
-            command_digest: Some(cmd.to_proto()),
-            input_root_digest: Some(root_d.to_proto()),
-            ..Default::default()
-        },
-    )
-    .await;
+    let action = action_of(c, cmd, root_d).await;
     execute(c, action, false)
         .await
         .expect_err("the tree must be rejected")
@@ -459,15 +426,7 @@ async fn malformed_input_trees_are_invalid_argument() {
         },
     )
     .await;
-    let ok = upload_msg(
-        &c,
-        &Action {
-            command_digest: Some(cmd.to_proto()),
-            input_root_digest: Some(root_d.to_proto()),
-            ..Default::default()
-        },
-    )
-    .await;
+    let ok = action_of(&c, cmd, root_d).await;
     assert!(execute(&c, ok, false).await.is_ok());
 }
 
@@ -542,15 +501,7 @@ async fn bad_commands_are_invalid_argument() {
         ),
     ] {
         let cd = upload_msg(&c, &cmd).await;
-        let action = upload_msg(
-            &c,
-            &Action {
-                command_digest: Some(cd.to_proto()),
-                input_root_digest: Some(root.to_proto()),
-                ..Default::default()
-            },
-        )
-        .await;
+        let action = action_of(&c, cd, root).await;
         let err = execute(&c, action, false).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{why}");
         assert!(err.message().contains(why), "{}: {}", why, err.message());

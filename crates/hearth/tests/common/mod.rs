@@ -141,6 +141,19 @@ pub fn file_node(name: &str, data: &[u8], executable: bool) -> FileNode {
     }
 }
 
+/// Uploads an Action with no timeout or platform of its own and returns its digest.
+pub async fn action_of(c: &Channel, command: Digest, input_root: Digest) -> Digest {
+    upload_msg(
+        c,
+        &Action {
+            command_digest: Some(command.to_proto()),
+            input_root_digest: Some(input_root.to_proto()),
+            ..Default::default()
+        },
+    )
+    .await
+}
+
 /// An action: `sh -c SCRIPT` in an input root holding `files`, with the given
 /// platform properties and outputs (as output_paths).
 pub struct ActionSpec<'a> {
