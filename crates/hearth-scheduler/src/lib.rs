@@ -2,11 +2,13 @@
 //! operations clients watch. It knows nothing of gRPC or storage; the API
 //! layer feeds it jobs and executor events and publishes what it decides.
 
+mod affinity;
 mod executors;
 mod operation;
 pub mod platform;
 mod scheduler;
 
+pub use affinity::affinity_key;
 pub use executors::{ExecutorInfo, ExecutorSnapshot};
 pub use operation::{OpSnapshot, Stage};
 pub use platform::{Platform, PlatformError};
