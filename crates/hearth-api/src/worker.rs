@@ -52,7 +52,9 @@ fn executor_info(hello: wp::Hello) -> Result<ExecutorInfo, Status> {
 }
 
 /// Stores an executor's result and completes the operation.
-async fn finished(ctx: &Context, executor: &str, session: u64, f: wp::Finished) {
+async fn finished(ctx: &Context, executor: &str, session: u64, mut f: wp::Finished) {
+    ctx.scheduler
+        .report_warm(executor, session, std::mem::take(&mut f.warm_keys));
     let Some(job) = ctx.scheduler.finish(executor, session, &f.operation_name) else {
         tracing::warn!(executor, operation = %f.operation_name, "result for an operation this executor does not hold; ignored");
         return;
@@ -104,7 +106,7 @@ impl WorkerApi for WorkerService {
         request: Request<Streaming<WorkerMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
         let mut inbound = request.into_inner();
-        let hello = match inbound.message().await? {
+        let mut hello = match inbound.message().await? {
             Some(WorkerMessage {
                 kind: Some(worker_message::Kind::Hello(h)),
             }) => h,
@@ -114,9 +116,10 @@ impl WorkerApi for WorkerService {
                 ))
             }
         };
+        let warm_keys = std::mem::take(&mut hello.warm_keys);
         let info = executor_info(hello)?;
         let id = info.id.clone();
-        let (session, rx) = self.ctx.scheduler.connect(info);
+        let (session, rx) = self.ctx.scheduler.connect(info, warm_keys);
         let ctx = self.ctx.clone();
         tokio::spawn(async move {
             loop {
@@ -161,6 +164,7 @@ impl WorkerApi for WorkerService {
                     capacity: e.info.capacity,
                     running: e.running,
                     connected_seconds: e.connected_seconds,
+                    warm_runners: e.warm_runners,
                 })
                 .collect(),
             queued_actions: stats.queued,

@@ -111,7 +111,16 @@ impl Executor {
         v
     }
 
+    /// Affinity keys of the warm runners of all its runners (one entry per
+    /// warm runner), for its hello and every Finished.
+    pub fn warm_keys(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.runners.values().flat_map(|r| r.warm_keys()).collect();
+        v.sort();
+        v
+    }
+
     /// Runs an assignment; never fails, errors become the Finished status.
+    /// The Finished carries the warm keys as they are once the action is done.
     pub async fn execute(&self, a: Assignment, cancel: CancellationToken) -> Finished {
         let op = a.operation_name.clone();
         let mut meta = ExecutedActionMetadata {
@@ -134,6 +143,7 @@ impl Executor {
                     action_result: result.encode_to_vec(),
                     status_code: code as i32,
                     status_message: message,
+                    warm_keys: self.warm_keys(),
                 }
             }
             Err(e) => {
@@ -143,6 +153,7 @@ impl Executor {
                     action_result: vec![],
                     status_code: e.code() as i32,
                     status_message: e.to_string(),
+                    warm_keys: self.warm_keys(),
                 }
             }
         }
@@ -233,5 +244,58 @@ impl Executor {
             )
         });
         Ok((result, status))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runner::RunOutcome;
+    use async_trait::async_trait;
+    use hearth_storage::DiskStore;
+
+    /// A runner that only reports warm keys.
+    struct Warm(&'static str, Vec<String>);
+
+    #[async_trait]
+    impl Runner for Warm {
+        fn isolation_type(&self) -> &'static str {
+            self.0
+        }
+        async fn run(&self, _: &RunSpec, _: CancellationToken) -> ExecResult<RunOutcome> {
+            Err(ExecError::Internal("not used".into()))
+        }
+        fn warm_keys(&self) -> Vec<String> {
+            self.1.clone()
+        }
+    }
+
+    #[tokio::test]
+    async fn finished_reports_the_warm_keys_of_every_runner() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(DiskStore::open(&dir.path().join("cas"), 0).unwrap());
+        let runners: Vec<Arc<dyn Runner>> = vec![
+            Arc::new(Warm("none", vec![])),
+            Arc::new(Warm(
+                "firecracker",
+                vec!["k2".into(), "k1".into(), "k2".into()],
+            )),
+        ];
+        let config = ExecutorConfig {
+            id: "e".into(),
+            work_dir: dir.path().join("work"),
+            default_timeout: Duration::from_secs(10),
+            max_timeout: Duration::from_secs(10),
+        };
+        let exec = Executor::new(config, LocalCas::shared(store), runners).unwrap();
+        assert_eq!(exec.warm_keys(), ["k1", "k2", "k2"]);
+        let bad = Assignment {
+            operation_name: "op".into(),
+            action: b"\xff".to_vec(),
+            ..Default::default()
+        };
+        let f = exec.execute(bad, CancellationToken::new()).await;
+        assert_ne!(f.status_code, 0, "the undecodable action fails");
+        assert_eq!(f.warm_keys, ["k1", "k2", "k2"]);
     }
 }

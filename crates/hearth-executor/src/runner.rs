@@ -43,4 +43,11 @@ pub trait Runner: Send + Sync + 'static {
 
     /// Runs the command to completion, timeout or cancellation.
     async fn run(&self, spec: &RunSpec, cancel: CancellationToken) -> ExecResult<RunOutcome>;
+
+    /// Affinity keys (see [`hearth_scheduler::affinity_key`]) of the warm
+    /// runners this runner holds (paused or snapshotted), for the scheduler's
+    /// preference. One entry per warm runner: a key may repeat.
+    fn warm_keys(&self) -> Vec<String> {
+        Vec::new()
+    }
 }

@@ -88,6 +88,7 @@ async fn one_session(
         capacity: config.capacity,
         description: config.description.clone(),
         running_operations: vec![],
+        warm_keys: executor.warm_keys(),
     };
     let _ = tx.send(WorkerMessage {
         kind: Some(worker_message::Kind::Hello(hello)),

@@ -1,7 +1,7 @@
 //! What the scheduler knows about one connected executor, and matching an
 //! action's platform against it.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Instant;
 
 use crate::platform::{Platform, ARCH, ISOLATION, OS_FAMILY, POOL};
@@ -55,11 +55,40 @@ pub(crate) struct Executor {
     pub running: HashSet<String>,
     pub connected_at: Instant,
     pub sender: tokio::sync::mpsc::UnboundedSender<hearth_proto::worker::ServerMessage>,
+    /// Affinity keys of its warm runners → how many it holds, as of its
+    /// last report, less those the scheduler has since sent work to.
+    pub warm: HashMap<String, u32>,
 }
 
 impl Executor {
     pub fn free_slots(&self) -> u32 {
         self.info.capacity.saturating_sub(self.running.len() as u32)
+    }
+
+    /// Replaces the warm set with a report (one entry per warm runner).
+    pub fn set_warm(&mut self, keys: Vec<String>) {
+        self.warm.clear();
+        for k in keys {
+            *self.warm.entry(k).or_default() += 1;
+        }
+    }
+
+    pub fn holds_warm(&self, key: &str) -> bool {
+        self.warm.contains_key(key)
+    }
+
+    /// Counts one warm runner with `key` as taken by work just sent.
+    pub fn take_warm(&mut self, key: &str) {
+        if let Some(n) = self.warm.get_mut(key) {
+            *n -= 1;
+            if *n == 0 {
+                self.warm.remove(key);
+            }
+        }
+    }
+
+    pub fn warm_runners(&self) -> u32 {
+        self.warm.values().sum()
     }
 }
 
@@ -69,6 +98,8 @@ pub struct ExecutorSnapshot {
     pub info: ExecutorInfo,
     pub running: u32,
     pub connected_seconds: u64,
+    /// Warm runners it holds, as the scheduler believes.
+    pub warm_runners: u32,
 }
 
 #[cfg(test)]

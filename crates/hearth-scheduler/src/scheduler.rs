@@ -14,7 +14,7 @@ use hearth_storage::{Digest, PinGuard};
 use tokio::sync::{mpsc, watch};
 
 use crate::executors::{Executor, ExecutorInfo, ExecutorSnapshot};
-use crate::{OpSnapshot, Platform, Stage};
+use crate::{affinity_key, OpSnapshot, Platform, Stage};
 
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
@@ -81,6 +81,8 @@ struct JobState {
     enqueued: Instant,
     queued_at: SystemTime,
     executor: Option<String>,
+    /// With `recycle-runner=true`: the key of the warm runners it could reuse.
+    affinity: Option<String>,
 }
 
 struct OpEntry {
@@ -176,9 +178,14 @@ impl Scheduler {
                 finished_at: None,
             },
         );
+        let affinity = job
+            .platform
+            .flag("recycle-runner")
+            .then(|| affinity_key(&job.instance_name, &job.platform));
         st.jobs.insert(
             name.clone(),
             JobState {
+                affinity,
                 job,
                 attempts: 0,
                 enqueued: Instant::now(),
@@ -218,12 +225,14 @@ impl Scheduler {
         true
     }
 
-    /// Registers an executor; returns its session number and the channel on
-    /// which it receives work. A reconnect under the same id replaces the old
-    /// session (whose work is re-queued).
+    /// Registers an executor with the affinity keys of the warm runners it
+    /// holds; returns its session number and the channel on which it receives
+    /// work. A reconnect under the same id replaces the old session (whose
+    /// work is re-queued).
     pub fn connect(
         &self,
         info: ExecutorInfo,
+        warm_keys: Vec<String>,
     ) -> (u64, mpsc::UnboundedReceiver<worker::ServerMessage>) {
         let mut st = self.lock();
         if st.executors.contains_key(&info.id) {
@@ -233,17 +242,17 @@ impl Scheduler {
         st.next_session += 1;
         let session = st.next_session;
         let (tx, rx) = mpsc::unbounded_channel();
-        tracing::info!(executor = %info.id, capacity = info.capacity, isolation = ?info.isolation_types, "executor connected");
-        st.executors.insert(
-            info.id.clone(),
-            Executor {
-                info,
-                session,
-                running: Default::default(),
-                connected_at: Instant::now(),
-                sender: tx,
-            },
-        );
+        tracing::info!(executor = %info.id, capacity = info.capacity, isolation = ?info.isolation_types, warm = warm_keys.len(), "executor connected");
+        let mut exec = Executor {
+            info,
+            session,
+            running: Default::default(),
+            connected_at: Instant::now(),
+            sender: tx,
+            warm: Default::default(),
+        };
+        exec.set_warm(warm_keys);
+        st.executors.insert(exec.info.id.clone(), exec);
         dispatch(&mut st);
         (session, rx)
     }
@@ -284,6 +293,19 @@ impl Scheduler {
                 st.queue.push_front(op.clone());
                 publish_stage(st, &op, Stage::Queued);
             }
+        }
+    }
+
+    /// An executor reports the affinity keys of the warm runners it holds now
+    /// (one entry per runner); they replace what it reported before.
+    pub fn report_warm(&self, executor_id: &str, session: u64, warm_keys: Vec<String>) {
+        let mut st = self.lock();
+        if let Some(exec) = st
+            .executors
+            .get_mut(executor_id)
+            .filter(|e| e.session == session)
+        {
+            exec.set_warm(warm_keys);
         }
     }
 
@@ -329,6 +351,7 @@ impl Scheduler {
                 info: e.info.clone(),
                 running: e.running.len() as u32,
                 connected_seconds: e.connected_at.elapsed().as_secs(),
+                warm_runners: e.warm_runners(),
             })
             .collect();
         executors.sort_by(|a, b| a.info.id.cmp(&b.info.id));
@@ -416,7 +439,9 @@ fn complete_locked(st: &mut State, op: &str, response: ExecuteResponse) {
 }
 
 /// Hands queued jobs to executors with free slots, oldest job first; each
-/// goes to the matching executor with the most free slots.
+/// goes to the matching executor with the most free slots, except that a job
+/// with an affinity key prefers, among those, one holding a warm runner with
+/// that key. It never waits for a warm executor that has no free slot.
 fn dispatch(st: &mut State) {
     let mut i = 0;
     while i < st.queue.len() {
@@ -425,11 +450,12 @@ fn dispatch(st: &mut State) {
             st.queue.remove(i);
             continue;
         };
+        let affinity = js.affinity.as_deref();
         let target = st
             .executors
             .values()
             .filter(|e| e.free_slots() > 0 && e.info.mismatch(&js.job.platform).is_none())
-            .max_by_key(|e| e.free_slots())
+            .max_by_key(|e| (affinity.is_some_and(|k| e.holds_warm(k)), e.free_slots()))
             .map(|e| e.info.id.clone());
         let Some(exec_id) = target else {
             i += 1;
@@ -466,6 +492,14 @@ fn dispatch(st: &mut State) {
             continue;
         }
         exec.running.insert(op.clone());
+        if let Some(key) = affinity {
+            if exec.holds_warm(key) {
+                tracing::debug!(operation = %op, executor = %exec_id, "sent to an executor holding a warm runner");
+                // Taken now: the next job with this key must not count on it.
+                // The executor's next report says what it really holds.
+                exec.take_warm(key);
+            }
+        }
         if let Some(js) = st.jobs.get_mut(&op) {
             js.executor = Some(exec_id);
             js.attempts += 1;

@@ -1,4 +1,4 @@
-//! Unit tests of the queue and dispatch.
+//! Unit tests of the queue and dispatch, warm-runner affinity included.
 
 use super::*;
 
@@ -25,6 +25,18 @@ fn info(id: &str, capacity: u32) -> ExecutorInfo {
     }
 }
 
+/// A `recycle-runner` job whose platform (so affinity key) is set by `image`.
+fn recycled(tag: &str, image: &str) -> Job {
+    job(
+        tag,
+        Platform::from_pairs([("recycle-runner", "true"), ("container-image", image)]),
+    )
+}
+
+fn key_of(image: &str) -> String {
+    affinity_key("", &recycled("", image).platform)
+}
+
 fn assigned(rx: &mut mpsc::UnboundedReceiver<worker::ServerMessage>) -> Option<String> {
     match rx.try_recv().ok()?.kind? {
         server_message::Kind::Assign(a) => Some(a.operation_name),
@@ -37,7 +49,7 @@ async fn waits_for_an_executor_then_dispatches() {
     let s = Scheduler::new(SchedulerConfig::default());
     let op = s.submit(job("a", Platform::default())).unwrap();
     assert_eq!(op.borrow().stage, Stage::Queued);
-    let (session, mut rx) = s.connect(info("e1", 1));
+    let (session, mut rx) = s.connect(info("e1", 1), vec![]);
     let name = assigned(&mut rx).expect("assignment");
     assert_eq!(op.borrow().stage, Stage::Executing);
     let running = s.finish("e1", session, &name).unwrap();
@@ -54,7 +66,7 @@ async fn unmatched_platform_fails_fast_only_when_executors_exist() {
         s.submit(job("q", fc.clone())).is_ok(),
         "no executors: it waits"
     );
-    let _conn = s.connect(info("e1", 1));
+    let _conn = s.connect(info("e1", 1), vec![]);
     let err = s.submit(job("r", fc)).unwrap_err();
     assert!(
         err.to_string()
@@ -82,11 +94,11 @@ async fn lost_executor_requeues_then_gives_up() {
         ..Default::default()
     });
     let op = s.submit(job("a", Platform::default())).unwrap();
-    let (s1, mut rx1) = s.connect(info("e1", 1));
+    let (s1, mut rx1) = s.connect(info("e1", 1), vec![]);
     assert!(assigned(&mut rx1).is_some());
     s.disconnect("e1", s1);
     assert_eq!(op.borrow().stage, Stage::Queued);
-    let (s2, mut rx2) = s.connect(info("e2", 1));
+    let (s2, mut rx2) = s.connect(info("e2", 1), vec![]);
     assert!(
         assigned(&mut rx2).is_some(),
         "re-queued work goes to the next executor"
@@ -120,10 +132,102 @@ async fn queue_timeout_fails_waiting_actions() {
 #[tokio::test]
 async fn capacity_is_respected() {
     let s = Scheduler::new(SchedulerConfig::default());
-    let (_, mut rx) = s.connect(info("e1", 1));
+    let (_, mut rx) = s.connect(info("e1", 1), vec![]);
     s.submit(job("a", Platform::default())).unwrap();
     s.submit(job("b", Platform::default())).unwrap();
     assert!(assigned(&mut rx).is_some());
     assert!(assigned(&mut rx).is_none(), "second waits for a free slot");
     assert_eq!(s.stats().queued, 1);
+}
+
+/// Connects "warm", holding a runner with the key of image `k`, and "cold".
+fn warm_and_cold(
+    s: &Scheduler,
+    warm_capacity: u32,
+    cold_capacity: u32,
+) -> [mpsc::UnboundedReceiver<worker::ServerMessage>; 2] {
+    let (_, warm) = s.connect(info("warm", warm_capacity), vec![key_of("k")]);
+    let (_, cold) = s.connect(info("cold", cold_capacity), vec![]);
+    [warm, cold]
+}
+
+fn warm_runners(s: &Scheduler, id: &str) -> u32 {
+    s.stats()
+        .executors
+        .iter()
+        .find(|e| e.info.id == id)
+        .map_or(0, |e| e.warm_runners)
+}
+
+#[tokio::test]
+async fn recycled_job_goes_to_the_executor_holding_its_key() {
+    let s = Scheduler::new(SchedulerConfig::default());
+    let [mut warm, mut cold] = warm_and_cold(&s, 2, 2);
+    assert_eq!(warm_runners(&s, "warm"), 1);
+    s.submit(recycled("a", "k")).unwrap();
+    assert!(assigned(&mut warm).is_some(), "the warm executor gets it");
+    assert!(assigned(&mut cold).is_none());
+    assert_eq!(warm_runners(&s, "warm"), 0, "its runner counts as taken");
+    s.submit(recycled("b", "k")).unwrap();
+    assert!(
+        assigned(&mut cold).is_some(),
+        "a second job with the key does not pile onto the taken runner"
+    );
+}
+
+#[tokio::test]
+async fn other_jobs_keep_the_most_free_slots_rule() {
+    let s = Scheduler::new(SchedulerConfig::default());
+    let [mut warm, mut cold] = warm_and_cold(&s, 1, 4);
+    let plain = Platform::from_pairs([("container-image", "k")]);
+    s.submit(job("plain", plain)).unwrap();
+    assert!(
+        assigned(&mut cold).is_some(),
+        "no recycle-runner: no affinity"
+    );
+    s.submit(recycled("other", "other")).unwrap();
+    assert!(assigned(&mut cold).is_some(), "another key: no affinity");
+    assert!(assigned(&mut warm).is_none());
+    assert_eq!(warm_runners(&s, "warm"), 1);
+    s.submit(recycled("a", "k")).unwrap();
+    assert!(
+        assigned(&mut warm).is_some(),
+        "the warm one wins with fewer slots"
+    );
+}
+
+#[tokio::test]
+async fn recycled_job_does_not_wait_for_a_full_warm_executor() {
+    let s = Scheduler::new(SchedulerConfig::default());
+    let (_, mut warm) = s.connect(info("warm", 1), vec![key_of("k")]);
+    s.submit(job("busy", Platform::default())).unwrap();
+    assert!(assigned(&mut warm).is_some());
+    let (_, mut cold) = s.connect(info("cold", 1), vec![]);
+    s.submit(recycled("a", "k")).unwrap();
+    assert!(assigned(&mut cold).is_some(), "goes elsewhere at once");
+    assert_eq!(s.stats().queued, 0);
+}
+
+#[tokio::test]
+async fn a_report_replaces_the_warm_keys() {
+    let s = Scheduler::new(SchedulerConfig::default());
+    let (s1, mut e1) = s.connect(info("e1", 1), vec![key_of("a")]);
+    let (s2, mut e2) = s.connect(info("e2", 3), vec![]);
+    s.report_warm("e1", s1, vec![key_of("b"), key_of("b")]);
+    s.report_warm("e2", s2 + 1, vec![key_of("a")]);
+    assert_eq!(warm_runners(&s, "e1"), 2);
+    assert_eq!(
+        warm_runners(&s, "e2"),
+        0,
+        "a stale session's report is ignored"
+    );
+    s.submit(recycled("a", "a")).unwrap();
+    assert!(assigned(&mut e2).is_some(), "e1 no longer holds key a");
+    s.submit(recycled("b", "b")).unwrap();
+    assert!(assigned(&mut e1).is_some(), "e1 holds key b now");
+    assert_eq!(
+        warm_runners(&s, "e1"),
+        1,
+        "one of its two b runners is left"
+    );
 }

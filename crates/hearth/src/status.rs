@@ -60,8 +60,13 @@ pub fn render(s: &StatusResponse) -> String {
             .iter()
             .map(|p| format!("{}={}", p.name, p.value))
             .collect();
+        let warm = if e.warm_runners > 0 {
+            format!("  {} warm", e.warm_runners)
+        } else {
+            String::new()
+        };
         out.push_str(&format!(
-            "  {:<28} {}/{} busy  isolation={}  {}  up {}s\n",
+            "  {:<28} {}/{} busy{warm}  isolation={}  {}  up {}s\n",
             e.executor_id,
             e.running,
             e.capacity,
@@ -86,6 +91,7 @@ mod tests {
                 capacity: 2,
                 running: 1,
                 isolation_types: vec!["none".into()],
+                warm_runners: 2,
                 ..Default::default()
             }],
             queued_actions: 3,
@@ -97,7 +103,7 @@ mod tests {
         assert!(text.contains("3 queued"), "{text}");
         assert!(text.contains("1.5 MB in 10 blobs"), "{text}");
         assert!(
-            text.contains("box-1") && text.contains("1/2 busy"),
+            text.contains("box-1") && text.contains("1/2 busy  2 warm"),
             "{text}"
         );
     }
