@@ -1,6 +1,7 @@
 //! `hearth server` with separate `hearth executor` processes: remote input
 //! fetch and output upload, waiting for executors, queue timeout, and an
-//! executor killed in the middle of an action.
+//! executor killed in the middle of an action; warm-runner affinity over the
+//! executor protocol.
 
 mod common;
 
@@ -9,8 +10,12 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use hearth_proto::worker::{
-    worker_service_client::WorkerServiceClient, StatusRequest, StatusResponse,
+    server_message, worker_message, worker_service_client::WorkerServiceClient, Finished, Hello,
+    ServerMessage, StatusRequest, StatusResponse, WorkerMessage,
 };
+use hearth_scheduler::{affinity_key, Platform};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::Code;
 
 struct Executor(Child);
@@ -188,4 +193,95 @@ async fn status_command_prints_a_summary() {
         "{text}"
     );
     assert!(text.contains("0 queued, 0 running"), "{text}");
+}
+
+/// An executor played by the test over the protocol itself.
+struct FakeExecutor {
+    tx: mpsc::UnboundedSender<WorkerMessage>,
+    inbound: tonic::Streaming<ServerMessage>,
+}
+
+impl FakeExecutor {
+    async fn connect(c: &tonic::transport::Channel, id: &str, warm_keys: Vec<String>) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let hello = Hello {
+            executor_id: id.into(),
+            isolation_types: vec!["none".into()],
+            capacity: 2,
+            warm_keys,
+            ..Default::default()
+        };
+        tx.send(WorkerMessage {
+            kind: Some(worker_message::Kind::Hello(hello)),
+        })
+        .unwrap();
+        let inbound = WorkerServiceClient::new(c.clone())
+            .session(UnboundedReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        FakeExecutor { tx, inbound }
+    }
+
+    async fn assignment(&mut self) -> String {
+        match self.inbound.message().await.unwrap().and_then(|m| m.kind) {
+            Some(server_message::Kind::Assign(a)) => a.operation_name,
+            other => panic!("expected an assignment, got {other:?}"),
+        }
+    }
+
+    fn finish(&self, op: String, warm_keys: Vec<String>) {
+        let f = Finished {
+            operation_name: op,
+            warm_keys,
+            ..Default::default()
+        };
+        self.tx
+            .send(WorkerMessage {
+                kind: Some(worker_message::Kind::Finished(f)),
+            })
+            .unwrap();
+    }
+}
+
+fn warm_runners(s: &StatusResponse, id: &str) -> Option<u32> {
+    s.executors
+        .iter()
+        .find(|e| e.executor_id == id)
+        .map(|e| e.warm_runners)
+}
+
+#[tokio::test]
+async fn recycled_action_goes_to_the_executor_reporting_its_warm_key() {
+    let h = server(&[]);
+    let c = channel(&h).await;
+    let pairs = [("recycle-runner", "true")];
+    let key = affinity_key("", &Platform::from_pairs(pairs));
+    let _cold = FakeExecutor::connect(&c, "cold", vec![]).await;
+    let mut warm = FakeExecutor::connect(&c, "warm", vec![key.clone()]).await;
+    let s = wait_for(&c, "two executors", |s| s.executors.len() == 2).await;
+    assert_eq!(warm_runners(&s, "warm"), Some(1));
+    assert_eq!(warm_runners(&s, "cold"), Some(0));
+
+    let mut spec = ActionSpec::new("true");
+    spec.platform = pairs.to_vec();
+    spec.do_not_cache = true;
+    let action = make_action(&c, &spec).await;
+    let run = tokio::spawn({
+        let c = c.clone();
+        async move { execute(&c, action, true).await }
+    });
+    let op = tokio::time::timeout(Duration::from_secs(20), warm.assignment())
+        .await
+        .expect("the warm executor gets the action");
+    let s = status(&c).await;
+    assert_eq!(warm_runners(&s, "warm"), Some(0), "its runner is taken");
+    warm.finish(op, vec![key.clone(), key]);
+    let (_, resp) = run.await.unwrap().unwrap();
+    assert_eq!(resp.status.unwrap_or_default().code, 0);
+    let s = wait_for(&c, "the new warm report", |s| {
+        warm_runners(s, "warm") == Some(2)
+    })
+    .await;
+    assert_eq!(s.running_actions, 0);
 }
