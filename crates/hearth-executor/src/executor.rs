@@ -100,6 +100,14 @@ impl Executor {
         })
     }
 
+    /// Lets every runner save its warm state; called once at shutdown,
+    /// after the last action.
+    pub async fn shutdown(&self) {
+        for runner in self.runners.values() {
+            runner.shutdown().await;
+        }
+    }
+
     pub fn id(&self) -> &str {
         &self.config.id
     }

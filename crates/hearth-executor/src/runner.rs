@@ -50,4 +50,8 @@ pub trait Runner: Send + Sync + 'static {
     fn warm_keys(&self) -> Vec<String> {
         Vec::new()
     }
+
+    /// Called once when the executor stops, after the last action: a
+    /// runner that keeps warm state saves it here.
+    async fn shutdown(&self) {}
 }

@@ -41,6 +41,24 @@ impl AgentClient {
         }
     }
 
+    /// Connects to the agent of a restored VM (its hello went to the host
+    /// that booted it) and checks that it answers.
+    pub async fn attach(path: &std::path::Path, timeout: Duration) -> Result<Self, VmError> {
+        let stream = UnixStream::connect(path)
+            .await
+            .map_err(|e| VmError::io(format!("connecting to {}", path.display()), e))?;
+        let mut client = AgentClient { stream };
+        match tokio::time::timeout(timeout, client.call(&Request::Ping)).await {
+            Ok(Ok(Response::Pong)) => Ok(client),
+            Ok(Ok(other)) => Err(VmError::Agent(format!("expected pong, got {other:?}"))),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(VmError::Agent(format!(
+                "no answer within {}s after the restore",
+                timeout.as_secs()
+            ))),
+        }
+    }
+
     async fn read(&mut self) -> Result<Response, VmError> {
         let len = self
             .stream

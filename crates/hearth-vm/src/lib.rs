@@ -18,12 +18,14 @@ mod pool;
 mod qemu;
 mod qmp;
 mod runner;
+mod snapshots;
+mod warm;
 
 pub use accel::{detect_accel, host_tsc_khz, Accel};
 pub use agent::AgentClient;
 pub use error::VmError;
 pub use images::{ImageSource, ResolvedImage, VmSize};
-pub use qemu::{kill_stale, QemuVm, QemuVmm};
+pub use qemu::{file_identity, kill_stale, qemu_version, QemuVm, QemuVmm};
 pub use runner::{VmRunner, VmRunnerConfig};
 
 use std::path::PathBuf;
@@ -52,6 +54,12 @@ pub struct VmSpec {
     pub forwards: Vec<(u16, PathBuf)>,
     /// Private directory for the VM's sockets and console log.
     pub run_dir: PathBuf,
+    /// Guest RAM in this file, mapped shared, so that saving the VM writes
+    /// only device state (see [`QemuVm::save`]). None: anonymous memory.
+    pub memory_file: Option<PathBuf>,
+    /// Restore from this device-state file (written by [`QemuVm::save`]
+    /// with the same spec) instead of booting.
+    pub incoming: Option<PathBuf>,
 }
 
 /// The kernel and initramfs every VM of a backend boots.
@@ -64,7 +72,9 @@ pub struct BootFiles {
 /// A VMM backend.
 #[async_trait]
 pub trait Vmm: Send + Sync + 'static {
-    /// Boots a VM and waits until its agent says hello.
+    /// Boots a VM and waits until its agent says hello; or, with
+    /// `spec.incoming`, restores a saved one and waits until its agent
+    /// answers.
     async fn boot(&self, spec: &VmSpec) -> Result<QemuVm, VmError>;
     fn accel(&self) -> Accel;
     /// What every VM of this backend has in common (VMM, kernel, initramfs,

@@ -6,17 +6,18 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use crate::QemuVm;
+use crate::{QemuVm, VmSpec};
 
 /// A VM and the files that live and die with it.
 pub struct Lease {
     pub vm: QemuVm,
     /// The VM's directory (disks, sockets, console); removed when the lease
     /// is dropped, after the VM (fields drop in order).
-    pub _dir: VmDir,
+    pub dir: VmDir,
+    /// What the VM was started with.
+    pub spec: VmSpec,
     pub work_image: PathBuf,
     pub work_size: u64,
-    pub memory_mib: u64,
 }
 
 /// Removes a VM's directory when dropped.
@@ -62,8 +63,8 @@ impl<T> Pool<T> {
     }
 
     /// Adds an item; returns those evicted (least recently added first) to
-    /// stay within the bounds, for the caller to dispose of.
-    pub fn put(&self, key: String, item: T, memory_mib: u64) -> Vec<T> {
+    /// stay within the bounds, with their keys, for the caller to dispose of.
+    pub fn put(&self, key: String, item: T, memory_mib: u64) -> Vec<(String, T)> {
         let mut entries = self.lock();
         entries.push(Entry {
             key,
@@ -85,9 +86,15 @@ impl<T> Pool<T> {
             else {
                 break;
             };
-            evicted.push(entries.remove(oldest).item);
+            let e = entries.remove(oldest);
+            evicted.push((e.key, e.item));
         }
         evicted
+    }
+
+    /// Empties the pool (at shutdown).
+    pub fn drain(&self) -> Vec<(String, T)> {
+        self.lock().drain(..).map(|e| (e.key, e.item)).collect()
     }
 
     /// The keys held, for the scheduler's affinity.
@@ -107,16 +114,18 @@ mod tests {
         assert!(pool.put("b".into(), 2, 100).is_empty());
         assert_eq!(
             pool.put("c".into(), 3, 100),
-            vec![1],
+            vec![("a".to_string(), 1)],
             "count bound evicts the oldest"
         );
         assert_eq!(pool.take("a"), None);
         assert_eq!(pool.take("c"), Some(3));
         assert_eq!(
             pool.put("d".into(), 4, 950),
-            vec![2],
+            vec![("b".to_string(), 2)],
             "memory bound evicts too"
         );
         assert_eq!(pool.keys(), vec!["d".to_string()]);
+        assert_eq!(pool.drain(), vec![("d".to_string(), 4)]);
+        assert!(pool.keys().is_empty());
     }
 }

@@ -23,12 +23,82 @@ pub struct QemuVmm {
     /// The `hearth` binary, whose `forward-unix` subcommand QEMU runs for
     /// each guest connection to a forwarded service.
     pub forward_exe: PathBuf,
+    /// What `qemu --version` printed: a saved VM restores only into the
+    /// same QEMU.
+    pub version: String,
+}
+
+/// A file's path, size and modification time: enough to tell a replaced
+/// kernel or image apart without hashing gigabytes.
+pub fn file_identity(path: &Path) -> String {
+    let meta = std::fs::metadata(path);
+    let (len, mtime) = meta
+        .map(|m| {
+            let mtime = m
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_nanos())
+                .unwrap_or(0);
+            (m.len(), mtime)
+        })
+        .unwrap_or((0, 0));
+    format!("{}:{len}:{mtime}", path.display())
+}
+
+/// Guest RAM in a shared memory file is not copied by migration: the file
+/// already holds it.
+fn ignore_shared() -> serde_json::Value {
+    serde_json::json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]})
+}
+
+/// `qemu --version`'s first line.
+pub async fn qemu_version(qemu: &Path) -> Result<String, VmError> {
+    let out = Command::new(qemu)
+        .arg("--version")
+        .output()
+        .await
+        .map_err(|e| VmError::io(format!("running {} --version", qemu.display()), e))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text.lines().next().unwrap_or_default().trim().to_string())
+}
+
+/// Loads a VM saved by [`QemuVm::save`] into a QEMU started with
+/// `-incoming defer`, then resumes it (it was paused when saved, and stays
+/// paused after loading).
+async fn wake_restored(qmp_sock: &Path, state: &Path) -> Result<(), VmError> {
+    let mut qmp = loop {
+        match Qmp::connect(qmp_sock).await {
+            Ok(q) => break q,
+            Err(_) => tokio::time::sleep(Duration::from_millis(2)).await,
+        }
+    };
+    qmp.execute("migrate-set-capabilities", ignore_shared())
+        .await?;
+    qmp.execute(
+        "migrate-incoming",
+        serde_json::json!({"uri": format!("exec:cat {}", shell_quote(state))}),
+    )
+    .await?;
+    loop {
+        let status = qmp.execute("query-status", serde_json::json!({})).await?;
+        match status.get("status").and_then(|s| s.as_str()) {
+            Some("inmigrate") | Some("restore-vm") => {
+                tokio::time::sleep(Duration::from_millis(2)).await
+            }
+            _ => break,
+        }
+    }
+    qmp.execute("cont", serde_json::json!({})).await?;
+    Ok(())
 }
 
 /// A running VM. Killed (with its QEMU process) when dropped.
 pub struct QemuVm {
     child: Child,
     agent: AgentClient,
+    /// The guest's hello (`Pong` for a restored VM, whose hello went to
+    /// the host that booted it).
     pub hello: Response,
     run_dir: PathBuf,
     /// Gives a networked VM's namespace its outbound connectivity.
@@ -54,7 +124,19 @@ impl QemuVmm {
             append.push(format!("hearth.fwd={}", ports.join(",")));
         }
         let run = &spec.run_dir;
-        let mut a: Vec<String> = vec!["-M".into(), "microvm".into()];
+        let mut a: Vec<String> = vec!["-M".into()];
+        match &spec.memory_file {
+            Some(file) => a.extend([
+                "microvm,memory-backend=mem".into(),
+                "-object".into(),
+                format!(
+                    "memory-backend-file,id=mem,size={}M,mem-path={},share=on",
+                    spec.memory_mib,
+                    file.display()
+                ),
+            ]),
+            None => a.push("microvm".into()),
+        }
         a.extend(self.accel.qemu_args().iter().map(|s| s.to_string()));
         a.extend([
             "-m".into(),
@@ -116,8 +198,17 @@ impl QemuVmm {
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", run.join("qmp.sock").display()),
         ]);
+        if spec.incoming.is_some() {
+            // The source's migration capabilities must be set first (QMP).
+            a.push("-incoming".into());
+            a.push("defer".into());
+        }
         a
     }
+}
+
+fn shell_quote(path: &Path) -> String {
+    format!("'{}'", path.display().to_string().replace('\'', "'\\''"))
 }
 
 /// The last lines of a console log, for error messages.
@@ -203,13 +294,26 @@ impl Vmm for QemuVmm {
         };
         let agent_sock = spec.run_dir.join("agent.sock");
         let console = spec.run_dir.join("console.log");
+        let ready = async {
+            match &spec.incoming {
+                None => AgentClient::connect(&agent_sock, self.boot_timeout).await,
+                Some(state) => {
+                    let qmp_sock = spec.run_dir.join("qmp.sock");
+                    tokio::time::timeout(self.boot_timeout, wake_restored(&qmp_sock, state))
+                        .await
+                        .map_err(|_| VmError::Agent("the restore did not finish".into()))??;
+                    let agent = AgentClient::attach(&agent_sock, self.boot_timeout).await?;
+                    Ok((agent, Response::Pong))
+                }
+            }
+        };
         let connected = tokio::select! {
-            r = AgentClient::connect(&agent_sock, self.boot_timeout) => r,
+            r = ready => r,
             status = child.wait() => {
                 let qemu_log = tail(&spec.run_dir.join("qemu.log"), 20);
                 return Err(VmError::Boot {
-                    reason: format!("QEMU exited ({}) before the agent answered: {qemu_log}",
-                        status.map(|s| s.to_string()).unwrap_or_default()),
+                    reason: format!("QEMU exited ({}) before the agent answered: {}",
+                        status.map(|s| s.to_string()).unwrap_or_default(), qemu_log.trim()),
                     console: tail(&console, 30),
                 });
             }
@@ -244,12 +348,14 @@ impl Vmm for QemuVmm {
     }
 
     fn identity(&self) -> String {
+        // The initramfs is named by its content hash (agent and modules).
         format!(
-            "{} {} {} {}",
-            self.qemu.display(),
-            self.boot.kernel.display(),
+            "{} {} {} {} {}",
+            self.version,
+            file_identity(&self.boot.kernel),
             self.boot.initramfs.display(),
-            self.accel
+            self.accel,
+            self.tsc_khz.unwrap_or(0)
         )
     }
 }
@@ -271,6 +377,50 @@ impl QemuVm {
 
     pub fn console_tail(&self) -> String {
         tail(&self.run_dir.join("console.log"), 30)
+    }
+
+    /// Saves a paused VM's device state to `state` and stops it. The VM must
+    /// have been booted with a shared `memory_file`: its RAM is already in
+    /// that file, so only device state is written (tens of KB). Restore
+    /// with the same spec plus `incoming`, the disks and memory file as they
+    /// are now.
+    pub async fn save(&mut self, state: &Path) -> Result<(), VmError> {
+        let mut qmp = Qmp::connect(&self.run_dir.join("qmp.sock")).await?;
+        qmp.execute("stop", serde_json::json!({})).await?;
+        qmp.execute("migrate-set-capabilities", ignore_shared())
+            .await?;
+        qmp.execute(
+            "migrate-set-parameters",
+            serde_json::json!({"max-bandwidth": 1u64 << 40}),
+        )
+        .await?;
+        qmp.execute(
+            "migrate",
+            serde_json::json!({"uri": format!("exec:cat > {}", shell_quote(state))}),
+        )
+        .await?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let info = qmp.execute("query-migrate", serde_json::json!({})).await?;
+            match info.get("status").and_then(|s| s.as_str()) {
+                Some("completed") => break,
+                Some(s @ ("failed" | "cancelled")) => {
+                    let why = info
+                        .get("error-desc")
+                        .and_then(|d| d.as_str())
+                        .unwrap_or("");
+                    return Err(VmError::Setup(format!(
+                        "saving the VM: migration {s}: {why}"
+                    )));
+                }
+                _ if tokio::time::Instant::now() > deadline => {
+                    return Err(VmError::Setup("saving the VM took over 60 s".into()))
+                }
+                _ => tokio::time::sleep(Duration::from_millis(2)).await,
+            }
+        }
+        self.kill().await;
+        Ok(())
     }
 
     /// Pauses or resumes the vCPUs through QMP.
@@ -322,6 +472,7 @@ mod tests {
             tsc_khz: None,
             boot_timeout: Duration::from_secs(20),
             forward_exe: "hearth".into(),
+            version: String::new(),
         };
         let spec = VmSpec {
             vcpus: 1,
@@ -330,6 +481,8 @@ mod tests {
             network: false,
             forwards: vec![],
             run_dir: dir.path().join("run"),
+            memory_file: None,
+            incoming: None,
         };
         let err = vmm.boot(&spec).await.err().expect("boot must fail");
         let text = err.to_string();

@@ -14,13 +14,15 @@ use hearth_executor::{ExecError, RunOutcome, RunSpec, Runner};
 use hearth_guest::protocol::{
     ExecRequest, Request, Response, ROOT_SERIAL, SCRATCH_SERIAL, WORK_SERIAL,
 };
+use hearth_scheduler::affinity_key;
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
 use crate::images::{self, ImageSource, ResolvedImage, VmSize};
 use crate::pool::{Lease, Pool, VmDir};
-use crate::{disks, DiskSpec, QemuVm, VmError, VmSpec, Vmm};
+use crate::snapshots::{SnapshotStore, MEMORY_FILE, SCRATCH_FILE, WORK_FILE};
+use crate::{disks, file_identity, DiskSpec, QemuVm, VmError, VmSpec, Vmm};
 
 #[derive(Debug, Clone)]
 pub struct VmRunnerConfig {
@@ -39,13 +41,18 @@ pub struct VmRunnerConfig {
     /// Bounds of the pool of paused VMs.
     pub pool_max_vms: usize,
     pub pool_max_memory_mib: u64,
+    /// Where evicted and shutdown-time pooled VMs are saved, and how many
+    /// snapshots are kept (oldest deleted first). None: not saved.
+    pub snapshot_dir: Option<std::path::PathBuf>,
+    pub snapshot_max: usize,
 }
 
 pub struct VmRunner {
-    vmm: Arc<dyn Vmm>,
+    pub(crate) vmm: Arc<dyn Vmm>,
     images: Option<Arc<dyn ImageSource>>,
-    config: VmRunnerConfig,
-    pool: Pool<Lease>,
+    pub(crate) config: VmRunnerConfig,
+    pub(crate) pool: Pool<Lease>,
+    pub(crate) snapshots: Option<SnapshotStore>,
     /// Serves `config.forwards` for as long as the runner lives.
     _forwarder: Option<crate::forward::Forwarder>,
 }
@@ -54,7 +61,7 @@ const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 /// How long dockerd may take to answer (emulated boots are slow).
 const DOCKERD_TIMEOUT: Duration = Duration::from_secs(120);
 
-fn vm_error(e: VmError) -> ExecError {
+pub(crate) fn vm_error(e: VmError) -> ExecError {
     let code = match e {
         VmError::Boot { .. } | VmError::Agent(_) | VmError::Version(..) => Code::Unavailable,
         VmError::Io { .. } | VmError::Setup(_) => Code::Internal,
@@ -65,7 +72,7 @@ fn vm_error(e: VmError) -> ExecError {
     }
 }
 
-fn dir_size(path: &Path) -> u64 {
+pub(crate) fn dir_size(path: &Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(path) else {
         return 0;
     };
@@ -79,24 +86,39 @@ fn dir_size(path: &Path) -> u64 {
         .sum()
 }
 
-/// The runner key: instance name, the whole platform (sorted), and the VM
-/// configuration (kernel and initramfs, image, size). A recycled VM is only
-/// handed to an action with an equal key.
-fn runner_key(spec: &RunSpec, vmm: &dyn Vmm, image: &ResolvedImage, size: VmSize) -> String {
+/// The runner key: the scheduler's affinity key (instance name and the whole
+/// platform), a dot, then a hash of the VM configuration (QEMU version,
+/// kernel, initramfs and so agent version, image file, size, forwarded
+/// ports). A recycled or saved VM is only handed to an action with an equal
+/// key.
+fn runner_key(
+    spec: &RunSpec,
+    vmm: &dyn Vmm,
+    image: &ResolvedImage,
+    size: VmSize,
+    forwards: &[(u16, std::path::PathBuf)],
+) -> String {
     let mut h = Sha256::new();
-    h.update(spec.instance_name.as_bytes());
-    h.update([0]);
-    for (k, v) in spec.platform.iter() {
-        h.update(k.as_bytes());
-        h.update([b'=']);
-        h.update(v.as_bytes());
-        h.update([0]);
-    }
     h.update(vmm.identity().as_bytes());
     h.update([0]);
-    h.update(image.path.display().to_string().as_bytes());
+    h.update(file_identity(&image.path).as_bytes());
+    for (port, _) in forwards {
+        h.update(format!("\0fwd:{port}").as_bytes());
+    }
     h.update(format!("\0{}/{}/{}", size.vcpus, size.memory_mib, size.disk_bytes).as_bytes());
-    hex::encode(h.finalize())
+    format!(
+        "{}.{}",
+        affinity_key(&spec.instance_name, &spec.platform),
+        hex::encode(h.finalize())
+    )
+}
+
+/// The affinity part of a runner key.
+fn affinity_of(runner_key: &str) -> String {
+    runner_key
+        .split_once('.')
+        .map_or(runner_key, |(a, _)| a)
+        .to_string()
 }
 
 impl VmRunner {
@@ -105,8 +127,14 @@ impl VmRunner {
         images: Option<Arc<dyn ImageSource>>,
         config: VmRunnerConfig,
     ) -> Self {
+        let snapshots = config.snapshot_dir.as_ref().and_then(|dir| {
+            SnapshotStore::open(dir, config.snapshot_max)
+                .map_err(|e| tracing::warn!(error = %e, "VM snapshots disabled"))
+                .ok()
+        });
         VmRunner {
             pool: Pool::new(config.pool_max_vms, config.pool_max_memory_mib),
+            snapshots,
             vmm,
             images,
             config,
@@ -120,14 +148,19 @@ impl VmRunner {
         self
     }
 
-    /// Runner keys of the paused VMs this runner holds.
+    /// Affinity keys of the VMs this runner holds paused or saved, one per
+    /// VM.
     pub fn warm_keys(&self) -> Vec<String> {
-        self.pool.keys()
+        let mut keys = self.pool.keys();
+        if let Some(s) = &self.snapshots {
+            keys.extend(s.keys());
+        }
+        keys.iter().map(|k| affinity_of(k)).collect()
     }
 
     /// Boots; a boot that fails (QEMU died, or the guest hung — rare under
     /// emulation) is retried once from a fresh run directory.
-    async fn boot_with_retry(&self, mut spec: VmSpec) -> Result<QemuVm, VmError> {
+    pub(crate) async fn boot_with_retry(&self, mut spec: VmSpec) -> Result<QemuVm, VmError> {
         match self.vmm.boot(&spec).await {
             Ok(vm) => Ok(vm),
             Err(first @ VmError::Boot { .. }) => {
@@ -145,14 +178,15 @@ impl VmRunner {
         image: &ResolvedImage,
         size: VmSize,
         network: bool,
+        saveable: bool,
         ws_src: &Path,
     ) -> Result<Lease, ExecError> {
         let started = std::time::Instant::now();
         let dir = VmDir(self.config.work_dir.join(uuid::Uuid::new_v4().to_string()));
         std::fs::create_dir_all(&dir.0)
             .map_err(|e| ExecError::io("creating the VM directory", e))?;
-        let scratch = dir.0.join("scratch.img");
-        let work_image = dir.0.join("work.img");
+        let scratch = dir.0.join(SCRATCH_FILE);
+        let work_image = dir.0.join(WORK_FILE);
         let work_size = dir_size(ws_src) * 2 + size.disk_bytes;
         let (a, b) = tokio::join!(
             disks::mkfs(&scratch, size.disk_bytes, None),
@@ -179,9 +213,14 @@ impl VmRunner {
                 vec![]
             },
             run_dir: dir.0.join("run"),
+            memory_file: saveable.then(|| dir.0.join(MEMORY_FILE)),
+            incoming: None,
         };
         let booting = std::time::Instant::now();
-        let vm = self.boot_with_retry(vm_spec).await.map_err(vm_error)?;
+        let vm = self
+            .boot_with_retry(vm_spec.clone())
+            .await
+            .map_err(vm_error)?;
         tracing::debug!(
             disks_ms = (booting - started).as_millis() as u64,
             boot_ms = booting.elapsed().as_millis() as u64,
@@ -189,38 +228,11 @@ impl VmRunner {
         );
         Ok(Lease {
             vm,
-            _dir: dir,
+            dir,
+            spec: vm_spec,
             work_image,
             work_size,
-            memory_mib: size.memory_mib,
         })
-    }
-
-    /// Wakes a paused VM and gives it a fresh workspace built from `ws_src`.
-    async fn resume(&self, mut lease: Lease, ws_src: &Path) -> Result<Lease, VmError> {
-        if dir_size(ws_src) * 2 + (64 << 20) > lease.work_size {
-            lease.vm.kill().await;
-            return Err(VmError::Setup(
-                "the inputs do not fit the recycled VM's workspace".into(),
-            ));
-        }
-        let t = std::time::Instant::now();
-        // The guest unmounted the old workspace; rewrite the same file in place.
-        disks::mkfs(&lease.work_image, lease.work_size, Some(ws_src)).await?;
-        lease.vm.set_running(true).await?;
-        lease
-            .vm
-            .agent()
-            .call(&Request::MountDisk {
-                serial: WORK_SERIAL.into(),
-                path: "/work".into(),
-            })
-            .await?;
-        tracing::debug!(
-            resume_ms = t.elapsed().as_millis() as u64,
-            "recycled microVM resumed"
-        );
-        Ok(lease)
     }
 
     async fn start_dockerd(&self, vm: &mut QemuVm, image: &ResolvedImage) -> Result<(), ExecError> {
@@ -275,19 +287,6 @@ impl VmRunner {
             }
         }
         Ok(())
-    }
-
-    /// Pauses a VM into the pool, stopping whatever that evicts.
-    async fn park(&self, key: String, mut lease: Lease) {
-        if let Err(e) = lease.vm.set_running(false).await {
-            tracing::warn!(error = %e, "could not pause the VM; not recycling it");
-            lease.vm.kill().await;
-            return;
-        }
-        let memory = lease.memory_mib;
-        for mut evicted in self.pool.put(key, lease, memory) {
-            evicted.vm.kill().await;
-        }
     }
 
     async fn run_in(
@@ -375,6 +374,14 @@ impl Runner for VmRunner {
         "firecracker"
     }
 
+    async fn shutdown(&self) {
+        self.save_all().await;
+    }
+
+    fn warm_keys(&self) -> Vec<String> {
+        VmRunner::warm_keys(self)
+    }
+
     async fn run(
         &self,
         spec: &RunSpec,
@@ -395,22 +402,16 @@ impl Runner for VmRunner {
             .input_root
             .parent()
             .ok_or_else(|| ExecError::Internal("input root has no parent".into()))?;
-        let key = runner_key(spec, self.vmm.as_ref(), &image, size);
-        let warm = if recycle { self.pool.take(&key) } else { None };
-        let lease = match warm {
-            Some(warm) => match self.resume(warm, ws_src).await {
-                Ok(l) => Some(l),
-                Err(e) => {
-                    tracing::warn!(error = %e, "recycled VM did not resume; booting a fresh one");
-                    None
-                }
-            },
-            None => None,
+        let key = runner_key(spec, self.vmm.as_ref(), &image, size, &self.config.forwards);
+        let lease = if recycle {
+            self.warm(&key, ws_src).await
+        } else {
+            None
         };
         let mut lease = match lease {
             Some(l) => l,
             None => tokio::select! {
-                l = self.cold(&image, size, network, ws_src) => l?,
+                l = self.cold(&image, size, network, recycle, ws_src) => l?,
                 _ = cancel.cancelled() => return Err(ExecError::Cancelled),
             },
         };

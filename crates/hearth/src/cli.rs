@@ -110,6 +110,10 @@ pub struct VmOptions {
     /// Most memory (MiB) paused VMs may hold together.
     #[arg(long, default_value_t = 8192)]
     pub vm_pool_memory_mib: u64,
+    /// Most recycled VMs kept saved on disk (evicted from the pool or
+    /// pooled at shutdown); 0 saves none.
+    #[arg(long, default_value_t = 8)]
+    pub vm_snapshots: usize,
     /// Default VM memory in MiB (EstimatedMemory overrides).
     #[arg(long, default_value_t = 1024)]
     pub vm_memory_mib: u64,

@@ -76,12 +76,27 @@ async fn serve(server: Server, shutdown: CancellationToken) -> Result<()> {
     println!("hearth listening on {addr}");
     tracing::info!(%addr, "serving");
     let incoming = TcpIncoming::from(server.listener).with_nodelay(Some(true));
-    tonic::transport::Server::builder()
+    let serving = tonic::transport::Server::builder()
         .add_routes(hearth_api::routes(server.ctx))
-        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
-        .await
-        .context("gRPC server")
+        .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
+    // A graceful shutdown waits for clients to hang up; idle clients (Bazel
+    // keeps its connections) may never do, so in-flight calls get a grace
+    // period and then the server stops.
+    let grace = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    tokio::select! {
+        r = serving => r.context("gRPC server"),
+        _ = grace => {
+            tracing::info!("clients still connected after the grace period; stopping");
+            Ok(())
+        }
+    }
 }
+
+/// How long in-flight calls may take to finish at shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
 fn executor_config(opts: &ExecutorOptions, work_dir: std::path::PathBuf) -> ExecutorConfig {
     let host = std::fs::read_to_string("/etc/hostname").unwrap_or_else(|_| "executor".into());
@@ -159,7 +174,9 @@ pub async fn up(args: UpArgs) -> Result<()> {
         match Executor::new(config, cas, runners) {
             Ok(executor) => {
                 let sc = session_config(&opts, connect);
-                session::run(Arc::new(executor), sc, channel, stop).await
+                let executor = Arc::new(executor);
+                session::run(executor.clone(), sc, channel, stop).await;
+                executor.shutdown().await;
             }
             Err(e) => tracing::error!("starting the executor: {e}"),
         }
@@ -191,11 +208,12 @@ pub async fn executor(args: ExecutorArgs) -> Result<()> {
     let executor = Arc::new(Executor::new(config, cas, runners).context("starting the executor")?);
     tracing::info!(executor = executor.id(), server = %url, "executor starting");
     session::run(
-        executor,
+        executor.clone(),
         session_config(&args.options, url),
         channel,
         shutdown,
     )
     .await;
+    executor.shutdown().await;
     Ok(())
 }

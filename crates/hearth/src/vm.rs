@@ -141,6 +141,8 @@ async fn probe(vmm: &QemuVmm, dir: &Path, image: &Path) -> Result<()> {
         network: false,
         forwards: vec![],
         run_dir: run.join("run"),
+        memory_file: None,
+        incoming: None,
     };
     let result = vmm.boot(&spec).await;
     let _ = std::fs::remove_dir_all(&run);
@@ -192,7 +194,11 @@ async fn setup(opts: &VmOptions, work_dir: &Path) -> Result<Arc<dyn Runner>> {
     std::fs::create_dir_all(&vm_dir)?;
     let initrd = initramfs::build(&agent, &modules, &work_dir.join("vm-cache"))
         .context("building the initramfs")?;
+    let version = hearth_vm::qemu_version(&opts.qemu)
+        .await
+        .with_context(|| format!("running {}", opts.qemu.display()))?;
     let make = |accel: Accel| QemuVmm {
+        version: version.clone(),
         qemu: opts.qemu.clone(),
         boot: BootFiles {
             kernel: kernel.clone(),
@@ -268,6 +274,8 @@ async fn setup(opts: &VmOptions, work_dir: &Path) -> Result<Arc<dyn Runner>> {
         insecure_registries: opts.insecure_registries.clone(),
         pool_max_vms: opts.vm_pool_size,
         pool_max_memory_mib: opts.vm_pool_memory_mib,
+        snapshot_dir: (opts.vm_snapshots > 0).then(|| work_dir.join("vm-snapshots")),
+        snapshot_max: opts.vm_snapshots,
     };
     let images = hearth_image::ImageStore::new(hearth_image::ImageConfig {
         cache_dir: work_dir.join("images"),

@@ -18,6 +18,8 @@ use hearth_storage::Digest;
 use prost::Message;
 use tonic::transport::Channel;
 
+pub mod vm;
+
 /// A running `hearth` process, killed when dropped.
 pub struct Hearth {
     pub child: Child,
@@ -29,6 +31,21 @@ impl Drop for Hearth {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl Hearth {
+    /// Stops the process with SIGTERM (a graceful shutdown), waits for it,
+    /// and hands back its directory for a restart with `up_in`.
+    pub fn stop(&mut self) -> tempfile::TempDir {
+        let status = Proc::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("running kill");
+        assert!(status.success());
+        let exited = self.child.wait().expect("waiting for hearth");
+        assert!(exited.success(), "hearth exited with {exited}");
+        std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"))
     }
 }
 

@@ -1,0 +1,229 @@
+//! Recycled VMs saved to disk: when the pool evicts a paused VM, and for
+//! every pooled VM when the executor shuts down. A snapshot is a directory
+//! holding the VM's shared memory file, its scratch and workspace disks, the
+//! device state QEMU wrote, and `meta.json` (written last: a directory
+//! without it is an interrupted save and is deleted). Restoring moves the
+//! directory back into a VM directory, so a snapshot is used once; the VM
+//! it becomes may be saved again later.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use crate::VmError;
+
+/// The files of a saveable VM's directory.
+pub const MEMORY_FILE: &str = "mem";
+pub const STATE_FILE: &str = "state";
+pub const SCRATCH_FILE: &str = "scratch.img";
+pub const WORK_FILE: &str = "work.img";
+const META_FILE: &str = "meta.json";
+
+/// What is needed, besides the files, to start the saved VM again with the
+/// same command line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotMeta {
+    /// The runner key; it covers QEMU's version, the kernel, the agent
+    /// (through the initramfs hash), the image and the size.
+    pub key: String,
+    pub root_image: PathBuf,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub network: bool,
+    pub work_size: u64,
+    pub saved_unix_secs: u64,
+}
+
+pub struct SnapshotStore {
+    dir: PathBuf,
+    max: usize,
+    /// Serialises moves in and out of `dir`.
+    lock: Mutex<()>,
+}
+
+fn read_meta(entry: &Path) -> Option<SnapshotMeta> {
+    let text = std::fs::read(entry.join(META_FILE)).ok()?;
+    serde_json::from_slice(&text).ok()
+}
+
+impl SnapshotStore {
+    /// Opens (creating) the store, deleting interrupted saves.
+    pub fn open(dir: &Path, max: usize) -> Result<Self, VmError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| VmError::io(format!("creating {}", dir.display()), e))?;
+        let store = SnapshotStore {
+            dir: dir.to_path_buf(),
+            max,
+            lock: Mutex::new(()),
+        };
+        for (path, meta) in store.entries() {
+            if meta.is_none() {
+                tracing::info!(path = %path.display(), "deleting an incomplete VM snapshot");
+                let _ = std::fs::remove_dir_all(&path);
+            }
+        }
+        Ok(store)
+    }
+
+    fn entries(&self) -> Vec<(PathBuf, Option<SnapshotMeta>)> {
+        let Ok(list) = std::fs::read_dir(&self.dir) else {
+            return vec![];
+        };
+        list.flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_dir())
+            .map(|p| {
+                let meta = read_meta(&p);
+                (p, meta)
+            })
+            .collect()
+    }
+
+    fn guard(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.lock.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The keys of the snapshots held.
+    pub fn keys(&self) -> Vec<String> {
+        let _g = self.guard();
+        self.entries()
+            .into_iter()
+            .filter_map(|(_, m)| m.map(|m| m.key))
+            .collect()
+    }
+
+    /// Moves a saved VM's directory (holding the files named above) into
+    /// the store, then deletes the oldest snapshots beyond the bound.
+    pub fn put(&self, vm_dir: &Path, meta: &SnapshotMeta) -> Result<(), VmError> {
+        let _g = self.guard();
+        let entry = self.dir.join(uuid::Uuid::new_v4().to_string());
+        std::fs::rename(vm_dir, &entry)
+            .map_err(|e| VmError::io(format!("moving {} to the snapshots", vm_dir.display()), e))?;
+        // Sockets and logs (run/, run-retry/) are not part of the VM.
+        if let Ok(list) = std::fs::read_dir(&entry) {
+            for sub in list.flatten().filter(|e| e.path().is_dir()) {
+                let _ = std::fs::remove_dir_all(sub.path());
+            }
+        }
+        let body = serde_json::to_vec_pretty(meta)
+            .map_err(|e| VmError::Setup(format!("encoding the snapshot metadata: {e}")))?;
+        let tmp = entry.join("meta.json.tmp");
+        let written =
+            std::fs::write(&tmp, body).and_then(|_| std::fs::rename(&tmp, entry.join(META_FILE)));
+        if let Err(e) = written {
+            let _ = std::fs::remove_dir_all(&entry);
+            return Err(VmError::io("writing the snapshot metadata", e));
+        }
+        let mut all: Vec<(PathBuf, SnapshotMeta)> = self
+            .entries()
+            .into_iter()
+            .filter_map(|(p, m)| m.map(|m| (p, m)))
+            .collect();
+        all.sort_by_key(|(_, m)| std::cmp::Reverse(m.saved_unix_secs));
+        for (path, meta) in all.into_iter().skip(self.max) {
+            tracing::info!(key = %meta.key, "deleting the oldest VM snapshot beyond the bound");
+            let _ = std::fs::remove_dir_all(path);
+        }
+        Ok(())
+    }
+
+    /// Moves the newest snapshot with this key to `into` (which must not
+    /// exist) and returns its metadata.
+    pub fn take(&self, key: &str, into: &Path) -> Option<SnapshotMeta> {
+        let _g = self.guard();
+        let (path, meta) = self
+            .entries()
+            .into_iter()
+            .filter_map(|(p, m)| m.map(|m| (p, m)))
+            .filter(|(_, m)| m.key == key)
+            .max_by_key(|(_, m)| m.saved_unix_secs)?;
+        match std::fs::rename(&path, into) {
+            Ok(()) => Some(meta),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not take a VM snapshot; deleting it");
+                let _ = std::fs::remove_dir_all(&path);
+                None
+            }
+        }
+    }
+}
+
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn saved_vm(root: &Path, name: &str) -> PathBuf {
+        let d = root.join(name);
+        std::fs::create_dir_all(d.join("run")).unwrap();
+        for f in [MEMORY_FILE, STATE_FILE, SCRATCH_FILE, WORK_FILE] {
+            std::fs::write(d.join(f), name).unwrap();
+        }
+        d
+    }
+
+    fn meta(key: &str, saved: u64) -> SnapshotMeta {
+        SnapshotMeta {
+            key: key.into(),
+            root_image: "/images/a.ext4".into(),
+            vcpus: 1,
+            memory_mib: 512,
+            network: true,
+            work_size: 1 << 30,
+            saved_unix_secs: saved,
+        }
+    }
+
+    #[test]
+    fn put_take_bound_and_cleanup() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = SnapshotStore::open(&tmp.path().join("snaps"), 2).unwrap();
+        store
+            .put(&saved_vm(tmp.path(), "vm1"), &meta("a", 1))
+            .unwrap();
+        store
+            .put(&saved_vm(tmp.path(), "vm2"), &meta("b", 2))
+            .unwrap();
+        assert!(!tmp.path().join("vm1").exists(), "the VM directory moves");
+        let mut keys = store.keys();
+        keys.sort();
+        assert_eq!(keys, ["a", "b"]);
+
+        store
+            .put(&saved_vm(tmp.path(), "vm3"), &meta("c", 3))
+            .unwrap();
+        let mut keys = store.keys();
+        keys.sort();
+        assert_eq!(keys, ["b", "c"], "the oldest goes beyond the bound");
+
+        let into = tmp.path().join("restored");
+        assert_eq!(store.take("b", &into), Some(meta("b", 2)));
+        assert_eq!(
+            std::fs::read_to_string(into.join(MEMORY_FILE)).unwrap(),
+            "vm2"
+        );
+        assert!(!into.join("run").exists(), "sockets and logs are not kept");
+        assert_eq!(
+            store.take("b", &tmp.path().join("again")),
+            None,
+            "used once"
+        );
+        assert_eq!(store.keys(), ["c"]);
+
+        // An interrupted save (no meta.json) is deleted when the store opens.
+        let half = tmp.path().join("snaps").join("half");
+        std::fs::create_dir_all(&half).unwrap();
+        std::fs::write(half.join(STATE_FILE), "x").unwrap();
+        let store = SnapshotStore::open(&tmp.path().join("snaps"), 2).unwrap();
+        assert!(!half.exists());
+        assert_eq!(store.keys(), ["c"]);
+    }
+}

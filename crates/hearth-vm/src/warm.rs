@@ -1,0 +1,190 @@
+//! Warm runners (`recycle-runner=true`): parking a VM that ran an action
+//! successfully, waking it for the next action with an equal runner key,
+//! saving it to disk when the pool evicts it or the executor stops, and
+//! restoring it from there.
+
+use std::path::Path;
+use std::time::Instant;
+
+use hearth_guest::protocol::{Request, ROOT_SERIAL, SCRATCH_SERIAL, WORK_SERIAL};
+
+use crate::pool::{Lease, VmDir};
+use crate::runner::{dir_size, VmRunner};
+use crate::snapshots::{now_secs, SnapshotMeta, MEMORY_FILE, SCRATCH_FILE, STATE_FILE, WORK_FILE};
+use crate::{disks, DiskSpec, VmError, VmSpec};
+
+/// Room the workspace needs beyond twice the inputs.
+const WORKSPACE_SLACK: u64 = 64 << 20;
+
+impl VmRunner {
+    /// A warm VM for this key with a fresh workspace built from `ws_src`:
+    /// a paused one from the pool, else one restored from a snapshot. None
+    /// if there is neither, or waking it failed (the action then boots a
+    /// fresh VM).
+    pub(crate) async fn warm(&self, key: &str, ws_src: &Path) -> Option<Lease> {
+        if let Some(lease) = self.pool.take(key) {
+            match self.resume(lease, ws_src).await {
+                Ok(l) => return Some(l),
+                Err(e) => {
+                    tracing::warn!(error = %e, "recycled VM did not resume; booting a fresh one")
+                }
+            }
+        }
+        match self.restore(key, ws_src).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "VM snapshot did not restore; deleted it, booting a fresh VM");
+                None
+            }
+        }
+    }
+
+    /// Wakes a paused VM and gives it a fresh workspace.
+    async fn resume(&self, mut lease: Lease, ws_src: &Path) -> Result<Lease, VmError> {
+        let t = Instant::now();
+        if dir_size(ws_src) * 2 + WORKSPACE_SLACK > lease.work_size {
+            lease.vm.kill().await;
+            return Err(VmError::Setup(
+                "the inputs do not fit the recycled VM's workspace".into(),
+            ));
+        }
+        // The guest unmounted the old workspace; rewrite the same file in place.
+        disks::mkfs(&lease.work_image, lease.work_size, Some(ws_src)).await?;
+        lease.vm.set_running(true).await?;
+        mount_workspace(&mut lease).await?;
+        tracing::debug!(
+            resume_ms = t.elapsed().as_millis() as u64,
+            "recycled microVM resumed"
+        );
+        Ok(lease)
+    }
+
+    /// Restores the newest snapshot with this key, if there is one. The
+    /// snapshot's directory becomes the VM's; on failure it is deleted.
+    async fn restore(&self, key: &str, ws_src: &Path) -> Result<Option<Lease>, VmError> {
+        let Some(store) = &self.snapshots else {
+            return Ok(None);
+        };
+        let dir = VmDir(self.config.work_dir.join(uuid::Uuid::new_v4().to_string()));
+        let Some(meta) = store.take(key, &dir.0) else {
+            return Ok(None);
+        };
+        let t = Instant::now();
+        let work_image = dir.0.join(WORK_FILE);
+        if dir_size(ws_src) * 2 + WORKSPACE_SLACK > meta.work_size {
+            return Err(VmError::Setup(
+                "the inputs do not fit the saved VM's workspace".into(),
+            ));
+        }
+        disks::mkfs(&work_image, meta.work_size, Some(ws_src)).await?;
+        let disk = |path: &Path, serial: &str, read_only| DiskSpec {
+            path: path.to_path_buf(),
+            serial: serial.into(),
+            read_only,
+        };
+        let spec = VmSpec {
+            vcpus: meta.vcpus,
+            memory_mib: meta.memory_mib,
+            disks: vec![
+                disk(&meta.root_image, ROOT_SERIAL, true),
+                disk(&dir.0.join(SCRATCH_FILE), SCRATCH_SERIAL, false),
+                disk(&work_image, WORK_SERIAL, false),
+            ],
+            network: meta.network,
+            forwards: if meta.network {
+                self.config.forwards.clone()
+            } else {
+                vec![]
+            },
+            run_dir: dir.0.join("run"),
+            memory_file: Some(dir.0.join(MEMORY_FILE)),
+            incoming: Some(dir.0.join(STATE_FILE)),
+        };
+        let vm = self.vmm.boot(&spec).await?;
+        let mut lease = Lease {
+            vm,
+            dir,
+            spec: VmSpec {
+                incoming: None,
+                ..spec
+            },
+            work_image,
+            work_size: meta.work_size,
+        };
+        if let Err(e) = mount_workspace(&mut lease).await {
+            lease.vm.kill().await;
+            return Err(e);
+        }
+        tracing::info!(
+            restore_ms = t.elapsed().as_millis() as u64,
+            "microVM restored from a snapshot"
+        );
+        Ok(Some(lease))
+    }
+
+    /// Pauses a VM into the pool, saving whatever that evicts.
+    pub(crate) async fn park(&self, key: String, mut lease: Lease) {
+        if let Err(e) = lease.vm.set_running(false).await {
+            tracing::warn!(error = %e, "could not pause the VM; not recycling it");
+            lease.vm.kill().await;
+            return;
+        }
+        let memory = lease.spec.memory_mib;
+        for (key, evicted) in self.pool.put(key, lease, memory) {
+            self.save(key, evicted).await;
+        }
+    }
+
+    /// Saves a paused VM to the snapshot store, or stops it if it can't be.
+    async fn save(&self, key: String, mut lease: Lease) {
+        let Some(store) = &self.snapshots else {
+            lease.vm.kill().await;
+            return;
+        };
+        if lease.spec.memory_file.is_none() {
+            lease.vm.kill().await;
+            return;
+        }
+        let t = Instant::now();
+        if let Err(e) = lease.vm.save(&lease.dir.0.join(STATE_FILE)).await {
+            tracing::warn!(error = %e, "could not save the VM; dropping it");
+            lease.vm.kill().await;
+            return;
+        }
+        let meta = SnapshotMeta {
+            key,
+            root_image: lease.spec.disks[0].path.clone(),
+            vcpus: lease.spec.vcpus,
+            memory_mib: lease.spec.memory_mib,
+            network: lease.spec.network,
+            work_size: lease.work_size,
+            saved_unix_secs: now_secs(),
+        };
+        match store.put(&lease.dir.0, &meta) {
+            Ok(()) => tracing::info!(
+                save_ms = t.elapsed().as_millis() as u64,
+                "microVM saved to a snapshot"
+            ),
+            Err(e) => tracing::warn!(error = %e, "could not store the VM snapshot; dropped it"),
+        }
+    }
+
+    /// Saves every pooled VM (at executor shutdown).
+    pub async fn save_all(&self) {
+        for (key, lease) in self.pool.drain() {
+            self.save(key, lease).await;
+        }
+    }
+}
+
+async fn mount_workspace(lease: &mut Lease) -> Result<(), VmError> {
+    lease
+        .vm
+        .agent()
+        .call(&Request::MountDisk {
+            serial: WORK_SERIAL.into(),
+            path: "/work".into(),
+        })
+        .await
+        .map(|_| ())
+}

@@ -1,0 +1,81 @@
+//! Helpers for tests that run actions in microVMs.
+
+use std::time::{Duration, Instant};
+
+use super::*;
+
+pub const FC: (&str, &str) = ("workload-isolation-type", "firecracker");
+
+/// `hearth up` with microVMs forced on (software emulation unless KVM works).
+pub fn up_vm() -> Hearth {
+    let accel = std::env::var("HEARTH_TEST_VM").unwrap_or_else(|_| "auto".into());
+    up(&["--vm", &accel])
+}
+
+pub async fn wait_for_vm_executor(c: &tonic::transport::Channel) {
+    use hearth_proto::worker::{worker_service_client::WorkerServiceClient, StatusRequest};
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let s = WorkerServiceClient::new(c.clone())
+            .status(StatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if s.executors
+            .iter()
+            .any(|e| e.isolation_types.iter().any(|t| t == "firecracker"))
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no executor offered firecracker: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+pub fn guest_kernel_release() -> String {
+    std::fs::read_to_string("/opt/hearth-deps/kernel/release")
+        .expect("guest kernel missing: run scripts/install-vm.sh")
+        .trim()
+        .to_string()
+}
+
+pub fn qemu_pids(dir: &std::path::Path) -> String {
+    let out = std::process::Command::new("pgrep")
+        .args(["-f", &format!("qemu-system.*{}", dir.display())])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+pub async fn run_script(
+    c: &tonic::transport::Channel,
+    script: &str,
+    platform: &[(&str, &str)],
+) -> (i32, String, Duration) {
+    let mut spec = ActionSpec::new(script);
+    spec.platform = platform.to_vec();
+    // A hang fails the test instead of stalling it.
+    spec.timeout_secs = Some(400);
+    let action = make_action(c, &spec).await;
+    let t = Instant::now();
+    let (_, resp) = execute(c, action, true).await.unwrap();
+    let took = t.elapsed();
+    assert_eq!(
+        resp.status.clone().unwrap_or_default().code,
+        0,
+        "{:?}",
+        resp.status
+    );
+    let r = resp.result.unwrap();
+    let out = read_blob(c, r.stdout_digest.as_ref().unwrap()).await;
+    let err = read_blob(c, r.stderr_digest.as_ref().unwrap()).await;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out),
+        String::from_utf8_lossy(&err)
+    );
+    (r.exit_code, text, took)
+}

@@ -1,0 +1,98 @@
+//! Recycled VMs saved to disk (`recycle-runner=true`): a VM the full pool
+//! evicts, and every pooled VM at a graceful executor shutdown, is saved and
+//! restored for the next action with its key, by a restarted executor too.
+//! A snapshot that fails to restore is deleted and the action boots fresh.
+
+mod common;
+
+use std::path::Path;
+
+use common::vm::*;
+use common::*;
+
+fn accel() -> String {
+    std::env::var("HEARTH_TEST_VM").unwrap_or_else(|_| "auto".into())
+}
+
+fn snapshots(data: &Path) -> Vec<std::path::PathBuf> {
+    match std::fs::read_dir(data.join("data/executor/vm-snapshots")) {
+        Ok(list) => list.flatten().map(|e| e.path()).collect(),
+        Err(_) => vec![],
+    }
+}
+
+const LEAVE_STATE: &str =
+    "echo kept > /tmp/state; (cd / && exec sleep 900 >/dev/null 2>&1) & echo $! > /tmp/bg";
+const FIND_STATE: &str =
+    "cat /tmp/state 2>/dev/null || echo fresh; kill -0 $(cat /tmp/bg 2>/dev/null) 2>/dev/null && echo bg-alive; true";
+
+#[tokio::test]
+async fn a_vm_evicted_from_the_pool_is_saved_and_restored() {
+    let h = up(&["--vm", &accel(), "--vm-pool-size", "1"]);
+    let c = channel(&h).await;
+    wait_for_vm_executor(&c).await;
+    let key = |k| [FC, ("recycle-runner", "true"), ("runner-recycling-key", k)];
+    let (code, out, _) = run_script(&c, LEAVE_STATE, &key("a")).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        snapshots(h.dir.path()).is_empty(),
+        "a pooled VM is not saved"
+    );
+    // The pool holds one VM: parking b's evicts a's, which is saved.
+    let (code, out, cold) = run_script(&c, FIND_STATE, &key("b")).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("fresh"), "key b got a's VM: {out}");
+    assert_eq!(snapshots(h.dir.path()).len(), 1, "the evicted VM is saved");
+
+    let (code, out, restored) = run_script(&c, FIND_STATE, &key("a")).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("kept") && out.contains("bg-alive"),
+        "files and processes of the saved VM are back: {out}"
+    );
+    eprintln!("trivial action: cold {cold:?}, restored from disk {restored:?}");
+    assert!(restored < cold, "restored {restored:?} vs cold {cold:?}");
+}
+
+#[tokio::test]
+async fn pooled_vms_are_saved_at_shutdown_and_restored_after_a_restart() {
+    let mut h = up(&["--vm", &accel()]);
+    let c = channel(&h).await;
+    wait_for_vm_executor(&c).await;
+    let warm = [FC, ("recycle-runner", "true")];
+    let (code, out, _) = run_script(&c, LEAVE_STATE, &warm).await;
+    assert_eq!(code, 0, "{out}");
+    let dir = h.stop();
+    assert_eq!(snapshots(dir.path()).len(), 1, "the pooled VM is saved");
+
+    let mut h = up_in(dir, &["--vm", &accel()]);
+    let c = channel(&h).await;
+    wait_for_vm_executor(&c).await;
+    let (code, out, _) = run_script(&c, FIND_STATE, &warm).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("kept") && out.contains("bg-alive"),
+        "the restarted executor restored the VM: {out}"
+    );
+    assert!(
+        snapshots(h.dir.path()).is_empty(),
+        "a snapshot is used once"
+    );
+
+    // A snapshot that cannot be restored (its device state is damaged) is
+    // deleted, and the action runs in a fresh VM.
+    let dir = h.stop();
+    let saved = snapshots(dir.path());
+    assert_eq!(saved.len(), 1, "saved again at the second shutdown");
+    std::fs::write(saved[0].join("state"), b"not a QEMU migration stream").unwrap();
+    let h = up_in(dir, &["--vm", &accel()]);
+    let c = channel(&h).await;
+    wait_for_vm_executor(&c).await;
+    let (code, out, _) = run_script(&c, FIND_STATE, &warm).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("fresh"), "{out}");
+    assert!(
+        snapshots(h.dir.path()).is_empty(),
+        "the damaged snapshot is deleted"
+    );
+}
