@@ -31,6 +31,12 @@ struct Args {
     /// Instead of the REAPI figures, measure microVM actions (this many).
     #[arg(long)]
     vm_actions: Option<usize>,
+    /// Which VM start the microVM actions measure: `cold` (a fresh VM
+    /// each), `recycled` (recycle-runner: resumed from the pool), or
+    /// `restored` (two runner keys taking turns; start the server with
+    /// `--vm-pool-size 1` so each action restores its VM from disk).
+    #[arg(long, default_value = "cold")]
+    vm_start: String,
 }
 
 fn cas(c: &Channel) -> ContentAddressableStorageClient<Channel> {
@@ -323,7 +329,7 @@ async fn main() -> Result<()> {
     );
     println!("|{:-<60}|{:->24}|", "", "");
     if let Some(n) = args.vm_actions {
-        return vm_actions(&c, n).await;
+        return vm_actions(&c, n, &args.vm_start).await;
     }
     find_missing(&c).await?;
     batch_update(&c, 1024, 100, 50).await?;
@@ -342,15 +348,34 @@ fn millis_between(a: &Option<hearth_proto::protobuf::Timestamp>, b_nanos: i128) 
     (b_nanos - a) as f64 / 1e6
 }
 
-/// Fresh-VM actions: from the runner starting (execution_start_timestamp) to
+/// MicroVM actions: from the runner starting (execution_start_timestamp) to
 /// the command's first instruction (its own clock, which the agent sets from
-/// the host's), and the whole Execute round trip.
-async fn vm_actions(c: &Channel, n: usize) -> Result<()> {
+/// the host's), and the whole Execute round trip. Warm modes leave out the
+/// first actions, which boot the VMs they then reuse.
+async fn vm_actions(c: &Channel, n: usize, mode: &str) -> Result<()> {
     use hearth_proto::reapi::{platform::Property, ExecuteResponse, Platform};
+    let prop = |name: &str, value: &str| Property {
+        name: name.into(),
+        value: value.into(),
+    };
+    let (warmup, label) = match mode {
+        "cold" => (0, "cold start (a fresh VM)"),
+        "recycled" => (1, "recycled (resumed from the pool)"),
+        "restored" => (2, "restored from a snapshot on disk"),
+        other => anyhow::bail!("--vm-start {other}: expected cold, recycled or restored"),
+    };
     let root = upload_msg(c, &Directory::default()).await?;
     let mut to_start = Vec::new();
     let mut totals = Vec::new();
-    for i in 0..n {
+    for i in 0..n + warmup {
+        let mut properties = vec![prop("workload-isolation-type", "firecracker")];
+        if mode != "cold" {
+            properties.push(prop("recycle-runner", "true"));
+            properties.push(prop("runner-recycling-key", &format!("bench-{}", i % 2)));
+        }
+        if mode == "recycled" {
+            properties.pop();
+        }
         let command = upload_msg(
             c,
             &Command {
@@ -359,12 +384,7 @@ async fn vm_actions(c: &Channel, n: usize) -> Result<()> {
                     name: "RUN".into(),
                     value: format!("{}-{i}", uuid::Uuid::new_v4()),
                 }],
-                platform: Some(Platform {
-                    properties: vec![Property {
-                        name: "workload-isolation-type".into(),
-                        value: "firecracker".into(),
-                    }],
-                }),
+                platform: Some(Platform { properties }),
                 ..Default::default()
             },
         )
@@ -394,7 +414,7 @@ async fn vm_actions(c: &Channel, n: usize) -> Result<()> {
                 break;
             }
         }
-        totals.push(start.elapsed());
+        let took = start.elapsed();
         let op = last.context("no final operation")?;
         let Some(hearth_proto::longrunning::operation::Result::Response(any)) = op.result else {
             anyhow::bail!("operation without response");
@@ -413,14 +433,17 @@ async fn vm_actions(c: &Channel, n: usize) -> Result<()> {
         let text = String::from_utf8(out.responses[0].data.clone())?;
         let cmd_start: i128 = text.trim().parse().context("date output")?;
         let meta = result.execution_metadata.context("no metadata")?;
-        to_start.push(Duration::from_secs_f64(
-            millis_between(&meta.execution_start_timestamp, cmd_start).max(0.0) / 1000.0,
-        ));
+        if i >= warmup {
+            totals.push(took);
+            to_start.push(Duration::from_secs_f64(
+                millis_between(&meta.execution_start_timestamp, cmd_start).max(0.0) / 1000.0,
+            ));
+        }
     }
     to_start.sort();
     totals.sort();
     row(
-        &format!("MicroVM cold start: runner start → command start ({n} runs)"),
+        &format!("MicroVM {label}: runner start → command start ({n} runs)"),
         format!(
             "p50 {:.0} ms, max {:.0} ms",
             percentile(&to_start, 0.5),
@@ -428,7 +451,7 @@ async fn vm_actions(c: &Channel, n: usize) -> Result<()> {
         ),
     );
     row(
-        "MicroVM trivial action: Execute round trip",
+        &format!("MicroVM {label}: Execute round trip"),
         format!(
             "p50 {:.0} ms, max {:.0} ms",
             percentile(&totals, 0.5),

@@ -387,6 +387,7 @@ impl Runner for VmRunner {
         spec: &RunSpec,
         cancel: CancellationToken,
     ) -> Result<RunOutcome, ExecError> {
+        let started = std::time::Instant::now();
         let image =
             images::resolve(spec, &self.config.default_image, self.images.as_deref()).await?;
         let size = images::size(spec, self.config.default_size, self.config.max_vcpus)?;
@@ -421,6 +422,10 @@ impl Runner for VmRunner {
                 return Err(e);
             }
         }
+        tracing::debug!(
+            ready_ms = started.elapsed().as_millis() as u64,
+            "microVM ready for the command"
+        );
         let ran = self.run_in(&mut lease.vm, spec, &image, cancel).await;
         let released = matches!(&ran, Ok((_, true)));
         let outcome = ran.map(|(o, _)| o);

@@ -50,9 +50,13 @@ impl VmRunner {
         }
         // The guest unmounted the old workspace; rewrite the same file in place.
         disks::mkfs(&lease.work_image, lease.work_size, Some(ws_src)).await?;
+        let mkfs_ms = t.elapsed().as_millis() as u64;
         lease.vm.set_running(true).await?;
+        let cont_ms = t.elapsed().as_millis() as u64;
         mount_workspace(&mut lease).await?;
         tracing::debug!(
+            mkfs_ms,
+            cont_ms,
             resume_ms = t.elapsed().as_millis() as u64,
             "recycled microVM resumed"
         );
