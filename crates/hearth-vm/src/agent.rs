@@ -78,14 +78,39 @@ impl AgentClient {
 
     /// Sends one request and reads its response. An `Error` response becomes `Err`.
     pub async fn call(&mut self, req: &Request) -> Result<Response, VmError> {
+        self.call_after(&[], req).await
+    }
+
+    /// Sends `before` and `req` in one write (the guest answers them in
+    /// order), so a short request costs no round trip of its own; then reads
+    /// the answers. An `Error` answer to any becomes `Err`.
+    pub async fn call_after(
+        &mut self,
+        before: &[Request],
+        req: &Request,
+    ) -> Result<Response, VmError> {
         let mut frame = Vec::new();
-        hearth_guest::protocol::write_frame(&mut frame, req)
-            .map_err(|e| VmError::Agent(e.to_string()))?;
+        for r in before.iter().chain(std::iter::once(req)) {
+            hearth_guest::protocol::write_frame(&mut frame, r)
+                .map_err(|e| VmError::Agent(e.to_string()))?;
+        }
         self.stream
             .write_all(&frame)
             .await
             .map_err(|e| VmError::Agent(format!("writing: {e}")))?;
-        match self.read().await? {
+        let mut failed = None;
+        for r in before {
+            if let Response::Error { message } = self.read().await? {
+                failed.get_or_insert(VmError::Agent(format!(
+                    "{r:?} failed in the guest: {message}"
+                )));
+            }
+        }
+        let answer = self.read().await?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        match answer {
             Response::Error { message } => Err(VmError::Agent(format!(
                 "{req:?} failed in the guest: {message}"
             ))),

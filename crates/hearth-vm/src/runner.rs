@@ -232,6 +232,7 @@ impl VmRunner {
             spec: vm_spec,
             work_image,
             work_size,
+            mount_pending: false,
         })
     }
 
@@ -294,6 +295,7 @@ impl VmRunner {
         vm: &mut QemuVm,
         spec: &RunSpec,
         image: &ResolvedImage,
+        mount_first: bool,
         cancel: CancellationToken,
     ) -> Result<(RunOutcome, bool), ExecError> {
         let agent = vm.agent();
@@ -329,8 +331,13 @@ impl VmRunner {
             stderr_path: "/work/stderr".into(),
             clock_unix_nanos: Some(now.as_nanos() as u64),
         });
+        let before = if mount_first {
+            vec![crate::warm::mount_request()]
+        } else {
+            vec![]
+        };
         let exited = tokio::select! {
-            r = agent.call(&req) => r.map_err(vm_error)?,
+            r = agent.call_after(&before, &req) => r.map_err(vm_error)?,
             _ = tokio::time::sleep(spec.timeout) => return Ok((RunOutcome { exit_code: 137, timed_out: true }, false)),
             _ = cancel.cancelled() => return Err(ExecError::Cancelled),
         };
@@ -426,7 +433,10 @@ impl Runner for VmRunner {
             ready_ms = started.elapsed().as_millis() as u64,
             "microVM ready for the command"
         );
-        let ran = self.run_in(&mut lease.vm, spec, &image, cancel).await;
+        let mount_first = std::mem::take(&mut lease.mount_pending);
+        let ran = self
+            .run_in(&mut lease.vm, spec, &image, mount_first, cancel)
+            .await;
         let released = matches!(&ran, Ok((_, true)));
         let outcome = ran.map(|(o, _)| o);
         let finished = matches!(&outcome, Ok(o) if !o.timed_out);

@@ -48,15 +48,15 @@ impl VmRunner {
                 "the inputs do not fit the recycled VM's workspace".into(),
             ));
         }
-        // The guest unmounted the old workspace; rewrite the same file in place.
+        // The guest unmounted the old workspace and dropped its cached
+        // blocks; rewrite the same file in place. The mount goes out with
+        // the command.
         disks::mkfs(&lease.work_image, lease.work_size, Some(ws_src)).await?;
         let mkfs_ms = t.elapsed().as_millis() as u64;
         lease.vm.set_running(true).await?;
-        let cont_ms = t.elapsed().as_millis() as u64;
-        mount_workspace(&mut lease).await?;
+        lease.mount_pending = true;
         tracing::debug!(
             mkfs_ms,
-            cont_ms,
             resume_ms = t.elapsed().as_millis() as u64,
             "recycled microVM resumed"
         );
@@ -114,6 +114,7 @@ impl VmRunner {
             },
             work_image,
             work_size: meta.work_size,
+            mount_pending: false,
         };
         if let Err(e) = mount_workspace(&mut lease).await {
             lease.vm.kill().await;
@@ -181,14 +182,14 @@ impl VmRunner {
     }
 }
 
+/// Mounts the fresh workspace disk at /work in the guest.
+pub(crate) fn mount_request() -> Request {
+    Request::MountDisk {
+        serial: WORK_SERIAL.into(),
+        path: "/work".into(),
+    }
+}
+
 async fn mount_workspace(lease: &mut Lease) -> Result<(), VmError> {
-    lease
-        .vm
-        .agent()
-        .call(&Request::MountDisk {
-            serial: WORK_SERIAL.into(),
-            path: "/work".into(),
-        })
-        .await
-        .map(|_| ())
+    lease.vm.agent().call(&mount_request()).await.map(|_| ())
 }
