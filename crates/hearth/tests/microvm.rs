@@ -111,20 +111,6 @@ async fn timeout_kills_the_vm() {
     );
 }
 
-/// Serves `reply` to every connection on a fresh loopback port.
-fn loopback_service(reply: &'static str) -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for s in l.incoming().flatten() {
-            use std::io::Write;
-            let mut s = s;
-            let _ = s.write_all(reply.as_bytes());
-        }
-    });
-    port
-}
-
 #[tokio::test]
 async fn guest_reaches_allowed_registries_but_no_other_host_service() {
     let allowed = loopback_service("registry-ok\n");

@@ -56,23 +56,35 @@ async fn a_vm_evicted_from_the_pool_is_saved_and_restored() {
 
 #[tokio::test]
 async fn pooled_vms_are_saved_at_shutdown_and_restored_after_a_restart() {
-    let mut h = up(&["--vm", &accel()]);
+    // A networked VM: after the restore it must still reach the allowed
+    // registry (a new QEMU, network namespace and slirp4netns).
+    let registry = loopback_service("registry-ok\n");
+    let allowed = format!("127.0.0.1:{registry}");
+    let flags = ["--vm", &accel(), "--insecure-registry", &allowed];
+    let mut h = up(&flags);
     let c = channel(&h).await;
     wait_for_vm_executor(&c).await;
-    let warm = [FC, ("recycle-runner", "true")];
+    let warm = [FC, ("recycle-runner", "true"), ("network", "external")];
     let (code, out, _) = run_script(&c, LEAVE_STATE, &warm).await;
     assert_eq!(code, 0, "{out}");
     let dir = h.stop();
     assert_eq!(snapshots(dir.path()).len(), 1, "the pooled VM is saved");
 
-    let mut h = up_in(dir, &["--vm", &accel()]);
+    let mut h = up_in(dir, &flags);
     let c = channel(&h).await;
     wait_for_vm_executor(&c).await;
-    let (code, out, _) = run_script(&c, FIND_STATE, &warm).await;
+    let reach = format!(
+        "{FIND_STATE}; echo \"registry=$(timeout 10 bash -c 'head -c 11 < /dev/tcp/127.0.0.1/{registry}')\""
+    );
+    let (code, out, _) = run_script(&c, &reach, &warm).await;
     assert_eq!(code, 0, "{out}");
     assert!(
         out.contains("kept") && out.contains("bg-alive"),
         "the restarted executor restored the VM: {out}"
+    );
+    assert!(
+        out.contains("registry=registry-ok"),
+        "the restored VM's network works: {out}"
     );
     assert!(
         snapshots(h.dir.path()).is_empty(),
@@ -85,7 +97,7 @@ async fn pooled_vms_are_saved_at_shutdown_and_restored_after_a_restart() {
     let saved = snapshots(dir.path());
     assert_eq!(saved.len(), 1, "saved again at the second shutdown");
     std::fs::write(saved[0].join("state"), b"not a QEMU migration stream").unwrap();
-    let h = up_in(dir, &["--vm", &accel()]);
+    let h = up_in(dir, &flags);
     let c = channel(&h).await;
     wait_for_vm_executor(&c).await;
     let (code, out, _) = run_script(&c, FIND_STATE, &warm).await;

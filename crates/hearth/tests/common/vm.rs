@@ -79,3 +79,17 @@ pub async fn run_script(
     );
     (r.exit_code, text, took)
 }
+
+/// Serves `reply` to every connection on a fresh loopback port.
+pub fn loopback_service(reply: &'static str) -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            use std::io::Write;
+            let mut s = s;
+            let _ = s.write_all(reply.as_bytes());
+        }
+    });
+    port
+}
