@@ -172,6 +172,43 @@ impl VmRunner {
         }
     }
 
+    /// The spec of a VM booting the image `root`, whose scratch and
+    /// workspace disks, sockets and (when `saveable`) memory file live in
+    /// `dir`. A saved VM is restored with the same spec plus `incoming`.
+    pub(crate) fn vm_spec(
+        &self,
+        dir: &Path,
+        root: &Path,
+        vcpus: u32,
+        memory_mib: u64,
+        network: bool,
+        saveable: bool,
+    ) -> VmSpec {
+        let disk = |path: &Path, serial: &str, read_only| DiskSpec {
+            path: path.to_path_buf(),
+            serial: serial.into(),
+            read_only,
+        };
+        VmSpec {
+            vcpus,
+            memory_mib,
+            disks: vec![
+                disk(root, ROOT_SERIAL, true),
+                disk(&dir.join(SCRATCH_FILE), SCRATCH_SERIAL, false),
+                disk(&dir.join(WORK_FILE), WORK_SERIAL, false),
+            ],
+            network,
+            forwards: if network {
+                self.config.forwards.clone()
+            } else {
+                vec![]
+            },
+            run_dir: dir.join("run"),
+            memory_file: saveable.then(|| dir.join(MEMORY_FILE)),
+            incoming: None,
+        }
+    }
+
     /// A fresh VM with the workspace built from `ws_src`.
     async fn cold(
         &self,
@@ -193,29 +230,14 @@ impl VmRunner {
             disks::mkfs(&work_image, work_size, Some(ws_src))
         );
         a.and(b).map_err(vm_error)?;
-        let disk = |path: &Path, serial: &str, read_only| DiskSpec {
-            path: path.to_path_buf(),
-            serial: serial.into(),
-            read_only,
-        };
-        let vm_spec = VmSpec {
-            vcpus: size.vcpus,
-            memory_mib: size.memory_mib,
-            disks: vec![
-                disk(&image.path, ROOT_SERIAL, true),
-                disk(&scratch, SCRATCH_SERIAL, false),
-                disk(&work_image, WORK_SERIAL, false),
-            ],
+        let vm_spec = self.vm_spec(
+            &dir.0,
+            &image.path,
+            size.vcpus,
+            size.memory_mib,
             network,
-            forwards: if network {
-                self.config.forwards.clone()
-            } else {
-                vec![]
-            },
-            run_dir: dir.0.join("run"),
-            memory_file: saveable.then(|| dir.0.join(MEMORY_FILE)),
-            incoming: None,
-        };
+            saveable,
+        );
         let booting = std::time::Instant::now();
         let vm = self
             .boot_with_retry(vm_spec.clone())

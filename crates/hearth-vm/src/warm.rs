@@ -6,12 +6,12 @@
 use std::path::Path;
 use std::time::Instant;
 
-use hearth_guest::protocol::{Request, ROOT_SERIAL, SCRATCH_SERIAL, WORK_SERIAL};
+use hearth_guest::protocol::{Request, WORK_SERIAL};
 
 use crate::pool::{Lease, VmDir};
 use crate::runner::{dir_size, VmRunner};
-use crate::snapshots::{now_secs, SnapshotMeta, MEMORY_FILE, SCRATCH_FILE, STATE_FILE, WORK_FILE};
-use crate::{disks, DiskSpec, VmError, VmSpec};
+use crate::snapshots::{now_secs, SnapshotMeta, STATE_FILE, WORK_FILE};
+use crate::{disks, VmError, VmSpec};
 
 /// Room the workspace needs beyond twice the inputs.
 const WORKSPACE_SLACK: u64 = 64 << 20;
@@ -42,11 +42,9 @@ impl VmRunner {
     /// Wakes a paused VM and gives it a fresh workspace.
     async fn resume(&self, mut lease: Lease, ws_src: &Path) -> Result<Lease, VmError> {
         let t = Instant::now();
-        if dir_size(ws_src) * 2 + WORKSPACE_SLACK > lease.work_size {
+        if let Err(e) = check_fits(ws_src, lease.work_size, "recycled") {
             lease.vm.kill().await;
-            return Err(VmError::Setup(
-                "the inputs do not fit the recycled VM's workspace".into(),
-            ));
+            return Err(e);
         }
         // The guest unmounted the old workspace and dropped its cached
         // blocks; rewrite the same file in place. The mount goes out with
@@ -75,34 +73,18 @@ impl VmRunner {
         };
         let t = Instant::now();
         let work_image = dir.0.join(WORK_FILE);
-        if dir_size(ws_src) * 2 + WORKSPACE_SLACK > meta.work_size {
-            return Err(VmError::Setup(
-                "the inputs do not fit the saved VM's workspace".into(),
-            ));
-        }
+        check_fits(ws_src, meta.work_size, "saved")?;
         disks::mkfs(&work_image, meta.work_size, Some(ws_src)).await?;
-        let disk = |path: &Path, serial: &str, read_only| DiskSpec {
-            path: path.to_path_buf(),
-            serial: serial.into(),
-            read_only,
-        };
         let spec = VmSpec {
-            vcpus: meta.vcpus,
-            memory_mib: meta.memory_mib,
-            disks: vec![
-                disk(&meta.root_image, ROOT_SERIAL, true),
-                disk(&dir.0.join(SCRATCH_FILE), SCRATCH_SERIAL, false),
-                disk(&work_image, WORK_SERIAL, false),
-            ],
-            network: meta.network,
-            forwards: if meta.network {
-                self.config.forwards.clone()
-            } else {
-                vec![]
-            },
-            run_dir: dir.0.join("run"),
-            memory_file: Some(dir.0.join(MEMORY_FILE)),
             incoming: Some(dir.0.join(STATE_FILE)),
+            ..self.vm_spec(
+                &dir.0,
+                &meta.root_image,
+                meta.vcpus,
+                meta.memory_mib,
+                meta.network,
+                true,
+            )
         };
         let vm = self.vmm.boot(&spec).await?;
         let mut lease = Lease {
@@ -180,6 +162,17 @@ impl VmRunner {
             self.save(key, lease).await;
         }
     }
+}
+
+/// Whether the inputs in `ws_src` fit a warm VM's workspace disk of
+/// `work_size` bytes (the disk's size is fixed when the VM boots).
+fn check_fits(ws_src: &Path, work_size: u64, which: &str) -> Result<(), VmError> {
+    if dir_size(ws_src) * 2 + WORKSPACE_SLACK > work_size {
+        return Err(VmError::Setup(format!(
+            "the inputs do not fit the {which} VM's workspace"
+        )));
+    }
+    Ok(())
 }
 
 /// Mounts the fresh workspace disk at /work in the guest.
