@@ -345,7 +345,7 @@ async fn recycled_runner_keeps_state_but_not_the_workspace() {
     let warm = [FC, ("recycle-runner", "true")];
     let (code, out, cold) = run_script(
         &c,
-        "echo kept > /tmp/state; echo leftover > out1.txt; (cd / && exec sleep 60 >/dev/null 2>&1) & echo $! > /tmp/bg",
+        &format!("echo kept > /tmp/state; echo leftover > out1.txt; {LEAVE_BACKGROUND_PROCESS}"),
         &warm,
     )
     .await;

@@ -21,8 +21,9 @@ fn snapshots(data: &Path) -> Vec<std::path::PathBuf> {
     }
 }
 
-const LEAVE_STATE: &str =
-    "echo kept > /tmp/state; (cd / && exec sleep 900 >/dev/null 2>&1) & echo $! > /tmp/bg";
+fn leave_state() -> String {
+    format!("echo kept > /tmp/state; {LEAVE_BACKGROUND_PROCESS}")
+}
 const FIND_STATE: &str =
     "cat /tmp/state 2>/dev/null || echo fresh; kill -0 $(cat /tmp/bg 2>/dev/null) 2>/dev/null && echo bg-alive; true";
 
@@ -32,7 +33,7 @@ async fn a_vm_evicted_from_the_pool_is_saved_and_restored() {
     let c = channel(&h).await;
     wait_for_vm_executor(&c).await;
     let key = |k| [FC, ("recycle-runner", "true"), ("runner-recycling-key", k)];
-    let (code, out, _) = run_script(&c, LEAVE_STATE, &key("a")).await;
+    let (code, out, _) = run_script(&c, &leave_state(), &key("a")).await;
     assert_eq!(code, 0, "{out}");
     assert!(
         snapshots(h.dir.path()).is_empty(),
@@ -65,7 +66,7 @@ async fn pooled_vms_are_saved_at_shutdown_and_restored_after_a_restart() {
     let c = channel(&h).await;
     wait_for_vm_executor(&c).await;
     let warm = [FC, ("recycle-runner", "true"), ("network", "external")];
-    let (code, out, _) = run_script(&c, LEAVE_STATE, &warm).await;
+    let (code, out, _) = run_script(&c, &leave_state(), &warm).await;
     assert_eq!(code, 0, "{out}");
     let dir = h.stop();
     assert_eq!(snapshots(dir.path()).len(), 1, "the pooled VM is saved");

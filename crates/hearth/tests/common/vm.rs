@@ -6,6 +6,14 @@ use super::*;
 
 pub const FC: (&str, &str) = ("workload-isolation-type", "firecracker");
 
+/// Shell that leaves `sleep` running in the background out of the
+/// workspace (cwd /, output to /dev/null) with its pid in /tmp/bg, and
+/// waits until it has exec'd: until then the forked shell still holds the
+/// workspace, and the VM would not be recycled.
+pub const LEAVE_BACKGROUND_PROCESS: &str =
+    "(cd / && exec sleep 900 >/dev/null 2>&1) & echo $! > /tmp/bg; \
+     until [ \"$(cat /proc/$!/comm 2>/dev/null)\" = sleep ]; do sleep 0.01; done";
+
 /// `hearth up` with microVMs forced on (software emulation unless KVM works).
 pub fn up_vm() -> Hearth {
     let accel = std::env::var("HEARTH_TEST_VM").unwrap_or_else(|_| "auto".into());
