@@ -44,18 +44,12 @@ fn setup() -> Setup {
 }
 
 /// `hearth up` with microVMs, the registry allowed and used as dockerd's
-/// mirror, on the data dir `data`.
-fn hearth_up(dir: &Path, registry: &str) -> (Hearth, u16) {
-    let data = dir.join("data");
+/// mirror, on the data dir `dir/data`.
+fn up_with_registry(dir: &Path, registry: &str) -> (Hearth, u16) {
     let mirror = format!("http://{registry}");
-    let (h, port) = Hearth::spawn_listening(
-        "hearth-up",
+    hearth_up(
+        dir,
         &[
-            "up",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            data.to_str().expect("utf-8 path"),
             "--vm",
             "tcg",
             "--insecure-registry",
@@ -63,14 +57,7 @@ fn hearth_up(dir: &Path, registry: &str) -> (Hearth, u16) {
             "--docker-mirror",
             &mirror,
         ],
-        dir,
-    );
-    poll(
-        "the executor to offer firecracker",
-        Duration::from_secs(120),
-        || hearth_status(port).contains("firecracker").then_some(()),
-    );
-    (h, port)
+    )
 }
 
 /// The value of the first `KEY: VALUE` line in Bazel's output (the test logs,
@@ -140,7 +127,7 @@ fn seed_scenario(version: &'static str, suffix: &str, full: bool) {
     );
     let s = setup();
     let tmp = tempfile::tempdir().expect("temp dir");
-    let (mut hearth, port) = hearth_up(tmp.path(), &s.registry.host);
+    let (mut hearth, port) = up_with_registry(tmp.path(), &s.registry.host);
     let client = Client {
         version,
         root: tmp.path().join(format!("bazel-{version}")),
@@ -193,7 +180,7 @@ fn seed_scenario(version: &'static str, suffix: &str, full: bool) {
     // database container and all.
     hearth.terminate();
     drop(hearth);
-    let (_hearth, port) = hearth_up(tmp.path(), &s.registry.host);
+    let (_hearth, port) = up_with_registry(tmp.path(), &s.registry.host);
     let (out, restored) = client.test(port, &docker_test, 5, &s.db_image);
     assert_eq!(
         field(&out, "runs-before"),

@@ -27,20 +27,7 @@ fn remote_build_and_cache(version: &'static str) {
     require_bazel(version);
     let _serial = serial();
     let tmp = tempfile::tempdir().expect("temp dir");
-    let data = tmp.path().join("data");
-    let (hearth, port) = Hearth::spawn_listening(
-        "hearth-up",
-        &[
-            "up",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--vm",
-            "off",
-        ],
-        tmp.path(),
-    );
+    let (hearth, port) = hearth_up(tmp.path(), &["--vm", "off"]);
     let root = tmp.path().join(format!("bazel-{version}"));
     let _bazel_server = BazelServer {
         version,
@@ -294,25 +281,7 @@ fn microvm_build(version: &'static str) {
         .expect("guest kernel missing: run scripts/install-vm.sh");
     let _serial = serial();
     let tmp = tempfile::tempdir().expect("temp dir");
-    let data = tmp.path().join("data");
-    let (hearth, port) = Hearth::spawn_listening(
-        "hearth-up",
-        &[
-            "up",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--vm",
-            "tcg",
-        ],
-        tmp.path(),
-    );
-    poll(
-        "the executor to offer firecracker",
-        Duration::from_secs(120),
-        || hearth_status(port).contains("firecracker").then_some(()),
-    );
+    let (hearth, port) = hearth_up(tmp.path(), &["--vm", "tcg"]);
     let root = tmp.path().join(format!("bazel-{version}"));
     let _bazel_server = BazelServer {
         version,

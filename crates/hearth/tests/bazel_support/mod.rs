@@ -263,6 +263,30 @@ impl Drop for Hearth {
     }
 }
 
+/// `hearth up` on a free port with its data in `dir/data` and `extra` flags
+/// (at least `--vm MODE`). With microVMs on, waits until the executor
+/// offers them.
+pub fn hearth_up(dir: &Path, extra: &[&str]) -> (Hearth, u16) {
+    let data = dir.join("data");
+    let mut args = vec![
+        "up",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        data.to_str().expect("utf-8 path"),
+    ];
+    args.extend_from_slice(extra);
+    let (h, port) = Hearth::spawn_listening("hearth-up", &args, dir);
+    if !extra.windows(2).any(|w| w == ["--vm", "off"]) {
+        poll(
+            "the executor to offer firecracker",
+            Duration::from_secs(120),
+            || hearth_status(port).contains("firecracker").then_some(()),
+        );
+    }
+    (h, port)
+}
+
 /// Output of `hearth status --server grpc://127.0.0.1:PORT`.
 pub fn hearth_status(port: u16) -> String {
     let out = Command::new(HEARTH)
