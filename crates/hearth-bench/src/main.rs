@@ -246,7 +246,27 @@ async fn upload_msg<M: Message>(c: &Channel, m: &M) -> Result<Digest> {
     Ok(d)
 }
 
-async fn run_action(c: &Channel, action: Digest, skip_cache_lookup: bool) -> Result<Duration> {
+/// Uploads `command` and an Action running it on an empty input root.
+async fn upload_action(c: &Channel, command: &Command) -> Result<Digest> {
+    let root = upload_msg(c, &Directory::default()).await?;
+    let command = upload_msg(c, command).await?;
+    upload_msg(
+        c,
+        &Action {
+            command_digest: Some(command.to_proto()),
+            input_root_digest: Some(root.to_proto()),
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+/// Executes `action` and returns the round trip and the final operation.
+async fn execute(
+    c: &Channel,
+    action: Digest,
+    skip_cache_lookup: bool,
+) -> Result<(Duration, hearth_proto::longrunning::Operation)> {
     let start = Instant::now();
     let mut s = ExecutionClient::new(c.clone())
         .execute(ExecuteRequest {
@@ -258,10 +278,14 @@ async fn run_action(c: &Channel, action: Digest, skip_cache_lookup: bool) -> Res
         .into_inner();
     while let Some(op) = s.message().await? {
         if op.done {
-            return Ok(start.elapsed());
+            return Ok((start.elapsed(), op));
         }
     }
     anyhow::bail!("stream ended before the action completed")
+}
+
+async fn run_action(c: &Channel, action: Digest, skip_cache_lookup: bool) -> Result<Duration> {
+    Ok(execute(c, action, skip_cache_lookup).await?.0)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
@@ -270,8 +294,7 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
 }
 
 async fn noop_actions(c: &Channel, n: usize) -> Result<()> {
-    let root = upload_msg(c, &Directory::default()).await?;
-    let command = upload_msg(
+    let action = upload_action(
         c,
         &Command {
             arguments: vec!["/bin/true".into()],
@@ -279,15 +302,6 @@ async fn noop_actions(c: &Channel, n: usize) -> Result<()> {
                 name: "RUN".into(),
                 value: uuid::Uuid::new_v4().to_string(),
             }],
-            ..Default::default()
-        },
-    )
-    .await?;
-    let action = upload_msg(
-        c,
-        &Action {
-            command_digest: Some(command.to_proto()),
-            input_root_digest: Some(root.to_proto()),
             ..Default::default()
         },
     )
@@ -364,19 +378,17 @@ async fn vm_actions(c: &Channel, n: usize, mode: &str) -> Result<()> {
         "restored" => (2, "restored from a snapshot on disk"),
         other => anyhow::bail!("--vm-start {other}: expected cold, recycled or restored"),
     };
-    let root = upload_msg(c, &Directory::default()).await?;
     let mut to_start = Vec::new();
     let mut totals = Vec::new();
     for i in 0..n + warmup {
         let mut properties = vec![prop("workload-isolation-type", "firecracker")];
         if mode != "cold" {
             properties.push(prop("recycle-runner", "true"));
+        }
+        if mode == "restored" {
             properties.push(prop("runner-recycling-key", &format!("bench-{}", i % 2)));
         }
-        if mode == "recycled" {
-            properties.pop();
-        }
-        let command = upload_msg(
+        let action = upload_action(
             c,
             &Command {
                 arguments: vec!["/bin/date".into(), "+%s%N".into()],
@@ -389,33 +401,7 @@ async fn vm_actions(c: &Channel, n: usize, mode: &str) -> Result<()> {
             },
         )
         .await?;
-        let action = upload_msg(
-            c,
-            &Action {
-                command_digest: Some(command.to_proto()),
-                input_root_digest: Some(root.to_proto()),
-                ..Default::default()
-            },
-        )
-        .await?;
-        let start = Instant::now();
-        let mut s = ExecutionClient::new(c.clone())
-            .execute(ExecuteRequest {
-                action_digest: Some(action.to_proto()),
-                skip_cache_lookup: true,
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
-        let mut last = None;
-        while let Some(op) = s.message().await? {
-            if op.done {
-                last = Some(op);
-                break;
-            }
-        }
-        let took = start.elapsed();
-        let op = last.context("no final operation")?;
+        let (took, op) = execute(c, action, true).await?;
         let Some(hearth_proto::longrunning::operation::Result::Response(any)) = op.result else {
             anyhow::bail!("operation without response");
         };
