@@ -128,17 +128,7 @@ async fn guest_reaches_allowed_registries_but_no_other_host_service() {
          echo \"loopback=$(try 127.0.0.1 {secret})\"; \
          echo \"eth0=$(test -e /sys/class/net/eth0 && echo present || echo none)\""
     );
-    let mut spec = ActionSpec::new(&script);
-    spec.platform = vec![FC, ("network", "external")];
-    let action = make_action(&c, &spec).await;
-    let (_, resp) = execute(&c, action, false).await.unwrap();
-    let r = resp.result.unwrap();
-    let out = String::from_utf8(
-        read_blob(&c, r.stdout_digest.as_ref().unwrap())
-            .await
-            .to_vec(),
-    )
-    .unwrap();
+    let (_, out, _) = run_script(&c, &script, &[FC, ("network", "external")]).await;
     assert!(
         out.contains("allowed=registry-ok"),
         "the allowed registry is reachable at its host address:\n{out}"
@@ -155,17 +145,7 @@ async fn guest_reaches_allowed_registries_but_no_other_host_service() {
     );
 
     // network=off: no interface at all, and the registry is not reachable.
-    let mut spec = ActionSpec::new(&script);
-    spec.platform = vec![FC, ("network", "off")];
-    let action = make_action(&c, &spec).await;
-    let (_, resp) = execute(&c, action, false).await.unwrap();
-    let r = resp.result.unwrap();
-    let out = String::from_utf8(
-        read_blob(&c, r.stdout_digest.as_ref().unwrap())
-            .await
-            .to_vec(),
-    )
-    .unwrap();
+    let (_, out, _) = run_script(&c, &script, &[FC, ("network", "off")]).await;
     assert!(
         out.contains("eth0=none") && out.contains("allowed=blocked"),
         "{out}"
@@ -446,6 +426,7 @@ async fn dockerd_is_started_and_survives_recycling() {
         status.message
     );
 }
+
 /// The seed scenario: `docker run --rm ubuntu:20.04 echo PASS` inside a VM
 /// with `init-dockerd=true`, the image served by a local registry used as
 /// dockerd's mirror; then, with `recycle-runner=true`, the next action finds
@@ -489,24 +470,4 @@ async fn docker_in_the_vm_fresh_and_recycled() {
     }
     eprintln!("docker action: fresh {fresh:?}, recycled {recycled:?}");
     assert!(recycled < fresh, "recycled {recycled:?} vs fresh {fresh:?}");
-
-    // An image without dockerd: FAILED_PRECONDITION naming the image.
-    hearth_testkit::push_busybox_image(&registry.host, "team/nodocker", "1", &[]).await;
-    let image = format!("docker://{}/team/nodocker:1", registry.host);
-    let mut spec = ActionSpec::new("true");
-    spec.platform = vec![FC, ("init-dockerd", "true"), ("container-image", &image)];
-    let action = make_action(&c, &spec).await;
-    let (_, resp) = execute(&c, action, false).await.unwrap();
-    let status = resp.status.unwrap();
-    assert_eq!(
-        status.code,
-        Code::FailedPrecondition as i32,
-        "{}",
-        status.message
-    );
-    assert!(
-        status.message.contains("team/nodocker") && status.message.contains("dockerd"),
-        "{}",
-        status.message
-    );
 }
