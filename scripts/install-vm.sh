@@ -7,18 +7,13 @@
 #     ca-certificates and kmod, plus the guest kernel's modules, as an ext4 disk
 #     image at $HEARTH_DEPS/images/default.ext4
 set -euo pipefail
+# shellcheck source=scripts/apt.sh
+. "$(dirname "${BASH_SOURCE[0]}")/apt.sh"
 DEPS=${HEARTH_DEPS:-/opt/hearth-deps}
 export DEBIAN_FRONTEND=noninteractive
 
 pkgs=(qemu-system-x86 qemu-utils e2fsprogs debootstrap docker-registry ca-certificates cpio slirp4netns iproute2 util-linux lz4 file busybox-static)
-missing=()
-for p in "${pkgs[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    apt-get update
-    apt-get install -y --no-install-recommends "${missing[@]}"
-fi
+apt_install_missing "${pkgs[@]}"
 # The registry package starts a system service; tests run their own instances.
 systemctl disable --now docker-registry >/dev/null 2>&1 || true
 

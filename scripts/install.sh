@@ -3,6 +3,8 @@
 # Idempotent: steps whose result exists are skipped.
 #   scripts/install.sh            # packages, microVM prerequisites, release build
 set -euo pipefail
+# shellcheck source=scripts/apt.sh
+. "$(dirname "${BASH_SOURCE[0]}")/apt.sh"
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 export DEBIAN_FRONTEND=noninteractive
@@ -11,14 +13,7 @@ export DEBIAN_FRONTEND=noninteractive
 # hearth-image's HTTPS client (native-tls); e2fsprogs (mkfs.ext4, debugfs) to turn
 # container images into disk images; docker-registry for hearth-image's tests.
 pkgs=(gcc libc6-dev git ca-certificates pkg-config libssl-dev e2fsprogs docker-registry)
-missing=()
-for p in "${pkgs[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    apt-get update
-    apt-get install -y --no-install-recommends "${missing[@]}"
-fi
+apt_install_missing "${pkgs[@]}"
 
 if ! command -v cargo >/dev/null; then
     echo "install.sh: cargo not found. Hearth needs a Rust toolchain (1.85 or newer, e.g. from rustup)." >&2
