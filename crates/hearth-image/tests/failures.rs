@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use hearth_image::{Credentials, ImageConfig, ImageError, ImageStore};
+use hearth_image::{Credentials, ImageError};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_repositories_and_tags_are_not_found() {
@@ -38,11 +38,7 @@ async fn missing_repositories_and_tags_are_not_found() {
 #[tokio::test]
 async fn malformed_references_are_invalid_arguments() {
     let cache = tempfile::tempdir().unwrap();
-    let images = ImageStore::new(ImageConfig {
-        cache_dir: cache.path().into(),
-        insecure_registries: vec![],
-    })
-    .unwrap();
+    let images = store_with(cache.path(), &[]);
     for reference in ["", "Bad/Upper", "repo@sha256:1234", "a:b:c", "host:port/x"] {
         let err = images.resolve(reference, None).await.unwrap_err();
         eprintln!("{err}");
@@ -169,11 +165,7 @@ async fn unreachable_registries_are_unavailable() {
     let cache = tempfile::tempdir().unwrap();
     let port = free_port(); // nothing listens there
     let host = format!("127.0.0.1:{port}");
-    let images = ImageStore::new(ImageConfig {
-        cache_dir: cache.path().into(),
-        insecure_registries: vec![host.clone()],
-    })
-    .unwrap();
+    let images = store_with(cache.path(), &[&host]);
     let err = images
         .resolve(&format!("{host}/x:1"), None)
         .await
@@ -196,11 +188,7 @@ async fn plain_http_only_for_insecure_registries() {
         )
         .await;
     let cache = tempfile::tempdir().unwrap();
-    let images = ImageStore::new(ImageConfig {
-        cache_dir: cache.path().into(),
-        insecure_registries: vec![],
-    })
-    .unwrap();
+    let images = store_with(cache.path(), &[]);
     let err = images
         .resolve(&format!("{}/x:1", reg.host), None)
         .await

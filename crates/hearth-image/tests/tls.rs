@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use hearth_image::{ImageConfig, ImageError, ImageStore};
+use hearth_image::ImageError;
 use openssl::asn1::Asn1Time;
 use openssl::ec::{EcGroup, EcKey};
 use openssl::hash::MessageDigest;
@@ -75,11 +75,7 @@ async fn https_registry_with_a_trusted_certificate() {
         .await;
 
     let cache = tempfile::tempdir().unwrap();
-    let images = ImageStore::new(ImageConfig {
-        cache_dir: cache.path().into(),
-        insecure_registries: vec![],
-    })
-    .unwrap();
+    let images = store_with(cache.path(), &[]);
     let img = images
         .resolve(&format!("{}/secure/img:v1", reg.host), None)
         .await
@@ -88,11 +84,7 @@ async fn https_registry_with_a_trusted_certificate() {
     assert_eq!(debugfs(&img.path, "cat /etc/version"), "tls");
 
     // Listed as insecure, the same registry is spoken to in plain HTTP, which it refuses.
-    let plain = ImageStore::new(ImageConfig {
-        cache_dir: cache.path().into(),
-        insecure_registries: vec![reg.host.clone()],
-    })
-    .unwrap();
+    let plain = store_with(cache.path(), &[&reg.host]);
     let err = plain
         .resolve(&format!("{}/secure/img:v1", reg.host), None)
         .await

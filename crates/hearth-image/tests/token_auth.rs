@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use common::*;
-use hearth_image::{Credentials, ImageConfig, ImageError, ImageStore};
+use hearth_image::{Credentials, ImageError};
 use openssl::ec::{EcGroup, EcKey};
 use openssl::ecdsa::EcdsaSig;
 use openssl::hash::MessageDigest;
@@ -197,11 +197,7 @@ async fn bearer_token_flow_anonymous_and_with_credentials() {
         .await;
     }
     let cache = tempfile::tempdir().unwrap();
-    let images = ImageStore::new(ImageConfig {
-        cache_dir: cache.path().into(),
-        insecure_registries: vec![reg.host.clone()],
-    })
-    .unwrap();
+    let images = store_with(cache.path(), &[&reg.host]);
 
     // Anonymous token for a public repository, as for Docker Hub's library images.
     let public = format!("{}/public/tool:v1", reg.host);

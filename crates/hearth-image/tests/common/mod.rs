@@ -47,10 +47,16 @@ pub fn stat(image: &Path, path: &str) -> String {
     debugfs(image, &format!("stat {path}"))
 }
 
+/// An image store caching in `cache` that speaks plain HTTP to `reg`.
 pub fn store(cache: &Path, reg: &Registry) -> ImageStore {
+    store_with(cache, &[&reg.host])
+}
+
+/// An image store caching in `cache` with these insecure registries.
+pub fn store_with(cache: &Path, insecure: &[&str]) -> ImageStore {
     ImageStore::new(ImageConfig {
         cache_dir: cache.to_path_buf(),
-        insecure_registries: vec![reg.host.clone()],
+        insecure_registries: insecure.iter().map(|h| h.to_string()).collect(),
     })
     .unwrap()
 }
