@@ -7,32 +7,12 @@ mod common;
 
 use common::*;
 use hearth_image::ImageError;
-use openssl::asn1::Asn1Time;
-use openssl::ec::{EcGroup, EcKey};
 use openssl::hash::MessageDigest;
-use openssl::nid::Nid;
-use openssl::pkey::PKey;
 use openssl::x509::extension::{BasicConstraints, SubjectAlternativeName};
-use openssl::x509::{X509Builder, X509NameBuilder};
 
 /// A self-signed certificate for `127.0.0.1`; returns (cert PEM, key PEM).
 fn certificate() -> (Vec<u8>, Vec<u8>) {
-    let key = PKey::from_ec_key(
-        EcKey::generate(&EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap()).unwrap(),
-    )
-    .unwrap();
-    let mut name = X509NameBuilder::new().unwrap();
-    name.append_entry_by_text("CN", "127.0.0.1").unwrap();
-    let name = name.build();
-    let mut b = X509Builder::new().unwrap();
-    b.set_version(2).unwrap();
-    b.set_subject_name(&name).unwrap();
-    b.set_issuer_name(&name).unwrap();
-    b.set_pubkey(&key).unwrap();
-    b.set_not_before(&Asn1Time::days_from_now(0).unwrap())
-        .unwrap();
-    b.set_not_after(&Asn1Time::days_from_now(2).unwrap())
-        .unwrap();
+    let (key, mut b) = self_signed("127.0.0.1");
     b.append_extension(BasicConstraints::new().critical().ca().build().unwrap())
         .unwrap();
     let san = SubjectAlternativeName::new()

@@ -11,12 +11,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use common::*;
 use hearth_image::{Credentials, ImageError};
-use openssl::ec::{EcGroup, EcKey};
 use openssl::ecdsa::EcdsaSig;
 use openssl::hash::MessageDigest;
-use openssl::nid::Nid;
 use openssl::pkey::{PKey, Private};
-use openssl::x509::{X509Builder, X509NameBuilder, X509};
+use openssl::x509::X509;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const SERVICE: &str = "hearth-test-registry";
@@ -31,23 +29,7 @@ fn b64url(data: &[u8]) -> String {
 }
 
 fn key_and_cert() -> (PKey<Private>, X509) {
-    let key = PKey::from_ec_key(
-        EcKey::generate(&EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap()).unwrap(),
-    )
-    .unwrap();
-    let mut name = X509NameBuilder::new().unwrap();
-    name.append_entry_by_text("CN", "hearth test token signer")
-        .unwrap();
-    let name = name.build();
-    let mut b = X509Builder::new().unwrap();
-    b.set_version(2).unwrap();
-    b.set_subject_name(&name).unwrap();
-    b.set_issuer_name(&name).unwrap();
-    b.set_pubkey(&key).unwrap();
-    b.set_not_before(&openssl::asn1::Asn1Time::days_from_now(0).unwrap())
-        .unwrap();
-    b.set_not_after(&openssl::asn1::Asn1Time::days_from_now(2).unwrap())
-        .unwrap();
+    let (key, mut b) = self_signed("hearth test token signer");
     b.sign(&key, MessageDigest::sha256()).unwrap();
     (key, b.build())
 }

@@ -9,6 +9,33 @@ use std::time::{Duration, Instant};
 
 use hearth_image::{ImageConfig, ImageStore};
 pub use hearth_testkit::*;
+use openssl::ec::{EcGroup, EcKey};
+use openssl::nid::Nid;
+use openssl::pkey::{PKey, Private};
+use openssl::x509::{X509Builder, X509NameBuilder};
+
+/// A fresh P-256 key and a builder for a self-signed certificate with
+/// this common name, valid from today for two days; the caller adds any
+/// extensions and signs.
+pub fn self_signed(common_name: &str) -> (PKey<Private>, X509Builder) {
+    let key = PKey::from_ec_key(
+        EcKey::generate(&EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap()).unwrap(),
+    )
+    .unwrap();
+    let mut name = X509NameBuilder::new().unwrap();
+    name.append_entry_by_text("CN", common_name).unwrap();
+    let name = name.build();
+    let mut b = X509Builder::new().unwrap();
+    b.set_version(2).unwrap();
+    b.set_subject_name(&name).unwrap();
+    b.set_issuer_name(&name).unwrap();
+    b.set_pubkey(&key).unwrap();
+    b.set_not_before(&openssl::asn1::Asn1Time::days_from_now(0).unwrap())
+        .unwrap();
+    b.set_not_after(&openssl::asn1::Asn1Time::days_from_now(2).unwrap())
+        .unwrap();
+    (key, b)
+}
 
 /// `debugfs -R CMD IMAGE` (read-only), its stdout.
 pub fn debugfs(image: &Path, cmd: &str) -> String {
