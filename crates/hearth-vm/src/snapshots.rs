@@ -39,8 +39,10 @@ pub struct SnapshotMeta {
 pub struct SnapshotStore {
     dir: PathBuf,
     max: usize,
-    /// Serialises moves in and out of `dir`.
-    lock: Mutex<()>,
+    /// The complete snapshots, oldest first. The store is the only writer
+    /// of `dir`, so this is read from disk once, at open; the lock also
+    /// serialises moves in and out of `dir`.
+    entries: Mutex<Vec<(PathBuf, SnapshotMeta)>>,
 }
 
 fn read_meta(entry: &Path) -> Option<SnapshotMeta> {
@@ -53,51 +55,39 @@ impl SnapshotStore {
     pub fn open(dir: &Path, max: usize) -> Result<Self, VmError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| VmError::io(format!("creating {}", dir.display()), e))?;
-        let store = SnapshotStore {
-            dir: dir.to_path_buf(),
-            max,
-            lock: Mutex::new(()),
-        };
-        for (path, meta) in store.entries() {
-            if meta.is_none() {
-                tracing::info!(path = %path.display(), "deleting an incomplete VM snapshot");
-                let _ = std::fs::remove_dir_all(&path);
+        let list = std::fs::read_dir(dir)
+            .map_err(|e| VmError::io(format!("reading {}", dir.display()), e))?;
+        let mut entries = Vec::new();
+        for path in list.flatten().map(|e| e.path()).filter(|p| p.is_dir()) {
+            match read_meta(&path) {
+                Some(meta) => entries.push((path, meta)),
+                None => {
+                    tracing::info!(path = %path.display(), "deleting an incomplete VM snapshot");
+                    let _ = std::fs::remove_dir_all(&path);
+                }
             }
         }
-        Ok(store)
+        entries.sort_by_key(|(_, m)| m.saved_unix_secs);
+        Ok(SnapshotStore {
+            dir: dir.to_path_buf(),
+            max,
+            entries: Mutex::new(entries),
+        })
     }
 
-    fn entries(&self) -> Vec<(PathBuf, Option<SnapshotMeta>)> {
-        let Ok(list) = std::fs::read_dir(&self.dir) else {
-            return vec![];
-        };
-        list.flatten()
-            .map(|e| e.path())
-            .filter(|p| p.is_dir())
-            .map(|p| {
-                let meta = read_meta(&p);
-                (p, meta)
-            })
-            .collect()
-    }
-
-    fn guard(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.lock.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(PathBuf, SnapshotMeta)>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The keys of the snapshots held.
     pub fn keys(&self) -> Vec<String> {
-        let _g = self.guard();
-        self.entries()
-            .into_iter()
-            .filter_map(|(_, m)| m.map(|m| m.key))
-            .collect()
+        self.lock().iter().map(|(_, m)| m.key.clone()).collect()
     }
 
     /// Moves a saved VM's directory (holding the files named above) into
     /// the store, then deletes the oldest snapshots beyond the bound.
     pub fn put(&self, vm_dir: &Path, meta: &SnapshotMeta) -> Result<(), VmError> {
-        let _g = self.guard();
+        let mut entries = self.lock();
         let entry = self.dir.join(uuid::Uuid::new_v4().to_string());
         std::fs::rename(vm_dir, &entry)
             .map_err(|e| VmError::io(format!("moving {} to the snapshots", vm_dir.display()), e))?;
@@ -116,14 +106,10 @@ impl SnapshotStore {
             let _ = std::fs::remove_dir_all(&entry);
             return Err(VmError::io("writing the snapshot metadata", e));
         }
-        let mut all: Vec<(PathBuf, SnapshotMeta)> = self
-            .entries()
-            .into_iter()
-            .filter_map(|(p, m)| m.map(|m| (p, m)))
-            .collect();
-        all.sort_by_key(|(_, m)| std::cmp::Reverse(m.saved_unix_secs));
-        for (path, meta) in all.into_iter().skip(self.max) {
-            tracing::info!(key = %meta.key, "deleting the oldest VM snapshot beyond the bound");
+        entries.push((entry, meta.clone()));
+        while entries.len() > self.max {
+            let (path, old) = entries.remove(0);
+            tracing::info!(key = %old.key, "deleting the oldest VM snapshot beyond the bound");
             let _ = std::fs::remove_dir_all(path);
         }
         Ok(())
@@ -132,13 +118,9 @@ impl SnapshotStore {
     /// Moves the newest snapshot with this key to `into` (which must not
     /// exist) and returns its metadata.
     pub fn take(&self, key: &str, into: &Path) -> Option<SnapshotMeta> {
-        let _g = self.guard();
-        let (path, meta) = self
-            .entries()
-            .into_iter()
-            .filter_map(|(p, m)| m.map(|m| (p, m)))
-            .filter(|(_, m)| m.key == key)
-            .max_by_key(|(_, m)| m.saved_unix_secs)?;
+        let mut entries = self.lock();
+        let i = entries.iter().rposition(|(_, m)| m.key == key)?;
+        let (path, meta) = entries.remove(i);
         match std::fs::rename(&path, into) {
             Ok(()) => Some(meta),
             Err(e) => {
