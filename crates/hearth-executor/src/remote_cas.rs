@@ -240,15 +240,6 @@ impl BlobStore for GrpcStore {
         Ok(())
     }
 
-    async fn put_file(&self, path: &Path) -> StoreResult<Digest> {
-        let data = tokio::fs::read(path)
-            .await
-            .map_err(|e| StoreError::io(format!("reading {}", path.display()), e))?;
-        let d = Digest::of(&data);
-        self.put(&d, Bytes::from(data)).await?;
-        Ok(d)
-    }
-
     async fn adopt_file(&self, digest: &Digest, path: &Path) -> StoreResult<()> {
         let data = tokio::fs::read(path)
             .await

@@ -78,6 +78,22 @@ impl DiskStore {
     }
 
     /// True when the blob is present; records a use.
+    /// Stores what `source` yields and returns its digest. The bytes are
+    /// hashed as they are copied into a private staging file, so the stored
+    /// blob is exactly the bytes that were hashed even if whoever wrote the
+    /// source is still changing it. Blocking: call it off the async threads.
+    pub fn ingest(&self, source: &mut impl Read) -> StoreResult<Digest> {
+        self.inner.ingest(source)
+    }
+
+    /// [`DiskStore::ingest`] of a file, on the blocking pool.
+    pub async fn ingest_file(&self, mut file: fs::File) -> StoreResult<Digest> {
+        let store = DiskStore {
+            inner: self.inner.clone(),
+        };
+        blocking(move || store.ingest(&mut file)).await
+    }
+
     pub fn contains(&self, digest: &Digest) -> bool {
         digest.is_empty_blob() || self.inner.lock().touch(digest)
     }
@@ -154,6 +170,35 @@ impl Inner {
         }
         self.evict();
         Ok(())
+    }
+
+    fn ingest(&self, source: &mut impl Read) -> StoreResult<Digest> {
+        let staged = self.staging_file();
+        let result = (|| {
+            let mut out =
+                fs::File::create(&staged).ctx(|| format!("creating {}", staged.display()))?;
+            let mut hasher = DigestHasher::default();
+            let mut buf = vec![0u8; 256 * 1024];
+            loop {
+                let n = source.read(&mut buf).ctx(|| "reading an output".into())?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                out.write_all(&buf[..n])
+                    .ctx(|| format!("writing {}", staged.display()))?;
+            }
+            let d = hasher.finish();
+            if d.is_empty_blob() {
+                let _ = fs::remove_file(&staged);
+                return Ok(d);
+            }
+            self.commit(&d, &staged).map(|_| d)
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&staged);
+        }
+        result
     }
 
     fn write_bytes(&self, d: &Digest, data: &[u8]) -> StoreResult<()> {
@@ -259,25 +304,6 @@ impl BlobStore for DiskStore {
         let inner = self.inner.clone();
         let d = *digest;
         blocking(move || inner.write_bytes(&d, &data)).await
-    }
-
-    async fn put_file(&self, path: &Path) -> StoreResult<Digest> {
-        let inner = self.inner.clone();
-        let path = path.to_path_buf();
-        blocking(move || {
-            let d = hash_file(&path)?;
-            if d.is_empty_blob() || inner.lock().touch(&d) {
-                return Ok(d);
-            }
-            let staged = inner.staging_file();
-            fs::copy(&path, &staged)
-                .ctx(|| format!("copying {} into the store", path.display()))?;
-            inner.commit(&d, &staged).inspect_err(|_| {
-                let _ = fs::remove_file(&staged);
-            })?;
-            Ok(d)
-        })
-        .await
     }
 
     async fn adopt_file(&self, digest: &Digest, path: &Path) -> StoreResult<()> {
@@ -432,15 +458,59 @@ mod tests {
         assert_eq!(store.stats().bytes, 20);
     }
 
+    /// Rewrites the file it reads after its first read, as a process the
+    /// action left behind might while outputs are collected.
+    struct RewrittenWhileRead {
+        file: fs::File,
+        path: PathBuf,
+        rewritten: bool,
+    }
+
+    impl Read for RewrittenWhileRead {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let len = buf.len().min(4);
+            let n = self.file.read(&mut buf[..len])?;
+            if !self.rewritten {
+                self.rewritten = true;
+                fs::write(&self.path, b"EVILEVILEVIL")?;
+            }
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn ingest_stores_exactly_the_bytes_it_hashed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DiskStore::open(&dir.path().join("s"), 0).unwrap();
+        let path = dir.path().join("out");
+        fs::write(&path, b"good output!").unwrap();
+        let mut source = RewrittenWhileRead {
+            file: fs::File::open(&path).unwrap(),
+            path: path.clone(),
+            rewritten: false,
+        };
+        let d = store.ingest(&mut source).unwrap();
+        let stored = fs::read(store.path_of(&d)).unwrap();
+        assert_eq!(
+            Digest::of(&stored),
+            d,
+            "the blob is stored under its own digest"
+        );
+        assert_eq!(d.size(), 12);
+    }
+
     #[tokio::test]
-    async fn adopt_and_put_file() {
+    async fn adopt_and_ingest() {
         let dir = tempfile::tempdir().unwrap();
         let store = DiskStore::open(&dir.path().join("s"), 0).unwrap();
         let src = dir.path().join("f");
         fs::write(&src, b"file body").unwrap();
-        let d = store.put_file(&src).await.unwrap();
+        let d = store
+            .ingest_file(fs::File::open(&src).unwrap())
+            .await
+            .unwrap();
         assert_eq!(d, Digest::of(b"file body"));
-        assert!(src.exists(), "put_file copies");
+        assert!(src.exists(), "ingest copies");
         let wrong = Digest::of(b"nope");
         assert!(store.adopt_file(&wrong, &src).await.is_err());
         fs::write(&src, b"other body").unwrap();

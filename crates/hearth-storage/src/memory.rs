@@ -77,15 +77,6 @@ impl BlobStore for MemoryStore {
         Ok(())
     }
 
-    async fn put_file(&self, path: &Path) -> StoreResult<Digest> {
-        let data = tokio::fs::read(path)
-            .await
-            .ctx(|| format!("reading {}", path.display()))?;
-        let digest = Digest::of(&data);
-        self.lock().insert(*digest.hash(), Bytes::from(data));
-        Ok(digest)
-    }
-
     async fn adopt_file(&self, digest: &Digest, path: &Path) -> StoreResult<()> {
         let data = tokio::fs::read(path)
             .await

@@ -28,9 +28,6 @@ pub trait BlobStore: Send + Sync + 'static {
     /// Stores `data`, which must hash to `digest`.
     async fn put(&self, digest: &Digest, data: Bytes) -> StoreResult<()>;
 
-    /// Hashes the file at `path` and stores a copy of it; returns its digest.
-    async fn put_file(&self, path: &Path) -> StoreResult<Digest>;
-
     /// Takes ownership of the file at `path` (which must hash to `digest`),
     /// moving it into the store when it can. The file is gone afterwards.
     async fn adopt_file(&self, digest: &Digest, path: &Path) -> StoreResult<()>;
