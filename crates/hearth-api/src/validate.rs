@@ -86,51 +86,28 @@ pub async fn check_action(cas: &dyn BlobStore, action_digest: &Digest) -> Result
     })
 }
 
-/// A relative path with no empty, `.` or `..` segments (empty allowed when
-/// `allow_empty`).
-fn check_relative(path: &str, what: &str, allow_empty: bool) -> Result<(), Status> {
-    if path.is_empty() {
-        return if allow_empty {
-            Ok(())
-        } else {
-            Err(Status::invalid_argument(format!("{what} is empty")))
-        };
-    }
-    if path.starts_with('/') {
-        return Err(Status::invalid_argument(format!(
-            "{what} {path:?} is absolute; it must be relative"
-        )));
-    }
-    if path
-        .split('/')
-        .any(|s| s.is_empty() || s == "." || s == "..")
-    {
-        return Err(Status::invalid_argument(format!(
-            "{what} {path:?} has an empty, \".\" or \"..\" segment"
-        )));
-    }
-    Ok(())
-}
-
 fn check_command(cmd: &Command) -> Result<(), Status> {
     if cmd.arguments.is_empty() {
         return Err(Status::invalid_argument(
             "Command.arguments is empty: there is nothing to run",
         ));
     }
-    check_relative(&cmd.working_directory, "Command.working_directory", true)?;
-    for p in cmd
-        .output_files
-        .iter()
-        .chain(&cmd.output_directories)
-        .chain(&cmd.output_paths)
-    {
-        let p = p.trim_end_matches('/');
-        check_relative(
-            p,
-            "output path",
-            cmd.output_directories.iter().any(|d| d.is_empty()),
-        )?;
+    hearth_scheduler::paths::beneath("", &cmd.working_directory).map_err(|e| {
+        Status::invalid_argument(format!(
+            "Command.working_directory {:?} {e}",
+            cmd.working_directory
+        ))
+    })?;
+    let files = cmd.output_files.iter().map(|p| (p, true));
+    let others = cmd.output_directories.iter().chain(&cmd.output_paths);
+    for (p, is_file) in files.chain(others.map(|p| (p, false))) {
+        let resolved = hearth_scheduler::paths::beneath(&cmd.working_directory, p)
+            .map_err(|e| Status::invalid_argument(format!("output path {p:?} {e}")))?;
+        if is_file && resolved.is_empty() {
+            return Err(Status::invalid_argument(format!(
+                "output file {p:?} is the input root itself"
+            )));
+        }
     }
     let mut seen = HashSet::new();
     for v in &cmd.environment_variables {
@@ -297,6 +274,20 @@ mod tests {
         assert!(check_command(&c).is_err());
         c.output_files = vec!["ok/file".into()];
         assert!(check_command(&c).is_ok());
+        c.working_directory = "a/b".into();
+        c.output_files = vec!["../../top".into()];
+        c.output_paths = vec![".".into(), "../../../x".into()];
+        assert!(
+            check_command(&c).is_err(),
+            "../../../x climbs out of the root"
+        );
+        c.output_paths = vec![".".into(), "../../x".into()];
+        assert!(
+            check_command(&c).is_ok(),
+            "dots that stay beneath the root are fine"
+        );
+        c.output_files = vec!["..".into(), "../..".into()];
+        assert!(check_command(&c).is_err(), "a file cannot be the root");
         c.arguments.clear();
         assert!(check_command(&c).is_err());
     }

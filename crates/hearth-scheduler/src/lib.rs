@@ -5,6 +5,7 @@
 mod affinity;
 mod executors;
 mod operation;
+pub mod paths;
 pub mod platform;
 mod scheduler;
 
