@@ -16,7 +16,7 @@ use tonic::Code;
 
 use crate::error::{ExecError, ExecResult, IoContext};
 use crate::materialize::materialize;
-use crate::outputs::{self, Collector};
+use crate::outputs;
 use crate::runner::{RunSpec, Runner};
 use crate::LocalCas;
 
@@ -29,6 +29,11 @@ pub struct ExecutorConfig {
     pub default_timeout: Duration,
     /// No action may run longer than this.
     pub max_timeout: Duration,
+    /// The user and group that own the directories of each workspace (the
+    /// user host actions run as), so that actions can write their outputs
+    /// but never the input files, which stay the store's. None: the
+    /// executor's own user.
+    pub action_owner: Option<(u32, u32)>,
 }
 
 pub struct Executor {
@@ -196,10 +201,15 @@ impl Executor {
             .ctx(|| format!("creating {}", input_root.display()))?;
 
         meta.input_fetch_start_timestamp = timestamp(SystemTime::now());
-        materialize(&self.cas, root_digest, &input_root, &self.exec_cache).await?;
-        let workdir = input_root.join(&command.working_directory);
-        std::fs::create_dir_all(&workdir).ctx(|| format!("creating {}", workdir.display()))?;
-        outputs::prepare(&workdir, &command)?;
+        materialize(
+            &self.cas,
+            root_digest,
+            &input_root,
+            &self.exec_cache,
+            self.config.action_owner,
+        )
+        .await?;
+        outputs::prepare(&input_root, &command, self.config.action_owner)?;
         meta.input_fetch_completed_timestamp = timestamp(SystemTime::now());
 
         let timeout = action
@@ -212,7 +222,11 @@ impl Executor {
         let spec = RunSpec {
             instance_name: a.instance_name.clone(),
             input_root: input_root.clone(),
-            working_directory: command.working_directory.clone(),
+            // Normalized (no `.` or `..`); prepare made every component a real
+            // directory, so the runner may use it as a plain path.
+            working_directory: hearth_scheduler::paths::beneath("", &command.working_directory)
+                .map_err(ExecError::InvalidInput)?
+                .join("/"),
             arguments: command.arguments.clone(),
             environment: command
                 .environment_variables
@@ -229,17 +243,20 @@ impl Executor {
         meta.execution_completed_timestamp = timestamp(SystemTime::now());
 
         meta.output_upload_start_timestamp = timestamp(SystemTime::now());
-        let mut collector = Collector::new(&self.cas);
-        let mut result = ActionResult {
+        let collected = outputs::collect(
+            self.cas.local().clone(),
+            input_root.clone(),
+            command,
+            spec.stdout_path.clone(),
+            spec.stderr_path.clone(),
+            outcome.timed_out,
+        )
+        .await?;
+        self.cas.push(&collected.stored).await?;
+        let result = ActionResult {
             exit_code: outcome.exit_code,
-            ..Default::default()
+            ..collected.result
         };
-        result.stdout_digest = Some(collector.store_log(&spec.stdout_path).await?.to_proto());
-        result.stderr_digest = Some(collector.store_log(&spec.stderr_path).await?.to_proto());
-        if !outcome.timed_out {
-            collector.collect(&workdir, &command, &mut result).await?;
-        }
-        self.cas.push(&collector.stored).await?;
         meta.output_upload_completed_timestamp = timestamp(SystemTime::now());
 
         let status = outcome.timed_out.then(|| {
@@ -294,6 +311,7 @@ mod tests {
             work_dir: dir.path().join("work"),
             default_timeout: Duration::from_secs(10),
             max_timeout: Duration::from_secs(10),
+            action_owner: None,
         };
         let exec = Executor::new(config, LocalCas::shared(store), runners).unwrap();
         assert_eq!(exec.warm_keys(), ["k1", "k2", "k2"]);

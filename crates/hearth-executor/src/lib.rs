@@ -7,6 +7,7 @@
 // Bazel 2.1 and 4.2 still use them.
 #![allow(deprecated)]
 
+pub mod confined;
 mod error;
 mod executor;
 mod host;
@@ -19,7 +20,7 @@ pub mod session;
 
 pub use error::ExecError;
 pub use executor::{Executor, ExecutorConfig};
-pub use host::HostRunner;
+pub use host::{HostRunner, Sandbox};
 pub use local_cas::LocalCas;
 pub use remote_cas::GrpcStore;
 pub use runner::{RunOutcome, RunSpec, Runner};

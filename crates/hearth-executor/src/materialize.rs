@@ -29,12 +29,16 @@ enum Entry {
 }
 
 /// Materializes the tree rooted at `root` into `dest` (which must exist).
+/// With `owner`, every directory is given to that user (the one actions run
+/// as) while files stay the store's, read-only: the action can add, remove
+/// and rename entries, never change an input's bytes or mode.
 /// Returns every blob used, so the caller can account for them.
 pub async fn materialize(
     cas: &LocalCas,
     root: Digest,
     dest: &Path,
     exec_cache: &Path,
+    owner: Option<(u32, u32)>,
 ) -> ExecResult<Vec<Digest>> {
     let mut parsed: HashMap<Digest, Directory> = HashMap::new();
     let mut entries = Vec::new();
@@ -93,7 +97,7 @@ pub async fn materialize(
     let dest = dest.to_path_buf();
     let exec_cache = exec_cache.to_path_buf();
     let cas_paths = cas.clone();
-    tokio::task::spawn_blocking(move || lay_out(&cas_paths, &dest, &exec_cache, entries))
+    tokio::task::spawn_blocking(move || lay_out(&cas_paths, &dest, &exec_cache, entries, owner))
         .await
         .map_err(|e| ExecError::Internal(format!("materialize thread: {e}")))??;
     let mut all: Vec<Digest> = parsed.into_keys().collect();
@@ -101,12 +105,22 @@ pub async fn materialize(
     Ok(all)
 }
 
-fn lay_out(cas: &LocalCas, dest: &Path, exec_cache: &Path, entries: Vec<Entry>) -> ExecResult<()> {
+fn lay_out(
+    cas: &LocalCas,
+    dest: &Path,
+    exec_cache: &Path,
+    entries: Vec<Entry>,
+    owner: Option<(u32, u32)>,
+) -> ExecResult<()> {
     for e in entries {
         match e {
             Entry::Dir(rel) => {
                 let p = dest.join(rel);
                 fs::create_dir_all(&p).ctx(|| format!("creating {}", p.display()))?;
+                if let Some((uid, gid)) = owner {
+                    std::os::unix::fs::lchown(&p, Some(uid), Some(gid))
+                        .ctx(|| format!("chown {}", p.display()))?;
+                }
             }
             Entry::File {
                 path,
