@@ -11,9 +11,18 @@ export DEBIAN_FRONTEND=noninteractive
 
 # Build tools: a C compiler for crates with C parts, and git; OpenSSL headers for
 # hearth-image's HTTPS client (native-tls); e2fsprogs (mkfs.ext4, debugfs) to turn
-# container images into disk images; docker-registry for hearth-image's tests.
-pkgs=(gcc libc6-dev git ca-certificates pkg-config libssl-dev e2fsprogs docker-registry)
+# container images into disk images; docker-registry for hearth-image's tests;
+# bubblewrap and util-linux (setpriv) for the host-action sandbox.
+pkgs=(gcc libc6-dev git ca-certificates pkg-config libssl-dev e2fsprogs docker-registry
+      bubblewrap util-linux passwd)
 apt_install_missing "${pkgs[@]}"
+
+# Sandboxed host actions run as this unprivileged user (--run-as); it owns
+# nothing of the data or work directories.
+if ! id -u hearth-action >/dev/null 2>&1; then
+    useradd --system --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin hearth-action
+fi
 
 if ! command -v cargo >/dev/null; then
     echo "install.sh: cargo not found. Hearth needs a Rust toolchain (1.85 or newer, e.g. from rustup)." >&2

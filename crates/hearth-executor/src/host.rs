@@ -1,9 +1,22 @@
-//! `workload-isolation-type=none`: the command runs on the executor host in
-//! its own process group, which is killed whole on timeout, on cancellation
-//! and after the command exits (so no stray background process outlives it).
+//! `workload-isolation-type=none`: the command runs on the executor host.
+//!
+//! With a [`Sandbox`] (the default) it runs through bubblewrap as PID 1's
+//! child in a PID namespace of its own, so that when it exits, times out or
+//! is cancelled, or when the executor dies, every process it started ends
+//! with it (`setsid` and double forks included: the kernel kills the whole
+//! namespace when its PID 1 goes). It sees a mount namespace with only
+//! `/usr`, `/bin`, `/lib*` and `/etc` of the host (read-only), a private
+//! `/proc`, `/dev` and `/tmp`, and its own input root; the server's data
+//! directory, the executor's work directory and other actions' workspaces
+//! do not exist there. It runs as an unprivileged user that owns only the
+//! workspace's directories, never the input files (the store's, read-only).
+//!
+//! Without one (`--host-sandbox off`) it runs as the executor's user in its
+//! own process group, which is killed whole on timeout, on cancellation and
+//! after the command exits.
 
 use std::os::unix::process::ExitStatusExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use async_trait::async_trait;
@@ -15,12 +28,127 @@ use tokio_util::sync::CancellationToken;
 use crate::error::{ExecError, ExecResult, IoContext};
 use crate::runner::{RunOutcome, RunSpec, Runner};
 
+/// Host directories visible (read-only) inside the sandbox, when they exist.
+/// A symlink (a merged-/usr `/bin`) is recreated as the same symlink.
+const VISIBLE: &[&str] = &[
+    "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc",
+];
+
+/// How host actions are confined.
+#[derive(Debug, Clone)]
+pub struct Sandbox {
+    /// The bubblewrap binary.
+    pub bwrap: PathBuf,
+    /// util-linux `setpriv`, which drops to `uid`/`gid` inside the sandbox.
+    pub setpriv: PathBuf,
+    pub uid: u32,
+    pub gid: u32,
+    /// More host directories to show read-only (the operator's toolchains).
+    pub extra_visible: Vec<PathBuf>,
+}
+
+impl Sandbox {
+    /// A sandbox that runs actions as `user`, with the tools found on PATH.
+    /// Fails, saying what is missing, if it cannot work on this host.
+    pub fn for_user(user: &str, extra_visible: Vec<PathBuf>) -> Result<Sandbox, String> {
+        if !nix::unistd::geteuid().is_root() {
+            return Err(
+                "the host sandbox runs actions as another user, which needs root; \
+                 run the executor as root, or pass --host-sandbox off (actions then run \
+                 as the executor's user and can change the store)"
+                    .into(),
+            );
+        }
+        let u = nix::unistd::User::from_name(user)
+            .map_err(|e| format!("looking up --run-as user {user:?}: {e}"))?
+            .ok_or_else(|| {
+                format!(
+                    "--run-as user {user:?} does not exist (scripts/install.sh creates \
+                     hearth-action: useradd --system --no-create-home hearth-action)"
+                )
+            })?;
+        if u.uid.is_root() {
+            return Err(format!(
+                "--run-as user {user:?} is root; it must be unprivileged"
+            ));
+        }
+        let find = |name: &str| -> Result<PathBuf, String> {
+            ["/usr/bin", "/bin", "/usr/sbin", "/sbin"]
+                .iter()
+                .map(|d| Path::new(d).join(name))
+                .find(|p| p.exists())
+                .ok_or_else(|| {
+                    format!("{name} not found: the host sandbox needs it (apt install bubblewrap util-linux)")
+                })
+        };
+        Ok(Sandbox {
+            bwrap: find("bwrap")?,
+            setpriv: find("setpriv")?,
+            uid: u.uid.as_raw(),
+            gid: u.gid.as_raw(),
+            extra_visible,
+        })
+    }
+
+    /// The bubblewrap command line that runs `arguments` in `workdir`.
+    fn command(&self, spec: &RunSpec, workdir: &Path, tmp: &Path) -> Command {
+        let mut cmd = Command::new(&self.bwrap);
+        cmd.args([
+            "--die-with-parent",
+            "--unshare-pid",
+            "--unshare-ipc",
+            "--unshare-uts",
+            "--unshare-cgroup-try",
+            "--new-session",
+        ]);
+        for dir in VISIBLE
+            .iter()
+            .map(PathBuf::from)
+            .chain(self.extra_visible.iter().cloned())
+        {
+            match std::fs::symlink_metadata(&dir) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    if let Ok(target) = std::fs::read_link(&dir) {
+                        cmd.arg("--symlink").arg(target).arg(&dir);
+                    }
+                }
+                Ok(m) if m.is_dir() => {
+                    cmd.arg("--ro-bind").arg(&dir).arg(&dir);
+                }
+                _ => {}
+            }
+        }
+        cmd.args(["--proc", "/proc", "--dev", "/dev"]);
+        cmd.arg("--bind").arg(tmp).arg("/tmp");
+        cmd.arg("--bind")
+            .arg(&spec.input_root)
+            .arg(&spec.input_root);
+        cmd.arg("--chdir").arg(workdir);
+        cmd.arg("--");
+        cmd.arg(&self.setpriv)
+            .arg(format!("--reuid={}", self.uid))
+            .arg(format!("--regid={}", self.gid))
+            .args(["--clear-groups", "--no-new-privs", "--"]);
+        cmd.args(&spec.arguments);
+        cmd
+    }
+}
+
 #[derive(Debug, Default)]
-pub struct HostRunner;
+pub struct HostRunner {
+    sandbox: Option<Sandbox>,
+}
+
+impl HostRunner {
+    /// Actions run in `sandbox`; None: unconfined, as the executor's user.
+    pub fn new(sandbox: Option<Sandbox>) -> Self {
+        HostRunner { sandbox }
+    }
+}
 
 /// Resolves argv[0] the way REAPI says: a relative path with a slash is
 /// relative to the working directory; a bare name is looked up on PATH.
-fn program(arg0: &str, workdir: &Path) -> std::path::PathBuf {
+fn program(arg0: &str, workdir: &Path) -> PathBuf {
     if arg0.contains('/') && !arg0.starts_with('/') {
         workdir.join(arg0)
     } else {
@@ -30,6 +158,18 @@ fn program(arg0: &str, workdir: &Path) -> std::path::PathBuf {
 
 fn kill_group(pid: u32) {
     let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+}
+
+/// Kills the child when the executor dies, whatever way it dies; the
+/// sandbox's PID 1 (`--die-with-parent`) and so its whole namespace follow.
+fn die_with_executor(cmd: &mut Command) {
+    // SAFETY: prctl is async-signal-safe and touches no memory of ours; it
+    // runs in the forked child before exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
+        });
+    }
 }
 
 #[async_trait]
@@ -48,16 +188,34 @@ impl Runner for HostRunner {
             .ctx(|| format!("creating {}", spec.stdout_path.display()))?;
         let stderr = std::fs::File::create(&spec.stderr_path)
             .ctx(|| format!("creating {}", spec.stderr_path.display()))?;
-        let mut cmd = Command::new(program(arg0, &workdir));
-        cmd.args(&spec.arguments[1..])
-            .env_clear()
+        let mut cmd = match &self.sandbox {
+            Some(sandbox) => {
+                // The action's /tmp: beside its input root, so it goes with
+                // the workspace and counts against the disk, not memory.
+                let tmp = spec
+                    .input_root
+                    .parent()
+                    .unwrap_or(&spec.input_root)
+                    .join("tmp");
+                std::fs::create_dir_all(&tmp).ctx(|| format!("creating {}", tmp.display()))?;
+                std::os::unix::fs::chown(&tmp, Some(sandbox.uid), Some(sandbox.gid))
+                    .ctx(|| format!("chown {}", tmp.display()))?;
+                sandbox.command(spec, &workdir, &tmp)
+            }
+            None => {
+                let mut cmd = Command::new(program(arg0, &workdir));
+                cmd.args(&spec.arguments[1..]).current_dir(&workdir);
+                cmd
+            }
+        };
+        cmd.env_clear()
             .envs(spec.environment.iter().map(|(k, v)| (k, v)))
-            .current_dir(&workdir)
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)
             .process_group(0)
             .kill_on_drop(true);
+        die_with_executor(&mut cmd);
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
@@ -97,77 +255,5 @@ impl Runner for HostRunner {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use hearth_scheduler::Platform;
-    use std::time::{Duration, Instant};
-
-    fn spec(dir: &Path, args: &[&str], timeout: Duration) -> RunSpec {
-        RunSpec {
-            instance_name: String::new(),
-            input_root: dir.to_path_buf(),
-            working_directory: String::new(),
-            arguments: args.iter().map(|s| s.to_string()).collect(),
-            environment: vec![
-                ("PATH".into(), "/usr/bin:/bin".into()),
-                ("X".into(), "42".into()),
-            ],
-            timeout,
-            stdout_path: dir.join("stdout"),
-            stderr_path: dir.join("stderr"),
-            platform: Platform::default(),
-        }
-    }
-
-    #[tokio::test]
-    async fn runs_with_env_and_captures_output() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = spec(
-            dir.path(),
-            &["sh", "-c", "echo out $X; echo err >&2; exit 3"],
-            Duration::from_secs(10),
-        );
-        let out = HostRunner.run(&s, CancellationToken::new()).await.unwrap();
-        assert_eq!(
-            out,
-            RunOutcome {
-                exit_code: 3,
-                timed_out: false
-            }
-        );
-        assert_eq!(std::fs::read_to_string(&s.stdout_path).unwrap(), "out 42\n");
-        assert_eq!(std::fs::read_to_string(&s.stderr_path).unwrap(), "err\n");
-    }
-
-    #[tokio::test]
-    async fn timeout_kills_the_whole_process_group() {
-        let dir = tempfile::tempdir().unwrap();
-        let marker = dir.path().join("survivor");
-        let script = format!("(sleep 2; touch {}) & sleep 30", marker.display());
-        let s = spec(
-            dir.path(),
-            &["sh", "-c", &script],
-            Duration::from_millis(300),
-        );
-        let t = Instant::now();
-        let out = HostRunner.run(&s, CancellationToken::new()).await.unwrap();
-        assert!(out.timed_out);
-        assert!(t.elapsed() < Duration::from_secs(5));
-        tokio::time::sleep(Duration::from_millis(2500)).await;
-        assert!(
-            !marker.exists(),
-            "the background child was killed with its group"
-        );
-    }
-
-    #[tokio::test]
-    async fn missing_program_exits_127_with_a_message() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = spec(dir.path(), &["./no-such-tool"], Duration::from_secs(5));
-        let out = HostRunner.run(&s, CancellationToken::new()).await.unwrap();
-        assert_eq!(out.exit_code, 127);
-        assert!(std::fs::read_to_string(&s.stderr_path)
-            .unwrap()
-            .contains("no-such-tool"));
-    }
-}
+#[path = "host_tests.rs"]
+mod tests;

@@ -76,6 +76,18 @@ pub struct ExecutorOptions {
     /// Stable executor id (default: hostname and a random suffix).
     #[arg(long)]
     pub executor_id: Option<String>,
+    /// Host actions (workload-isolation-type=none): `on` runs each in a
+    /// sandbox (own PID and mount namespaces, as --run-as, inputs read-only);
+    /// `off` runs them unconfined as the executor's user (trusted builds only).
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    pub host_sandbox: String,
+    /// The unprivileged user sandboxed host actions run as.
+    #[arg(long, default_value = "hearth-action")]
+    pub run_as: String,
+    /// A host directory sandboxed host actions may read, besides /usr, /bin,
+    /// /lib* and /etc (e.g. /opt/toolchain); repeatable.
+    #[arg(long = "sandbox-visible")]
+    pub sandbox_visible: Vec<PathBuf>,
     #[command(flatten)]
     pub vm: VmOptions,
 }

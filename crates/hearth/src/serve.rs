@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use hearth_api::Context;
-use hearth_executor::{session, Executor, ExecutorConfig, GrpcStore, HostRunner, LocalCas, Runner};
+use hearth_executor::{
+    session, Executor, ExecutorConfig, GrpcStore, HostRunner, LocalCas, Runner, Sandbox,
+};
 use hearth_scheduler::{Scheduler, SchedulerConfig};
 use hearth_storage::{DiskActionCache, DiskStore};
 use tokio::net::TcpListener;
@@ -98,7 +100,26 @@ async fn serve(server: Server, shutdown: CancellationToken) -> Result<()> {
 /// How long in-flight calls may take to finish at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
-fn executor_config(opts: &ExecutorOptions, work_dir: std::path::PathBuf) -> ExecutorConfig {
+/// The host sandbox as the flags ask for it; an error if it is asked for
+/// and cannot work here (never a silent fallback to running unconfined).
+fn host_sandbox(opts: &ExecutorOptions) -> Result<Option<Sandbox>> {
+    if opts.host_sandbox == "off" {
+        tracing::warn!(
+            "--host-sandbox off: host actions run unconfined as this process's user and can \
+             change the store; use it only for trusted builds"
+        );
+        return Ok(None);
+    }
+    Sandbox::for_user(&opts.run_as, opts.sandbox_visible.clone())
+        .map(Some)
+        .map_err(|e| anyhow::anyhow!("the host sandbox: {e}"))
+}
+
+fn executor_config(
+    opts: &ExecutorOptions,
+    work_dir: std::path::PathBuf,
+    sandbox: Option<&Sandbox>,
+) -> ExecutorConfig {
     let host = std::fs::read_to_string("/etc/hostname").unwrap_or_else(|_| "executor".into());
     let id = opts.executor_id.clone().unwrap_or_else(|| {
         let suffix = uuid::Uuid::new_v4().simple().to_string();
@@ -109,6 +130,7 @@ fn executor_config(opts: &ExecutorOptions, work_dir: std::path::PathBuf) -> Exec
         work_dir,
         default_timeout: Duration::from_secs(opts.default_timeout_secs),
         max_timeout: Duration::from_secs(opts.max_timeout_secs),
+        action_owner: sandbox.map(|s| (s.uid, s.gid)),
     }
 }
 
@@ -139,8 +161,12 @@ fn session_config(opts: &ExecutorOptions, server: String) -> session::SessionCon
     }
 }
 
-async fn runners(opts: &ExecutorOptions, work_dir: &std::path::Path) -> Vec<Arc<dyn Runner>> {
-    let mut runners: Vec<Arc<dyn Runner>> = vec![Arc::new(HostRunner)];
+async fn runners(
+    opts: &ExecutorOptions,
+    work_dir: &std::path::Path,
+    sandbox: Option<Sandbox>,
+) -> Vec<Arc<dyn Runner>> {
+    let mut runners: Vec<Arc<dyn Runner>> = vec![Arc::new(HostRunner::new(sandbox))];
     if let Some(vm) = crate::vm::runner(&opts.vm, work_dir).await {
         runners.push(vm);
     }
@@ -163,14 +189,19 @@ pub async fn up(args: UpArgs) -> Result<()> {
         format!("http://{addr}")
     };
     let cas = LocalCas::shared(server.store.clone());
-    let config = executor_config(&args.executor, args.server.data_dir.join("executor"));
+    let sandbox = host_sandbox(&args.executor)?;
+    let config = executor_config(
+        &args.executor,
+        args.server.data_dir.join("executor"),
+        sandbox.as_ref(),
+    );
     let channel = session::channel(&connect)?;
     let opts = args.executor.clone();
     let stop = shutdown.clone();
     // The executor joins once its runners are ready (a VM probe boot takes
     // seconds); the server answers meanwhile.
     let sess = tokio::spawn(async move {
-        let runners = runners(&opts, &config.work_dir).await;
+        let runners = runners(&opts, &config.work_dir, sandbox).await;
         match Executor::new(config, cas, runners) {
             Ok(executor) => {
                 let sc = session_config(&opts, connect);
@@ -203,8 +234,9 @@ pub async fn executor(args: ExecutorArgs) -> Result<()> {
         args.work_dir.join("cache").join("staging"),
     ));
     let cas = LocalCas::caching(local, upstream);
-    let config = executor_config(&args.options, args.work_dir.clone());
-    let runners = runners(&args.options, &args.work_dir).await;
+    let sandbox = host_sandbox(&args.options)?;
+    let config = executor_config(&args.options, args.work_dir.clone(), sandbox.as_ref());
+    let runners = runners(&args.options, &args.work_dir, sandbox).await;
     let executor = Arc::new(Executor::new(config, cas, runners).context("starting the executor")?);
     tracing::info!(executor = executor.id(), server = %url, "executor starting");
     session::run(
