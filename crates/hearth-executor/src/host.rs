@@ -34,6 +34,12 @@ const VISIBLE: &[&str] = &[
     "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc",
 ];
 
+/// Where a sandboxed action finds its input root: one fixed path, as in a
+/// microVM, whatever the executor's work directory is (so outputs that
+/// embed the working directory are the same on every executor).
+pub const SANDBOX_ROOT: &str = "/work/root";
+const SANDBOX_PARENT: &str = "/work";
+
 /// How host actions are confined.
 #[derive(Debug, Clone)]
 pub struct Sandbox {
@@ -90,8 +96,8 @@ impl Sandbox {
         })
     }
 
-    /// The bubblewrap command line that runs `arguments` in `workdir`.
-    fn command(&self, spec: &RunSpec, workdir: &Path, tmp: &Path) -> Command {
+    /// The bubblewrap command line that runs the action.
+    fn command(&self, spec: &RunSpec, tmp: &Path) -> Command {
         let mut cmd = Command::new(&self.bwrap);
         cmd.args([
             "--die-with-parent",
@@ -120,10 +126,12 @@ impl Sandbox {
         }
         cmd.args(["--proc", "/proc", "--dev", "/dev"]);
         cmd.arg("--bind").arg(tmp).arg("/tmp");
-        cmd.arg("--bind")
-            .arg(&spec.input_root)
-            .arg(&spec.input_root);
-        cmd.arg("--chdir").arg(workdir);
+        // bwrap makes missing parents 0700 (root's); the action must be able
+        // to walk up to its root.
+        cmd.args(["--perms", "0755", "--dir", SANDBOX_PARENT]);
+        cmd.arg("--bind").arg(&spec.input_root).arg(SANDBOX_ROOT);
+        cmd.arg("--chdir")
+            .arg(Path::new(SANDBOX_ROOT).join(&spec.working_directory));
         cmd.arg("--");
         cmd.arg(&self.setpriv)
             .arg(format!("--reuid={}", self.uid))
@@ -200,7 +208,7 @@ impl Runner for HostRunner {
                 std::fs::create_dir_all(&tmp).ctx(|| format!("creating {}", tmp.display()))?;
                 std::os::unix::fs::chown(&tmp, Some(sandbox.uid), Some(sandbox.gid))
                     .ctx(|| format!("chown {}", tmp.display()))?;
-                sandbox.command(spec, &workdir, &tmp)
+                sandbox.command(spec, &tmp)
             }
             None => {
                 let mut cmd = Command::new(program(arg0, &workdir));

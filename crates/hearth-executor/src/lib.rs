@@ -20,7 +20,7 @@ pub mod session;
 
 pub use error::ExecError;
 pub use executor::{Executor, ExecutorConfig};
-pub use host::{HostRunner, Sandbox};
+pub use host::{HostRunner, Sandbox, SANDBOX_ROOT};
 pub use local_cas::LocalCas;
 pub use remote_cas::GrpcStore;
 pub use runner::{RunOutcome, RunSpec, Runner};

@@ -367,3 +367,64 @@ impl Collector {
         Ok((out, children))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn collect_in(root: &Path, command: Command) -> ExecResult<Collected> {
+        let store_dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(DiskStore::open(store_dir.path(), 0).unwrap());
+        let logs = root.parent().unwrap();
+        std::fs::write(logs.join("stdout"), b"").unwrap();
+        std::fs::write(logs.join("stderr"), b"").unwrap();
+        collect(
+            store,
+            root.to_path_buf(),
+            command,
+            logs.join("stdout"),
+            logs.join("stderr"),
+            false,
+        )
+        .await
+    }
+
+    #[tokio::test]
+    async fn a_socket_output_fails_naming_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(root.join("d")).unwrap();
+        let _listener = std::os::unix::net::UnixListener::bind(root.join("d/sock")).unwrap();
+        for command in [
+            Command {
+                output_paths: vec!["d/sock".into()],
+                ..Default::default()
+            },
+            Command {
+                output_directories: vec!["d".into()],
+                ..Default::default()
+            },
+        ] {
+            let e = collect_in(&root, command).await.err().expect("refused");
+            assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+            assert!(e.to_string().contains("\"d/sock\" is a socket"), "{e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn prepare_never_creates_through_an_input_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        let outside = dir.path().join("outside");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::os::unix::fs::symlink("../outside", root.join("bazel-out")).unwrap();
+        let command = Command {
+            output_files: vec!["bazel-out/bin/x".into()],
+            ..Default::default()
+        };
+        let e = prepare(&root, &command, None).unwrap_err();
+        assert!(e.to_string().contains("bazel-out is a symlink"), "{e}");
+        assert!(!outside.join("bin").exists());
+    }
+}
