@@ -1,8 +1,9 @@
 //! ByteStream Read (with offset/limit) and resumable Write.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::stream::{self, BoxStream, StreamExt};
@@ -25,46 +26,184 @@ const SPILL_AT: usize = 4 * 1024 * 1024;
 
 pub struct ByteStreamService {
     ctx: Context,
-    /// Partial uploads kept for resumption, by (upload id, digest).
-    uploads: Arc<Mutex<HashMap<(String, Digest), Upload>>>,
+    /// Partial uploads kept for resumption.
+    parked: Arc<Mutex<Parked>>,
+}
+
+/// What a parked upload costs on top of its bytes (its staging file's first
+/// block and the bookkeeping), so that many tiny parked uploads are bounded too.
+pub const PARKED_UPLOAD_OVERHEAD: u64 = 4096;
+
+/// Interrupted uploads by (upload id, digest), kept for resumption until
+/// they have been idle for `idle` or until room is needed (least recently
+/// active first). Every parked upload is in a staging file, not in memory.
+#[derive(Default)]
+struct Parked {
+    uploads: HashMap<UploadKey, (Upload, Instant, u64)>,
+    /// Parking sequence number → key; the first is the least recently active.
+    order: BTreeMap<u64, UploadKey>,
+    seq: u64,
+    /// Sum of the committed bytes and the overhead of every parked upload.
+    bytes: u64,
+}
+
+type UploadKey = (String, Digest);
+
+fn charge(u: &Upload) -> u64 {
+    u.committed + PARKED_UPLOAD_OVERHEAD
+}
+
+impl Parked {
+    fn take(&mut self, key: &UploadKey) -> Option<Upload> {
+        let (upload, _, seq) = self.uploads.remove(key)?;
+        self.order.remove(&seq);
+        self.bytes -= charge(&upload);
+        Some(upload)
+    }
+
+    fn committed(&self, key: &UploadKey) -> Option<u64> {
+        self.uploads.get(key).map(|(u, _, _)| u.committed)
+    }
+
+    /// Takes out the uploads idle since `now - idle` or longer.
+    fn expire(&mut self, now: Instant, idle: Duration) -> Vec<Upload> {
+        let mut gone = Vec::new();
+        while let Some((_, key)) = self.order.first_key_value() {
+            let parked_at = self.uploads[key].1;
+            if now.saturating_duration_since(parked_at) < idle {
+                break;
+            }
+            let key = key.clone();
+            gone.extend(self.take(&key));
+        }
+        gone
+    }
+
+    /// Parks `upload`, first dropping expired uploads and then the least
+    /// recently active ones until it fits under `max_bytes`. Returns what
+    /// was dropped (with `upload` itself when it alone is over the bound) for
+    /// the caller to discard.
+    fn park(
+        &mut self,
+        key: UploadKey,
+        upload: Upload,
+        now: Instant,
+        idle: Duration,
+        max_bytes: u64,
+    ) -> Vec<Upload> {
+        let mut gone = self.expire(now, idle);
+        gone.extend(self.take(&key));
+        let need = charge(&upload);
+        if need > max_bytes {
+            gone.push(upload);
+            return gone;
+        }
+        while self.bytes + need > max_bytes {
+            let Some((_, oldest)) = self.order.first_key_value() else {
+                break;
+            };
+            let oldest = oldest.clone();
+            gone.extend(self.take(&oldest));
+        }
+        self.seq += 1;
+        self.order.insert(self.seq, key.clone());
+        self.bytes += need;
+        self.uploads.insert(key, (upload, now, self.seq));
+        gone
+    }
+}
+
+async fn discard_all(uploads: Vec<Upload>) {
+    for u in uploads {
+        u.discard().await;
+    }
 }
 
 impl ByteStreamService {
     pub fn new(ctx: Context) -> Self {
-        ByteStreamService {
-            ctx,
-            uploads: Arc::default(),
+        let parked: Arc<Mutex<Parked>> = Arc::default();
+        // Expired uploads' files are deleted even when no request comes.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let weak = Arc::downgrade(&parked);
+            let idle = ctx.limits.partial_upload_idle;
+            let every = (idle / 2).clamp(Duration::from_millis(100), Duration::from_secs(60));
+            rt.spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    let Some(parked) = weak.upgrade() else {
+                        return;
+                    };
+                    let gone = lock(&parked).expire(Instant::now(), idle);
+                    drop(parked);
+                    discard_all(gone).await;
+                }
+            });
         }
+        ByteStreamService { ctx, parked }
     }
 
-    fn take_upload(&self, key: &(String, Digest)) -> Option<Upload> {
-        self.uploads
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(key)
+    fn lock(&self) -> MutexGuard<'_, Parked> {
+        lock(&self.parked)
     }
 
-    fn committed(&self, key: &(String, Digest)) -> Option<u64> {
-        self.uploads
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(key)
-            .map(|u| u.committed)
+    /// Takes a parked upload to continue it (expired ones are dropped first).
+    async fn take_upload(&self, key: &UploadKey) -> Option<Upload> {
+        let (gone, upload) = {
+            let mut parked = self.lock();
+            let gone = parked.expire(Instant::now(), self.ctx.limits.partial_upload_idle);
+            (gone, parked.take(key))
+        };
+        discard_all(gone).await;
+        upload
     }
 
-    fn park_upload(&self, key: (String, Digest), upload: Upload) {
-        self.uploads
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key, upload);
+    async fn committed(&self, key: &UploadKey) -> Option<u64> {
+        let (gone, committed) = {
+            let mut parked = self.lock();
+            let gone = parked.expire(Instant::now(), self.ctx.limits.partial_upload_idle);
+            (gone, parked.committed(key))
+        };
+        discard_all(gone).await;
+        committed
+    }
+
+    /// Keeps an interrupted upload for resumption: in a staging file, within
+    /// the bounds. An upload with nothing committed is not kept (a client
+    /// that asks is told NOT_FOUND and starts over, which is the same).
+    async fn park_upload(&self, key: UploadKey, mut upload: Upload) {
+        if upload.committed == 0 {
+            return upload.discard().await;
+        }
+        if let Err(e) = upload.close(self.ctx.cas.as_ref()).await {
+            tracing::warn!(error = %e.message(), "dropping an interrupted upload");
+            return upload.discard().await;
+        }
+        let limits = &self.ctx.limits;
+        let gone = self.lock().park(
+            key,
+            upload,
+            Instant::now(),
+            limits.partial_upload_idle,
+            limits.partial_upload_max_bytes,
+        );
+        discard_all(gone).await;
     }
 }
 
+fn lock(parked: &Mutex<Parked>) -> MutexGuard<'_, Parked> {
+    parked.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// A blob being received: in memory while small, in a staging file after.
+/// A parked upload has its file closed (`file` None, `path` set), so parked
+/// uploads hold no descriptors; continuing it reopens the file.
 struct Upload {
     committed: u64,
     buf: Vec<u8>,
-    file: Option<(PathBuf, tokio::fs::File)>,
+    path: Option<PathBuf>,
+    file: Option<tokio::fs::File>,
 }
 
 impl Upload {
@@ -72,53 +211,84 @@ impl Upload {
         Upload {
             committed: 0,
             buf: Vec::new(),
+            path: None,
             file: None,
         }
     }
 
     async fn append(&mut self, cas: &dyn BlobStore, data: &[u8]) -> Result<(), Status> {
         self.committed += data.len() as u64;
-        if self.file.is_none() && self.buf.len() + data.len() <= SPILL_AT {
+        if self.path.is_none() && self.buf.len() + data.len() <= SPILL_AT {
             self.buf.extend_from_slice(data);
             return Ok(());
         }
-        if self.file.is_none() {
-            let path = cas
-                .staging_dir()
-                .join(format!("upload-{}", uuid::Uuid::new_v4()));
-            let f = tokio::fs::File::create(&path)
-                .await
-                .map_err(|e| io_status(e, "creating upload file"))?;
-            self.file = Some((path, f));
-        }
-        let (_, f) = self.file.as_mut().expect("file was just set");
-        if !self.buf.is_empty() {
-            let buf = std::mem::take(&mut self.buf);
-            f.write_all(&buf)
-                .await
-                .map_err(|e| io_status(e, "writing upload"))?;
-        }
+        let f = self.spill(cas).await?;
         f.write_all(data)
             .await
             .map_err(|e| io_status(e, "writing upload"))
     }
 
-    async fn commit(self, cas: &dyn BlobStore, digest: &Digest) -> Result<(), Status> {
-        match self.file {
-            None => cas.put(digest, Bytes::from(self.buf)).await,
-            Some((path, mut f)) => {
-                f.flush()
+    /// Moves what is buffered in memory to the staging file, creating or
+    /// reopening it, and returns the open file.
+    async fn spill(&mut self, cas: &dyn BlobStore) -> Result<&mut tokio::fs::File, Status> {
+        let mut file = match (self.file.take(), &self.path) {
+            (Some(f), _) => f,
+            (None, Some(path)) => tokio::fs::OpenOptions::new()
+                .append(true)
+                .open(path)
+                .await
+                .map_err(|e| io_status(e, "reopening upload file"))?,
+            (None, None) => {
+                let path = cas
+                    .staging_dir()
+                    .join(format!("upload-{}", uuid::Uuid::new_v4()));
+                let f = tokio::fs::File::create(&path)
                     .await
-                    .map_err(|e| io_status(e, "writing upload"))?;
-                drop(f);
+                    .map_err(|e| io_status(e, "creating upload file"))?;
+                self.path = Some(path);
+                f
+            }
+        };
+        if !self.buf.is_empty() {
+            let buf = std::mem::take(&mut self.buf);
+            file.write_all(&buf)
+                .await
+                .map_err(|e| io_status(e, "writing upload"))?;
+        }
+        Ok(self.file.insert(file))
+    }
+
+    /// Everything on disk, the file closed: ready to be parked.
+    async fn close(&mut self, cas: &dyn BlobStore) -> Result<(), Status> {
+        let f = self.spill(cas).await?;
+        f.flush()
+            .await
+            .map_err(|e| io_status(e, "writing upload"))?;
+        self.file = None;
+        Ok(())
+    }
+
+    async fn commit(mut self, cas: &dyn BlobStore, digest: &Digest) -> Result<(), Status> {
+        match self.path.take() {
+            None => {
+                cas.put(digest, Bytes::from(std::mem::take(&mut self.buf)))
+                    .await
+            }
+            Some(path) => {
+                if let Some(mut f) = self.file.take() {
+                    f.flush()
+                        .await
+                        .map_err(|e| io_status(e, "writing upload"))?;
+                }
                 cas.adopt_file(digest, &path).await
             }
         }
         .map_err(|e| store_status(e, "ByteStream.Write"))
     }
 
-    async fn discard(self) {
-        if let Some((path, _)) = self.file {
+    async fn discard(mut self) {
+        self.file = None;
+        if let Some(path) = self.path.take() {
             let _ = tokio::fs::remove_file(path).await;
         }
     }
@@ -225,7 +395,7 @@ impl ByteStream for ByteStreamService {
             return Ok(Response::new(done));
         }
         let key = (res.upload_id.unwrap_or_default(), d);
-        let mut upload = self.take_upload(&key).unwrap_or_else(Upload::new);
+        let mut upload = self.take_upload(&key).await.unwrap_or_else(Upload::new);
         let mut msg = first;
         loop {
             if !msg.resource_name.is_empty() && msg.resource_name != resource {
@@ -237,7 +407,7 @@ impl ByteStream for ByteStreamService {
             }
             if msg.write_offset != upload.committed as i64 {
                 let committed = upload.committed;
-                self.park_upload(key, upload);
+                self.park_upload(key, upload).await;
                 return Err(Status::invalid_argument(format!(
                     "write_offset {} does not match the {} bytes committed so far for {resource}",
                     msg.write_offset, committed
@@ -261,7 +431,7 @@ impl ByteStream for ByteStreamService {
                 Ok(Some(m)) => msg = m,
                 Ok(None) | Err(_) => {
                     // The client went away: keep what arrived so it can resume.
-                    self.park_upload(key, upload);
+                    self.park_upload(key, upload).await;
                     return Err(Status::aborted(format!(
                         "write of {resource} ended before finish_write; resume with QueryWriteStatus"
                     )));
@@ -302,7 +472,7 @@ impl ByteStream for ByteStreamService {
             }));
         }
         let key = (res.upload_id.unwrap_or_default(), d);
-        match self.committed(&key) {
+        match self.committed(&key).await {
             Some(committed) => Ok(Response::new(QueryWriteStatusResponse {
                 committed_size: committed as i64,
                 complete: false,
@@ -312,5 +482,78 @@ impl ByteStream for ByteStreamService {
                 req.resource_name
             ))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upload(committed: u64) -> Upload {
+        Upload {
+            committed,
+            ..Upload::new()
+        }
+    }
+
+    fn key(n: u8) -> UploadKey {
+        (format!("u{n}"), Digest::of(&[n]))
+    }
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    #[test]
+    fn parked_uploads_expire_after_the_idle_time() {
+        let mut p = Parked::default();
+        let t0 = Instant::now();
+        assert!(p.park(key(1), upload(10), t0, HOUR, u64::MAX).is_empty());
+        let t1 = t0 + Duration::from_secs(1800);
+        assert!(p.park(key(2), upload(20), t1, HOUR, u64::MAX).is_empty());
+        assert!(p
+            .expire(t0 + HOUR - Duration::from_secs(1), HOUR)
+            .is_empty());
+        assert_eq!(p.committed(&key(1)), Some(10));
+        let gone = p.expire(t0 + HOUR, HOUR);
+        assert_eq!(gone.iter().map(|u| u.committed).collect::<Vec<_>>(), [10]);
+        assert_eq!(p.committed(&key(1)), None);
+        assert_eq!(p.committed(&key(2)), Some(20));
+        assert_eq!(p.bytes, 20 + PARKED_UPLOAD_OVERHEAD);
+        // Resuming resets the clock: taken and parked again, it is fresh.
+        let u = p.take(&key(2)).unwrap();
+        let t2 = t1 + Duration::from_secs(3000);
+        assert!(p.park(key(2), u, t2, HOUR, u64::MAX).is_empty());
+        assert!(p.expire(t1 + HOUR, HOUR).is_empty());
+        assert_eq!(p.expire(t2 + HOUR, HOUR).len(), 1);
+        assert_eq!((p.bytes, p.uploads.len(), p.order.len()), (0, 0, 0));
+    }
+
+    #[test]
+    fn parking_over_the_bound_drops_the_least_recently_active_first() {
+        let o = PARKED_UPLOAD_OVERHEAD;
+        let max = 3 * (100 + o);
+        let mut p = Parked::default();
+        let t = Instant::now();
+        for n in 1..=3 {
+            let at = t + Duration::from_secs(n.into());
+            assert!(p.park(key(n), upload(100), at, HOUR, max).is_empty());
+        }
+        // Key 1 is resumed and interrupted again: now the most recent.
+        let u = p.take(&key(1)).unwrap();
+        assert!(p
+            .park(key(1), u, t + Duration::from_secs(4), HOUR, max)
+            .is_empty());
+        // A fourth needs room for 250 bytes: 2 then 3 go, 1 stays.
+        let gone = p.park(key(4), upload(250), t + Duration::from_secs(5), HOUR, max);
+        assert_eq!(gone.len(), 2);
+        assert_eq!(p.committed(&key(2)), None);
+        assert_eq!(p.committed(&key(3)), None);
+        assert_eq!(p.committed(&key(1)), Some(100));
+        assert_eq!(p.committed(&key(4)), Some(250));
+        assert!(p.bytes <= max);
+        // One upload bigger than the whole bound is not kept at all.
+        let gone = p.park(key(5), upload(max), t + Duration::from_secs(6), HOUR, max);
+        assert_eq!(gone.iter().map(|u| u.committed).collect::<Vec<_>>(), [max]);
+        assert_eq!(p.committed(&key(5)), None);
+        assert_eq!(p.uploads.len(), 2);
     }
 }

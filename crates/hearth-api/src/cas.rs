@@ -16,6 +16,7 @@ use prost::Message;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::{ok_status, rpc_status, store_status};
+use crate::validate::check_metadata_size;
 use crate::Context;
 
 pub struct CasService {
@@ -204,6 +205,7 @@ impl ContentAddressableStorage for CasService {
             })?
         };
         let cas = self.ctx.cas.clone();
+        let max_blob = self.ctx.limits.max_metadata_blob_bytes;
         let mut queue = std::collections::VecDeque::from([root]);
         let mut seen = HashSet::new();
         let mut all = Vec::new();
@@ -211,6 +213,7 @@ impl ContentAddressableStorage for CasService {
             if !seen.insert(d) {
                 continue;
             }
+            check_metadata_size(&d, "GetTree: Directory", max_blob)?;
             let data = match cas.read(&d, 0, None).await {
                 Ok(b) => b,
                 Err(StoreError::NotFound(_)) if d != root => continue,

@@ -1,5 +1,5 @@
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use hearth_scheduler::Scheduler;
 use hearth_storage::{ActionCache, BlobStore};
@@ -14,6 +14,16 @@ pub struct Limits {
     pub max_message_bytes: usize,
     /// Outputs up to this size are inlined when GetActionResult asks.
     pub max_inline_bytes: usize,
+    /// Largest Action, Command or Directory blob the server reads and decodes
+    /// (validation before Execute, GetTree).
+    pub max_metadata_blob_bytes: u64,
+    /// An interrupted ByteStream upload is kept for resumption this long
+    /// after its last activity.
+    pub partial_upload_idle: Duration,
+    /// Most bytes interrupted uploads may hold together (each counted with
+    /// [`crate::PARKED_UPLOAD_OVERHEAD`] more); the least recently active are
+    /// dropped first.
+    pub partial_upload_max_bytes: u64,
 }
 
 impl Default for Limits {
@@ -22,6 +32,9 @@ impl Default for Limits {
             max_batch_bytes: 4 * 1024 * 1024,
             max_message_bytes: 16 * 1024 * 1024,
             max_inline_bytes: 1024 * 1024,
+            max_metadata_blob_bytes: 16 * 1024 * 1024,
+            partial_upload_idle: Duration::from_secs(3600),
+            partial_upload_max_bytes: 10 << 30,
         }
     }
 }

@@ -82,7 +82,12 @@ impl Execution for ExecutionService {
                 ));
             }
         }
-        let checked = check_action(self.ctx.cas.as_ref(), &key).await?;
+        let checked = check_action(
+            self.ctx.cas.as_ref(),
+            &key,
+            self.ctx.limits.max_metadata_blob_bytes,
+        )
+        .await?;
         let platform = Platform::from_protos(
             checked.command.platform.as_ref(),
             checked.action.platform.as_ref(),

@@ -18,6 +18,7 @@ mod resource;
 mod validate;
 mod worker;
 
+pub use bytestream::PARKED_UPLOAD_OVERHEAD;
 pub use context::{Context, Limits};
 pub use error::{missing_blobs_status, store_status};
 

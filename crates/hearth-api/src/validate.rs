@@ -21,16 +21,42 @@ pub struct Checked {
     pub blobs: Vec<Digest>,
 }
 
-async fn fetch(cas: &dyn BlobStore, d: &Digest, what: &str) -> Result<Option<Vec<u8>>, Status> {
+/// Refuses to read a metadata blob (Action, Command, Directory) whose
+/// declared size is over `max` bytes: the server would hold and decode it.
+pub(crate) fn check_metadata_size(d: &Digest, what: &str, max: u64) -> Result<(), Status> {
+    if d.size() > max {
+        return Err(Status::invalid_argument(format!(
+            "{what} {d} is {} bytes, over this server's limit of {max} bytes for Action, \
+             Command and Directory blobs (--max-metadata-blob-bytes)",
+            d.size()
+        )));
+    }
+    Ok(())
+}
+
+/// Reads a metadata blob, if present, after checking its size against `max`.
+async fn fetch(
+    cas: &dyn BlobStore,
+    d: &Digest,
+    what: &str,
+    max: u64,
+) -> Result<Option<Vec<u8>>, Status> {
+    check_metadata_size(d, what, max)?;
     match cas.read(d, 0, None).await {
         Ok(b) => Ok(Some(b.to_vec())),
         Err(StoreError::NotFound(_)) => Ok(None),
-        Err(e) => Err(store_status(e, what)),
+        Err(e) => Err(store_status(e, &format!("reading {what}"))),
     }
 }
 
-pub async fn check_action(cas: &dyn BlobStore, action_digest: &Digest) -> Result<Checked, Status> {
-    let Some(action_bytes) = fetch(cas, action_digest, "reading the Action").await? else {
+/// Checks the action; `max_blob` bounds each Action, Command and Directory
+/// blob read.
+pub async fn check_action(
+    cas: &dyn BlobStore,
+    action_digest: &Digest,
+    max_blob: u64,
+) -> Result<Checked, Status> {
+    let Some(action_bytes) = fetch(cas, action_digest, "the Action", max_blob).await? else {
         return Err(missing_blobs_status("the Action", &[*action_digest]));
     };
     let action = Action::decode(action_bytes.as_slice()).map_err(|e| {
@@ -51,8 +77,11 @@ pub async fn check_action(cas: &dyn BlobStore, action_digest: &Digest) -> Result
             return Err(Status::invalid_argument("Action.timeout is negative"));
         }
     }
-    let command_bytes = fetch(cas, &command_digest, "reading the Command").await?;
-    let mut tree = TreeCheck::default();
+    let command_bytes = fetch(cas, &command_digest, "the Command", max_blob).await?;
+    let mut tree = TreeCheck {
+        max_blob,
+        ..Default::default()
+    };
     tree.walk(cas, root).await?;
     let mut missing = tree.missing;
     let Some(command_bytes) = command_bytes else {
@@ -134,6 +163,8 @@ struct TreeCheck {
     files: Vec<Digest>,
     dirs: Vec<Digest>,
     missing: Vec<Digest>,
+    /// Largest Directory blob read.
+    max_blob: u64,
 }
 
 fn check_name(name: &str, dir: &Digest) -> Result<(), Status> {
@@ -190,7 +221,7 @@ impl TreeCheck {
             if parsed.contains_key(&d) {
                 continue;
             }
-            let Some(bytes) = fetch(cas, &d, "reading the input tree").await? else {
+            let Some(bytes) = fetch(cas, &d, "input tree: Directory", self.max_blob).await? else {
                 self.missing.push(d);
                 self.climbs.insert(d, 0);
                 continue;

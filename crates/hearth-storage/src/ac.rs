@@ -1,17 +1,19 @@
-//! The action cache: action digest → ActionResult.
+//! The action cache: action digest → ActionResult, bounded in bytes with
+//! least-recently-used eviction (a `get` that finds an entry counts as a use).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use hearth_proto::reapi::ActionResult;
 use prost::Message;
 
 use crate::error::IoContext;
-use crate::{Digest, StoreResult};
+use crate::{Digest, StoreError, StoreResult};
 
 #[async_trait]
 pub trait ActionCache: Send + Sync + 'static {
@@ -21,103 +23,320 @@ pub trait ActionCache: Send + Sync + 'static {
     async fn remove(&self, action: &Digest) -> StoreResult<()>;
 }
 
+/// Which entries exist, how big they are and in which order they were last
+/// used; `evict_to` names the least recently used ones to drop.
+#[derive(Default)]
+struct Lru {
+    /// Entry → (bytes, last-use tick).
+    entries: HashMap<Digest, (u64, u64)>,
+    /// Last-use tick → entry; the first is the least recently used.
+    order: BTreeMap<u64, Digest>,
+    tick: u64,
+    bytes: u64,
+}
+
+impl Lru {
+    fn touch(&mut self, d: &Digest) -> bool {
+        self.tick += 1;
+        let tick = self.tick;
+        match self.entries.get_mut(d) {
+            Some((_, t)) => {
+                self.order.remove(t);
+                *t = tick;
+                self.order.insert(tick, *d);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Adds or replaces an entry as the most recently used.
+    fn insert(&mut self, d: &Digest, bytes: u64) {
+        self.remove(d);
+        self.tick += 1;
+        self.entries.insert(*d, (bytes, self.tick));
+        self.order.insert(self.tick, *d);
+        self.bytes += bytes;
+    }
+
+    fn remove(&mut self, d: &Digest) {
+        if let Some((bytes, tick)) = self.entries.remove(d) {
+            self.order.remove(&tick);
+            self.bytes -= bytes;
+        }
+    }
+
+    /// Drops least recently used entries until at most `limit` bytes remain
+    /// (0 = unbounded); returns them.
+    fn evict_to(&mut self, limit: u64) -> Vec<Digest> {
+        let mut victims = Vec::new();
+        if limit == 0 {
+            return victims;
+        }
+        while self.bytes > limit {
+            let Some((_, d)) = self.order.pop_first() else {
+                break;
+            };
+            if let Some((bytes, _)) = self.entries.remove(&d) {
+                self.bytes -= bytes;
+            }
+            victims.push(d);
+        }
+        victims
+    }
+}
+
+/// In memory, bounded to `max_bytes` of encoded results (0 = unbounded).
 #[derive(Default)]
 pub struct MemoryActionCache {
-    entries: Mutex<HashMap<Digest, ActionResult>>,
+    max_bytes: u64,
+    inner: Mutex<(HashMap<Digest, ActionResult>, Lru)>,
+}
+
+impl MemoryActionCache {
+    pub fn new(max_bytes: u64) -> Self {
+        MemoryActionCache {
+            max_bytes,
+            inner: Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, (HashMap<Digest, ActionResult>, Lru)> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 #[async_trait]
 impl ActionCache for MemoryActionCache {
     async fn get(&self, action: &Digest) -> StoreResult<Option<ActionResult>> {
-        Ok(self
-            .entries
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(action)
-            .cloned())
+        let mut inner = self.lock();
+        inner.1.touch(action);
+        Ok(inner.0.get(action).cloned())
     }
 
     async fn put(&self, action: &Digest, result: &ActionResult) -> StoreResult<()> {
-        self.entries
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(*action, result.clone());
+        let mut inner = self.lock();
+        let (entries, lru) = &mut *inner;
+        entries.insert(*action, result.clone());
+        lru.insert(action, result.encoded_len() as u64);
+        for d in lru.evict_to(self.max_bytes) {
+            entries.remove(&d);
+        }
         Ok(())
     }
 
     async fn remove(&self, action: &Digest) -> StoreResult<()> {
-        self.entries
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(action);
+        let mut inner = self.lock();
+        inner.0.remove(action);
+        inner.1.remove(action);
         Ok(())
     }
 }
 
-/// One file per entry under `ac/`, replaced atomically.
+/// One file per entry under `ac/`, replaced atomically, bounded to
+/// `max_bytes` of files (0 = unbounded). The use order survives restarts: a
+/// hit sets the entry file's modification time, and `open` orders entries by
+/// it. All file work runs on the blocking pool.
 pub struct DiskActionCache {
+    inner: Arc<DiskInner>,
+}
+
+struct DiskInner {
     dir: PathBuf,
     staging: PathBuf,
+    max_bytes: u64,
+    /// Held while an entry file is renamed into place or deleted, so the
+    /// index and the directory agree.
+    lru: Mutex<Lru>,
 }
 
 impl DiskActionCache {
-    pub fn open(root: &Path) -> StoreResult<Self> {
+    /// Opens (creating) the cache under `root/ac`, indexing what is there
+    /// (oldest use first) and evicting down to `max_bytes`.
+    pub fn open(root: &Path, max_bytes: u64) -> StoreResult<Self> {
         let dir = root.join("ac");
         let staging = root.join("ac-staging");
         fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
         let _ = fs::remove_dir_all(&staging);
         fs::create_dir_all(&staging).ctx(|| format!("creating {}", staging.display()))?;
-        Ok(DiskActionCache { dir, staging })
+        let mut found = Vec::new();
+        for entry in fs::read_dir(&dir).ctx(|| format!("listing {}", dir.display()))? {
+            let entry = entry.ctx(|| format!("listing {}", dir.display()))?;
+            let meta = entry
+                .metadata()
+                .ctx(|| format!("stat {}", entry.path().display()))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            match parse_entry_name(&name) {
+                Some(d) if meta.is_file() => found.push((
+                    meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                    d,
+                    meta.len(),
+                )),
+                _ => {
+                    tracing::warn!(path = %entry.path().display(), "removing stray file from the action cache");
+                    let _ = fs::remove_file(entry.path());
+                }
+            }
+        }
+        found.sort_by_key(|(mtime, _, _)| *mtime);
+        let mut lru = Lru::default();
+        for (_, d, len) in &found {
+            lru.insert(d, *len);
+        }
+        let inner = DiskInner {
+            dir,
+            staging,
+            max_bytes,
+            lru: Mutex::new(lru),
+        };
+        {
+            let mut lru = inner.lock();
+            inner.evict(&mut lru);
+        }
+        Ok(DiskActionCache {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// Entries and their bytes.
+    pub fn stats(&self) -> (usize, u64) {
+        let lru = self.inner.lock();
+        (lru.entries.len(), lru.bytes)
+    }
+}
+
+fn parse_entry_name(name: &str) -> Option<Digest> {
+    let (hash, size) = name.split_once('-')?;
+    Digest::parse(hash, size.parse().ok()?).ok()
+}
+
+impl DiskInner {
+    fn lock(&self) -> MutexGuard<'_, Lru> {
+        self.lru.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn path_of(&self, d: &Digest) -> PathBuf {
         self.dir.join(format!("{}-{}", d.hash_hex(), d.size()))
     }
+
+    /// Deletes least recently used entries above the bound (caller holds the lock).
+    fn evict(&self, lru: &mut Lru) {
+        for d in lru.evict_to(self.max_bytes) {
+            tracing::debug!(action = %d, "evicting action cache entry");
+            let _ = fs::remove_file(self.path_of(&d));
+        }
+    }
+
+    fn get(&self, action: &Digest) -> StoreResult<Option<ActionResult>> {
+        let path = self.path_of(action);
+        let read = fs::File::options()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .and_then(|mut f| {
+                let mut bytes = Vec::new();
+                f.read_to_end(&mut bytes)?;
+                // The use order, for the next open.
+                let _ = f.set_modified(SystemTime::now());
+                Ok(bytes)
+            });
+        match read {
+            Ok(bytes) => match ActionResult::decode(bytes.as_slice()) {
+                Ok(r) => {
+                    self.lock().touch(action);
+                    Ok(Some(r))
+                }
+                Err(e) => {
+                    tracing::error!(path = %path.display(), error = %e, "dropping undecodable action cache entry");
+                    self.remove(action);
+                    Ok(None)
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // Evicted meanwhile, or deleted from outside: forget it.
+                let mut lru = self.lock();
+                if !path.exists() {
+                    lru.remove(action);
+                }
+                Ok(None)
+            }
+            Err(e) => Err(StoreError::io(format!("reading {}", path.display()), e)),
+        }
+    }
+
+    fn put(&self, action: &Digest, bytes: &[u8]) -> StoreResult<()> {
+        let staged = self.staging.join(uuid::Uuid::new_v4().to_string());
+        let target = self.path_of(action);
+        let written = fs::File::create(&staged)
+            .and_then(|mut f| f.write_all(bytes))
+            .ctx(|| format!("writing {}", staged.display()));
+        if written.is_err() {
+            let _ = fs::remove_file(&staged);
+            return written;
+        }
+        let mut lru = self.lock();
+        if let Err(e) = fs::rename(&staged, &target) {
+            drop(lru);
+            let _ = fs::remove_file(&staged);
+            return Err(StoreError::io(format!("writing {}", target.display()), e));
+        }
+        lru.insert(action, bytes.len() as u64);
+        self.evict(&mut lru);
+        Ok(())
+    }
+
+    fn remove(&self, action: &Digest) {
+        let mut lru = self.lock();
+        let _ = fs::remove_file(self.path_of(action));
+        lru.remove(action);
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> StoreResult<T> + Send + 'static,
+) -> StoreResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StoreError::io("action cache task", std::io::Error::other(e)))?
 }
 
 #[async_trait]
 impl ActionCache for DiskActionCache {
     async fn get(&self, action: &Digest) -> StoreResult<Option<ActionResult>> {
-        let path = self.path_of(action);
-        match fs::read(&path) {
-            Ok(bytes) => match ActionResult::decode(bytes.as_slice()) {
-                Ok(r) => Ok(Some(r)),
-                Err(e) => {
-                    tracing::error!(path = %path.display(), error = %e, "dropping undecodable action cache entry");
-                    let _ = fs::remove_file(&path);
-                    Ok(None)
-                }
-            },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(crate::StoreError::io(
-                format!("reading {}", path.display()),
-                e,
-            )),
-        }
+        let (inner, action) = (self.inner.clone(), *action);
+        blocking(move || inner.get(&action)).await
     }
 
     async fn put(&self, action: &Digest, result: &ActionResult) -> StoreResult<()> {
-        let staged = self.staging.join(uuid::Uuid::new_v4().to_string());
-        let target = self.path_of(action);
-        let write = fs::File::create(&staged)
-            .and_then(|mut f| f.write_all(&result.encode_to_vec()))
-            .and_then(|_| fs::rename(&staged, &target))
-            .ctx(|| format!("writing {}", target.display()));
-        if write.is_err() {
-            let _ = fs::remove_file(&staged);
-        }
-        write
+        let (inner, action, bytes) = (self.inner.clone(), *action, result.encode_to_vec());
+        blocking(move || inner.put(&action, &bytes)).await
     }
 
     async fn remove(&self, action: &Digest) -> StoreResult<()> {
-        let _ = fs::remove_file(self.path_of(action));
-        Ok(())
+        let (inner, action) = (self.inner.clone(), *action);
+        blocking(move || {
+            inner.remove(&action);
+            Ok(())
+        })
+        .await
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn result(exit_code: i32, size: usize) -> ActionResult {
+        ActionResult {
+            exit_code,
+            stdout_raw: vec![b'x'; size],
+            ..Default::default()
+        }
+    }
+
+    fn key(n: u8) -> Digest {
+        Digest::of(&[n])
+    }
 
     #[tokio::test]
     async fn disk_ac_round_trip_and_reopen() {
@@ -128,13 +347,78 @@ mod tests {
             ..Default::default()
         };
         {
-            let ac = DiskActionCache::open(dir.path()).unwrap();
+            let ac = DiskActionCache::open(dir.path(), 0).unwrap();
             assert!(ac.get(&key).await.unwrap().is_none());
             ac.put(&key, &result).await.unwrap();
         }
-        let ac = DiskActionCache::open(dir.path()).unwrap();
+        let ac = DiskActionCache::open(dir.path(), 0).unwrap();
         assert_eq!(ac.get(&key).await.unwrap(), Some(result));
         ac.remove(&key).await.unwrap();
         assert!(ac.get(&key).await.unwrap().is_none());
+        assert_eq!(ac.stats(), (0, 0));
+    }
+
+    /// Three entries of ~1000 bytes under a 2500-byte bound: putting the
+    /// third evicts the least recently used, and a get counts as a use.
+    async fn evicts_least_recently_used(ac: &dyn ActionCache) {
+        let entry = result(0, 1000).encoded_len();
+        assert!(entry * 2 < 2500 && entry * 3 > 2500, "{entry}");
+        ac.put(&key(1), &result(1, 1000)).await.unwrap();
+        ac.put(&key(2), &result(2, 1000)).await.unwrap();
+        // 1 is used after 2 was written, so 2 is now the least recent.
+        assert!(ac.get(&key(1)).await.unwrap().is_some());
+        ac.put(&key(3), &result(3, 1000)).await.unwrap();
+        assert!(ac.get(&key(2)).await.unwrap().is_none(), "2 was evicted");
+        assert_eq!(ac.get(&key(1)).await.unwrap().unwrap().exit_code, 1);
+        assert_eq!(ac.get(&key(3)).await.unwrap().unwrap().exit_code, 3);
+        // Replacing an entry does not count it twice.
+        ac.put(&key(3), &result(3, 1000)).await.unwrap();
+        assert!(ac.get(&key(1)).await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn memory_ac_evicts_least_recently_used() {
+        evicts_least_recently_used(&MemoryActionCache::new(2500)).await;
+    }
+
+    #[tokio::test]
+    async fn disk_ac_evicts_least_recently_used_and_deletes_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let ac = DiskActionCache::open(dir.path(), 2500).unwrap();
+        evicts_least_recently_used(&ac).await;
+        let (entries, bytes) = ac.stats();
+        assert_eq!(entries, 2);
+        assert!(bytes <= 2500);
+        let files = fs::read_dir(dir.path().join("ac")).unwrap().count();
+        assert_eq!(files, 2, "the evicted entry's file is deleted");
+    }
+
+    #[tokio::test]
+    async fn disk_ac_reopen_keeps_the_use_order_and_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let ac = DiskActionCache::open(dir.path(), 0).unwrap();
+            for n in 1..=3 {
+                ac.put(&key(n), &result(n as i32, 1000)).await.unwrap();
+            }
+            // Written long ago, 1 first: without the hit below, 1 would be
+            // the least recently used.
+            let now = SystemTime::now();
+            for (n, age) in [(1, 30), (2, 20), (3, 10)] {
+                fs::File::options()
+                    .write(true)
+                    .open(ac.inner.path_of(&key(n)))
+                    .unwrap()
+                    .set_modified(now - std::time::Duration::from_secs(age))
+                    .unwrap();
+            }
+            assert!(ac.get(&key(1)).await.unwrap().is_some());
+        }
+        // Reopened with room for two: the least recently used (2) goes.
+        let ac = DiskActionCache::open(dir.path(), 2500).unwrap();
+        assert_eq!(ac.stats().0, 2);
+        assert!(ac.get(&key(2)).await.unwrap().is_none());
+        assert!(ac.get(&key(1)).await.unwrap().is_some());
+        assert!(ac.get(&key(3)).await.unwrap().is_some());
     }
 }

@@ -57,6 +57,22 @@ pub struct ServerArgs {
     /// How many times an action is retried when its executor disconnects.
     #[arg(long, default_value_t = 3)]
     pub max_attempts: u32,
+    /// Largest Action, Command or Directory blob the server reads (before
+    /// Execute, in GetTree); bigger ones are INVALID_ARGUMENT.
+    #[arg(long, default_value = "16MiB", value_parser = parse_size)]
+    pub max_metadata_blob_bytes: u64,
+    /// Upper bound of the action cache, in bytes of stored results; least
+    /// recently used results are evicted above it (0 = unbounded).
+    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    pub ac_max_bytes: u64,
+    /// Seconds an interrupted ByteStream upload is kept for resumption
+    /// without activity; then it is dropped and its staging file deleted.
+    #[arg(long, default_value_t = 3600)]
+    pub partial_upload_idle_secs: u64,
+    /// Most bytes interrupted ByteStream uploads may hold together; parking
+    /// one more drops the least recently active ones first.
+    #[arg(long, default_value = "10GiB", value_parser = parse_size)]
+    pub partial_upload_max_bytes: u64,
 }
 
 #[derive(Args, Debug, Clone)]

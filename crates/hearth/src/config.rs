@@ -103,4 +103,33 @@ mod tests {
         assert_eq!(up.server.data_dir, std::path::PathBuf::from("/tmp/x"));
         assert_eq!(up.executor.properties.len(), 2);
     }
+
+    #[test]
+    fn resource_bounds_come_from_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("hearth.toml");
+        std::fs::write(
+            &file,
+            "[up]\nac-max-bytes = \"5MB\"\nmax-metadata-blob-bytes = 1000\n\
+             partial-upload-idle-secs = 7\npartial-upload-max-bytes = \"1GB\"\n",
+        )
+        .unwrap();
+        let args: Vec<String> = ["hearth", "up", "--config", file.to_str().unwrap()]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let cli = crate::cli::Cli::parse_from(args_with_config_file(args).unwrap());
+        let crate::cli::Command::Up(up) = cli.command else {
+            panic!("not up")
+        };
+        let s = &up.server;
+        assert_eq!(
+            (s.ac_max_bytes, s.max_metadata_blob_bytes),
+            (5_000_000, 1000)
+        );
+        assert_eq!(
+            (s.partial_upload_idle_secs, s.partial_upload_max_bytes),
+            (7, 1_000_000_000)
+        );
+    }
 }

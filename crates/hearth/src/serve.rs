@@ -53,7 +53,10 @@ async fn build_server(args: &ServerArgs) -> Result<Server> {
         DiskStore::open(&args.data_dir, args.cas_max_bytes)
             .with_context(|| format!("opening the CAS in {}", args.data_dir.display()))?,
     );
-    let ac = Arc::new(DiskActionCache::open(&args.data_dir).context("opening the action cache")?);
+    let ac = Arc::new(
+        DiskActionCache::open(&args.data_dir, args.ac_max_bytes)
+            .context("opening the action cache")?,
+    );
     let scheduler = Scheduler::new(SchedulerConfig {
         queue_timeout: Duration::from_secs(args.queue_timeout_secs),
         max_attempts: args.max_attempts,
@@ -62,6 +65,9 @@ async fn build_server(args: &ServerArgs) -> Result<Server> {
     scheduler.spawn_sweeper();
     let mut ctx = Context::new(store.clone(), ac, scheduler);
     ctx.instances = Arc::new(args.instances.clone());
+    ctx.limits.max_metadata_blob_bytes = args.max_metadata_blob_bytes;
+    ctx.limits.partial_upload_idle = Duration::from_secs(args.partial_upload_idle_secs);
+    ctx.limits.partial_upload_max_bytes = args.partial_upload_max_bytes;
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;

@@ -278,6 +278,124 @@ async fn bytestream_write_resumes_after_an_interrupted_stream() {
     assert!(status.complete);
 }
 
+/// Sends `data[..upto]` of `data` without finish_write: the stream ends and
+/// the server parks the upload (its answer comes after that).
+async fn interrupted_write(c: &tonic::transport::Channel, data: &[u8], upto: usize) -> String {
+    let d = Digest::of(data);
+    let resource = format!(
+        "uploads/{}/blobs/{}/{}",
+        uuid::Uuid::new_v4(),
+        d.hash_hex(),
+        d.size()
+    );
+    let err = bytestream(c)
+        .write(stream::iter(chunks(
+            &resource,
+            &data[..upto],
+            0,
+            1 << 20,
+            false,
+        )))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Aborted, "{}", err.message());
+    resource
+}
+
+async fn write_status(c: &tonic::transport::Channel, resource: &str) -> Result<i64, tonic::Status> {
+    bytestream(c)
+        .query_write_status(QueryWriteStatusRequest {
+            resource_name: resource.to_string(),
+        })
+        .await
+        .map(|r| r.into_inner().committed_size)
+}
+
+/// Interrupted uploads' files in the server's staging directory.
+fn parked_files(h: &Hearth) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(h.dir.path().join("data/staging"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("upload-")
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn interrupted_uploads_expire_and_their_files_are_deleted() {
+    let h = up(&["--partial-upload-idle-secs", "1"]);
+    let c = channel(&h).await;
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 193) as u8).collect();
+    let resource = interrupted_write(&c, &data, 1_000_000).await;
+    // Once idle for a second it is gone: NOT_FOUND, and its file deleted
+    // (by the sweeper: nothing else touches the server meanwhile).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !parked_files(&h).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the parked upload's file was never deleted"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let err = write_status(&c, &resource).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{}", err.message());
+    // Resuming where it stopped is refused; starting over works.
+    let err = bytestream(&c)
+        .write(stream::iter(chunks(
+            &resource,
+            &data,
+            1_000_000,
+            1 << 20,
+            true,
+        )))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    let resp = bytestream(&c)
+        .write(stream::iter(chunks(&resource, &data, 0, 1 << 20, true)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.committed_size, data.len() as i64);
+}
+
+#[tokio::test]
+async fn interrupted_uploads_are_bounded_in_total_bytes() {
+    let h = up(&["--partial-upload-max-bytes", "4MB"]);
+    let c = channel(&h).await;
+    let a: Vec<u8> = (0..5_000_000u32).map(|i| (i % 191) as u8).collect();
+    let b: Vec<u8> = (0..5_000_000u32).map(|i| (i % 181) as u8).collect();
+    let a_res = interrupted_write(&c, &a, 2_500_000).await;
+    assert_eq!(write_status(&c, &a_res).await.unwrap(), 2_500_000);
+    assert_eq!(parked_files(&h).len(), 1);
+    // Parking B too would exceed 4 MB: A, the least recently active, goes.
+    let b_res = interrupted_write(&c, &b, 1_500_000).await;
+    let err = write_status(&c, &a_res).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{}", err.message());
+    assert_eq!(write_status(&c, &b_res).await.unwrap(), 1_500_000);
+    assert_eq!(parked_files(&h).len(), 1, "A's file is deleted");
+    // An upload bigger than the whole bound is not kept.
+    let big: Vec<u8> = (0..6_000_000u32).map(|i| (i % 179) as u8).collect();
+    let big_res = interrupted_write(&c, &big, 4_500_000).await;
+    assert_eq!(
+        write_status(&c, &big_res).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    // B resumes.
+    let resp = bytestream(&c)
+        .write(stream::iter(chunks(&b_res, &b, 1_500_000, 1 << 20, true)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.committed_size, b.len() as i64);
+    assert!(parked_files(&h).is_empty());
+}
+
 #[tokio::test]
 async fn bytestream_rejects_malformed_names_and_wrong_content() {
     let h = up(&[]);

@@ -507,3 +507,85 @@ async fn bad_commands_are_invalid_argument() {
         assert!(err.message().contains(why), "{}: {}", why, err.message());
     }
 }
+
+#[tokio::test]
+async fn metadata_blobs_over_the_limit_are_invalid_argument() {
+    let h = up(&["--max-metadata-blob-bytes", "1000"]);
+    let c = channel(&h).await;
+    let root = upload_msg(&c, &Directory::default()).await;
+    let small = Command {
+        arguments: vec!["true".into()],
+        ..Default::default()
+    };
+    // Just under the limit: runs.
+    let mut fits = small.clone();
+    fits.arguments.push(String::new());
+    while fits.encoded_len() < 1000 {
+        fits.arguments[1].push('x');
+    }
+    fits.arguments[1].pop();
+    assert_eq!(fits.encoded_len(), 999);
+    let action = action_of(&c, upload_msg(&c, &fits).await, root).await;
+    let (_, resp) = execute(&c, action, false).await.unwrap();
+    assert_eq!(resp.status.unwrap_or_default().code, 0);
+    assert_eq!(resp.result.unwrap().exit_code, 0);
+
+    // One byte over: the Command is refused, naming it and the limit.
+    let mut over = fits.clone();
+    over.arguments[1].push_str("xx");
+    assert_eq!(over.encoded_len(), 1001);
+    let over_d = upload_msg(&c, &over).await;
+    let action = action_of(&c, over_d, root).await;
+    let err = execute(&c, action, false).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    assert!(
+        err.message().contains("Command")
+            && err.message().contains(&over_d.to_string())
+            && err.message().contains("1000 bytes")
+            && err.message().contains("--max-metadata-blob-bytes"),
+        "{}",
+        err.message()
+    );
+
+    // A Directory over the limit, in the input tree and in GetTree.
+    let mut big_dir = Directory::default();
+    for i in 0..40 {
+        big_dir
+            .files
+            .push(file_node(&format!("file-{i:04}"), b"", false));
+    }
+    assert!(big_dir.encoded_len() > 1000);
+    let big_dir_d = upload_msg(&c, &big_dir).await;
+    let action = action_of(&c, upload_msg(&c, &small).await, big_dir_d).await;
+    let err = execute(&c, action, false).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    assert!(
+        err.message().contains("Directory") && err.message().contains(&big_dir_d.to_string()),
+        "{}",
+        err.message()
+    );
+    let err = match cas(&c)
+        .get_tree(hearth_proto::reapi::GetTreeRequest {
+            root_digest: Some(big_dir_d.to_proto()),
+            ..Default::default()
+        })
+        .await
+    {
+        Err(e) => e,
+        Ok(s) => s.into_inner().message().await.unwrap_err(),
+    };
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    assert!(err.message().contains("1000 bytes"), "{}", err.message());
+
+    // An Action over the limit.
+    let action = hearth_proto::reapi::Action {
+        command_digest: Some(upload_msg(&c, &small).await.to_proto()),
+        input_root_digest: Some(root.to_proto()),
+        salt: vec![7; 1000],
+        ..Default::default()
+    };
+    let action_d = upload_msg(&c, &action).await;
+    let err = execute(&c, action_d, false).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    assert!(err.message().contains("Action"), "{}", err.message());
+}
