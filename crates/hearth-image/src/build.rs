@@ -111,7 +111,7 @@ impl Inner {
 
     /// Unpacks the layers, runs mkfs, and moves the record and the image into place.
     fn build(
-        &self,
+        self: &Arc<Self>,
         repo: &OwnedRepo,
         digest: &str,
         config: ImageRuntimeConfig,
@@ -160,22 +160,15 @@ impl Inner {
         let record = Record {
             manifest_digest: digest.to_string(),
             reference: repo.reference.to_string(),
-            config: config.clone(),
+            config,
         };
         let json = serde_json::to_vec_pretty(&record).expect("serializable");
         write_atomic(work, &self.record_path(digest), &json)
             .map_err(|e| internal("writing image record", e))?;
         let path = self.image_path(digest);
         fs::rename(&tmp_image, &path).map_err(|e| internal("moving image into the cache", e))?;
-        let size_bytes = fs::metadata(&path)
-            .map_err(|e| internal("reading image size", e))?
-            .len();
-        Ok(DiskImage {
-            manifest_digest: digest.to_string(),
-            path,
-            size_bytes,
-            config,
-        })
+        let meta = fs::metadata(&path).map_err(|e| internal("reading image size", e))?;
+        Ok(self.register(digest, &record, &meta))
     }
 }
 

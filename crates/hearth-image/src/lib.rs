@@ -22,7 +22,13 @@
 //! - `tmp/<pid>-<n>/`: work trees (downloaded layers, staging, the image being built);
 //!   those of dead processes are removed by [`ImageStore::new`].
 //!
-//! Nothing is evicted yet: the cache grows with the set of digests used.
+//! Above [`ImageConfig::max_bytes`] (bytes allocated on disk) the least recently
+//! resolved images are deleted, `.ext4` first, then `.json`, except those held by an
+//! [`ImageLease`] (every [`DiskImage`] carries one); with only held images left the
+//! cache may stay over the bound until one is released. The use order survives a
+//! restart: each use sets the `.json` record's modification time, and the store
+//! orders what it finds by it when it opens. One store per cache directory: the
+//! index is in memory.
 //!
 //! # Errors
 //!
@@ -57,6 +63,7 @@
 
 mod auth;
 mod build;
+mod cache;
 mod convert;
 mod decompress;
 mod error;
@@ -68,6 +75,7 @@ pub mod unpack;
 
 use std::path::PathBuf;
 
+pub use cache::ImageLease;
 pub use error::ImageError;
 pub use manifest::ImageRuntimeConfig;
 pub use reference::Reference;
@@ -81,6 +89,9 @@ pub struct ImageConfig {
     pub cache_dir: PathBuf,
     /// `HOST:PORT` registries spoken to over plain HTTP; every other one over HTTPS.
     pub insecure_registries: Vec<String>,
+    /// Most bytes (allocated on disk) the cached images may take; above it the least
+    /// recently resolved images that no [`ImageLease`] holds are deleted. 0: unbounded.
+    pub max_bytes: u64,
 }
 
 /// Registry credentials (basic auth, or exchanged for a bearer token).
@@ -109,4 +120,7 @@ pub struct DiskImage {
     pub size_bytes: u64,
     /// Env (PATH…), WorkingDir, User, Entrypoint, Cmd from the image config.
     pub config: ImageRuntimeConfig,
+    /// Keeps the image from being evicted while this (or a clone) lives: hold it
+    /// until the VM booted from it is gone.
+    pub lease: ImageLease,
 }

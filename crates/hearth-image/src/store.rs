@@ -9,6 +9,7 @@ use std::sync::{Arc, Weak};
 use serde::{Deserialize, Serialize};
 
 use crate::build::write_atomic;
+use crate::cache::CacheIndex;
 use crate::manifest::{self, ImageRuntimeConfig, Parsed};
 use crate::registry::{RegistryClient, Repo};
 use crate::{Credentials, DiskImage, ImageConfig, ImageError, Reference};
@@ -29,6 +30,9 @@ pub(crate) struct Inner {
     pub(crate) client: RegistryClient,
     pub(crate) locks: std::sync::Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>,
     pub(crate) conversions: AtomicU64,
+    /// Bound of the cache in bytes on disk (0 = unbounded).
+    pub(crate) max_bytes: u64,
+    pub(crate) index: std::sync::Mutex<CacheIndex>,
 }
 
 /// Owned form of [`Repo`], for work that outlives the caller's borrow.
@@ -72,15 +76,26 @@ impl ImageStore {
         ));
         let client = RegistryClient::new(config.insecure_registries)
             .map_err(|e| ImageError::internal(&shown, e))?;
+        let index = CacheIndex::scan(&cache_dir);
+        let inner = Inner {
+            cache_dir,
+            tmp_dir,
+            client,
+            locks: Default::default(),
+            conversions: AtomicU64::new(0),
+            max_bytes: config.max_bytes,
+            index: std::sync::Mutex::new(index),
+        };
+        inner.evict();
         Ok(ImageStore {
-            inner: Arc::new(Inner {
-                cache_dir,
-                tmp_dir,
-                client,
-                locks: Default::default(),
-                conversions: AtomicU64::new(0),
-            }),
+            inner: Arc::new(inner),
         })
+    }
+
+    /// Bytes on disk the cached images take (blocks allocated, not file
+    /// lengths: the images are sparse).
+    pub fn cache_bytes(&self) -> u64 {
+        self.inner.index().bytes()
     }
 
     /// How many images this store has converted (cache misses that completed).
@@ -194,19 +209,6 @@ impl Inner {
 
     pub(crate) fn record_path(&self, digest: &str) -> PathBuf {
         self.cache_dir.join(format!("{}.json", hex_of(digest)))
-    }
-
-    fn cached(&self, digest: &str) -> Option<DiskImage> {
-        let path = self.image_path(digest);
-        let size_bytes = fs::metadata(&path).ok()?.len();
-        let record: Record =
-            serde_json::from_slice(&fs::read(self.record_path(digest)).ok()?).ok()?;
-        Some(DiskImage {
-            manifest_digest: record.manifest_digest,
-            path,
-            size_bytes,
-            config: record.config,
-        })
     }
 
     /// `cache_dir/<index hex>.index` holds the linux/amd64 manifest digest of an index.

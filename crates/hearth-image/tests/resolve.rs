@@ -352,3 +352,84 @@ async fn multi_arch_indexes_resolve_to_linux_amd64() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_is_bounded_evicting_least_recently_used_images_not_in_use() {
+    let reg = Registry::start("");
+    let push = Pusher::new(&reg.host, None);
+    for name in ["a", "b", "c"] {
+        push.image(
+            &format!("lru/{name}"),
+            "1",
+            config_json("amd64", &[], "", ""),
+            &[small_layer(name)],
+        )
+        .await;
+    }
+    let reference = |name: &str| format!("{}/lru/{name}:1", reg.host);
+    // One image's size on disk, measured with an unbounded store.
+    let probe = tempfile::tempdir().unwrap();
+    let one = store(probe.path(), &reg);
+    drop(one.resolve(&reference("a"), None).await.unwrap());
+    let size = one.cache_bytes();
+    assert!(size > 0);
+    // Room for two images, not three.
+    let bound = size * 5 / 2;
+    let cache = tempfile::tempdir().unwrap();
+    let images = store_bounded(cache.path(), &[&reg.host], bound);
+    let exists = |path: &std::path::Path| (path.exists(), path.with_extension("json").exists());
+    let a = images.resolve(&reference("a"), None).await.unwrap();
+    let b = images.resolve(&reference("b"), None).await.unwrap();
+    // a is used again after b was made: b is now the least recently used.
+    drop(images.resolve(&reference("a"), None).await.unwrap());
+    // (Paths only: a DiskImage, or a clone of one, holds the image.)
+    let (a_path, b_path) = (a.path.clone(), b.path.clone());
+    drop((a, b));
+    let c = images.resolve(&reference("c"), None).await.unwrap();
+    assert_eq!(images.conversions(), 3);
+    assert_eq!(exists(&b_path), (false, false), "b was evicted");
+    assert_eq!(exists(&a_path), (true, true));
+    assert!(a_path.exists() && c.path.exists());
+    assert!(images.cache_bytes() <= bound);
+    drop(c);
+
+    // An image in use is never evicted, even when least recently used.
+    let a = images.resolve(&reference("a"), None).await.unwrap();
+    let c = images.resolve(&reference("c"), None).await.unwrap();
+    let c_path = c.path.clone();
+    drop(c);
+    // a is held and the least recently used: c goes instead.
+    let b = images.resolve(&reference("b"), None).await.unwrap();
+    assert_eq!(images.conversions(), 4, "b was converted again");
+    assert!(a.path.exists(), "the image in use stays");
+    assert!(!c_path.exists(), "c was evicted");
+    assert!(b.path.exists());
+    assert_eq!(debugfs(&b.path, "cat /etc/version"), "b");
+
+    // With everything held the cache goes over its bound rather than delete
+    // an image in use.
+    let c = images.resolve(&reference("c"), None).await.unwrap();
+    assert!(a.path.exists() && b.path.exists() && c.path.exists());
+    assert!(images.cache_bytes() > bound);
+    drop((a, b, c));
+    // Released, the one over the bound goes (in the background).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while images.cache_bytes() > bound {
+        assert!(std::time::Instant::now() < deadline, "never evicted");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let ext4s = |dir: &std::path::Path| {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".ext4"))
+            .count()
+    };
+    assert_eq!(ext4s(cache.path()), 2);
+    drop(images);
+
+    // A restart with a smaller bound evicts down to it, from what is on disk.
+    let restarted = store_bounded(cache.path(), &[&reg.host], size * 3 / 2);
+    assert!(restarted.cache_bytes() <= size * 3 / 2);
+    assert_eq!(ext4s(cache.path()), 1);
+}

@@ -2,10 +2,11 @@
 //! (`EstimatedCPU`, `EstimatedMemory`, `EstimatedFreeDiskBytes`).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use hearth_executor::{ExecError, RunSpec};
-use hearth_scheduler::platform::{parse_bytes, parse_cpu};
+use hearth_scheduler::platform::{parse_bytes, parse_cpu, Platform};
 use tonic::Code;
 
 /// A container image ready to boot: a read-only ext4 disk image.
@@ -16,6 +17,30 @@ pub struct ResolvedImage {
     pub env: Vec<String>,
     /// How messages name it (the reference, or "the default image").
     pub name: String,
+    /// Keeps the image file from being evicted from its cache while the
+    /// action that resolved it runs.
+    pub hold: ImageHold,
+}
+
+/// Whatever the [`ImageSource`] wants kept alive while the image is in use
+/// (for registry images, the image cache's lease); nothing for the default image.
+#[derive(Clone, Default)]
+pub struct ImageHold(Option<Arc<dyn std::any::Any + Send + Sync>>);
+
+impl ImageHold {
+    pub fn new(hold: impl std::any::Any + Send + Sync) -> Self {
+        ImageHold(Some(Arc::new(hold)))
+    }
+}
+
+impl std::fmt::Debug for ImageHold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "ImageHold(held)"
+        } else {
+            "ImageHold(none)"
+        })
+    }
 }
 
 /// Where `container-image` references are turned into disk images.
@@ -48,6 +73,7 @@ pub(crate) async fn resolve(
                 path: default_image.to_path_buf(),
                 env: vec![],
                 name: "the default image".into(),
+                hold: ImageHold::default(),
             })
         }
         Some(r) => r.strip_prefix("docker://").ok_or_else(|| {
@@ -70,21 +96,62 @@ pub(crate) async fn resolve(
     images.resolve(reference, creds).await
 }
 
-pub(crate) fn size(spec: &RunSpec, default: VmSize, max_vcpus: u32) -> Result<VmSize, ExecError> {
-    let p = &spec.platform;
+/// The VM size the platform asks for (`EstimatedCPU` rounded up to whole
+/// vCPUs, `EstimatedMemory` at least 256 MiB, `EstimatedFreeDiskBytes` at
+/// least 64 MiB; `default` for what it leaves out). Asking for more than `max`
+/// (the operator's `--vm-max-*` caps) is INVALID_ARGUMENT naming the property
+/// and the cap: the VM is never silently made smaller than asked.
+pub(crate) fn size(p: &Platform, default: VmSize, max: VmSize) -> Result<VmSize, ExecError> {
+    let over = |prop: &str, v: &str, flag: &str, cap: String| {
+        ExecError::InvalidInput(format!(
+            "{prop}={v} exceeds this executor's cap --{flag}={cap}"
+        ))
+    };
     let vcpus = match p.get("estimatedcpu") {
-        Some(v) => parse_cpu(v).map_err(ExecError::InvalidInput)?.ceil() as u32,
+        Some(v) => {
+            let n = parse_cpu(v).map_err(ExecError::InvalidInput)?.ceil();
+            if n > f64::from(max.vcpus) {
+                return Err(over(
+                    "EstimatedCPU",
+                    v,
+                    "vm-max-cpus",
+                    max.vcpus.to_string(),
+                ));
+            }
+            (n as u32).max(1)
+        }
         None => default.vcpus,
-    }
-    .clamp(1, max_vcpus.max(1));
+    };
     let memory_mib = match p.get("estimatedmemory") {
-        Some(v) => (parse_bytes(v).map_err(ExecError::InvalidInput)? / (1024 * 1024)).max(256),
+        Some(v) => {
+            let mib = (parse_bytes(v).map_err(ExecError::InvalidInput)? / (1024 * 1024)).max(256);
+            if mib > max.memory_mib {
+                return Err(over(
+                    "EstimatedMemory",
+                    v,
+                    "vm-max-memory-mib",
+                    max.memory_mib.to_string(),
+                ));
+            }
+            mib
+        }
         None => default.memory_mib,
     };
     let disk_bytes = match p.get("estimatedfreediskbytes") {
-        Some(v) => parse_bytes(v)
-            .map_err(ExecError::InvalidInput)?
-            .max(64 << 20),
+        Some(v) => {
+            let bytes = parse_bytes(v)
+                .map_err(ExecError::InvalidInput)?
+                .max(64 << 20);
+            if bytes > max.disk_bytes {
+                return Err(over(
+                    "EstimatedFreeDiskBytes",
+                    v,
+                    "vm-max-disk-bytes",
+                    max.disk_bytes.to_string(),
+                ));
+            }
+            bytes
+        }
         None => default.disk_bytes,
     };
     Ok(VmSize {
@@ -92,4 +159,66 @@ pub(crate) fn size(spec: &RunSpec, default: VmSize, max_vcpus: u32) -> Result<Vm
         memory_mib,
         disk_bytes,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DEFAULT: VmSize = VmSize {
+        vcpus: 1,
+        memory_mib: 1024,
+        disk_bytes: 4 << 30,
+    };
+    const MAX: VmSize = VmSize {
+        vcpus: 4,
+        memory_mib: 8192,
+        disk_bytes: 64 << 30,
+    };
+
+    fn size_of(pairs: &[(&str, &str)]) -> Result<VmSize, ExecError> {
+        size(&Platform::from_pairs(pairs.iter().copied()), DEFAULT, MAX)
+    }
+
+    #[test]
+    fn sizes_within_the_caps_are_given_as_asked() {
+        assert_eq!(size_of(&[]).unwrap(), DEFAULT);
+        let s = size_of(&[
+            ("EstimatedCPU", "3.5"),
+            ("EstimatedMemory", "8GiB"),
+            ("EstimatedFreeDiskBytes", "64GiB"),
+        ])
+        .unwrap();
+        assert_eq!(
+            s,
+            VmSize {
+                vcpus: 4,
+                memory_mib: 8192,
+                disk_bytes: 64 << 30
+            }
+        );
+        assert_eq!(size_of(&[("EstimatedCPU", "500m")]).unwrap().vcpus, 1);
+    }
+
+    #[test]
+    fn sizes_over_the_caps_are_invalid_argument_naming_the_cap() {
+        for (prop, value, flag) in [
+            ("EstimatedCPU", "5", "--vm-max-cpus=4"),
+            ("EstimatedCPU", "4.1", "--vm-max-cpus=4"),
+            ("EstimatedMemory", "64GB", "--vm-max-memory-mib=8192"),
+            ("EstimatedMemory", "8193MiB", "--vm-max-memory-mib=8192"),
+            (
+                "EstimatedFreeDiskBytes",
+                "65GiB",
+                "--vm-max-disk-bytes=68719476736",
+            ),
+        ] {
+            let e = size_of(&[(prop, value)]).unwrap_err();
+            assert_eq!(e.code(), Code::InvalidArgument, "{prop}={value}: {e}");
+            assert_eq!(
+                e.to_string(),
+                format!("{prop}={value} exceeds this executor's cap {flag}")
+            );
+        }
+    }
 }

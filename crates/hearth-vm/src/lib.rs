@@ -24,7 +24,7 @@ mod warm;
 pub use accel::{detect_accel, host_tsc_khz, Accel};
 pub use agent::AgentClient;
 pub use error::VmError;
-pub use images::{ImageSource, ResolvedImage, VmSize};
+pub use images::{ImageHold, ImageSource, ResolvedImage, VmSize};
 pub use qemu::{file_identity, kill_stale, qemu_version, QemuVm, QemuVmm};
 pub use runner::{VmRunner, VmRunnerConfig};
 

@@ -31,7 +31,8 @@ pub struct VmRunnerConfig {
     /// The image used when `container-image` is absent or `none`.
     pub default_image: std::path::PathBuf,
     pub default_size: VmSize,
-    pub max_vcpus: u32,
+    /// The largest VM an action may ask for (`--vm-max-*`).
+    pub max_size: VmSize,
     /// Host-loopback services (allowed registries) networked VMs may reach
     /// at 127.0.0.1:PORT: port and the Unix socket that leads there.
     pub forwards: Vec<(u16, std::path::PathBuf)>,
@@ -417,9 +418,13 @@ impl Runner for VmRunner {
         cancel: CancellationToken,
     ) -> Result<RunOutcome, ExecError> {
         let started = std::time::Instant::now();
+        let size = images::size(
+            &spec.platform,
+            self.config.default_size,
+            self.config.max_size,
+        )?;
         let image =
             images::resolve(spec, &self.config.default_image, self.images.as_deref()).await?;
-        let size = images::size(spec, self.config.default_size, self.config.max_vcpus)?;
         let recycle = spec.platform.flag("recycle-runner");
         let dockerd = spec.platform.flag("init-dockerd");
         // Docker needs to reach registries, so it implies networking unless

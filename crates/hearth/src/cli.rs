@@ -148,6 +148,22 @@ pub struct VmOptions {
     /// Default VM scratch disk (EstimatedFreeDiskBytes overrides).
     #[arg(long, default_value = "4GB", value_parser = parse_size)]
     pub vm_disk_bytes: u64,
+    /// Most memory (MiB) one VM may ask for with EstimatedMemory
+    /// (default: the host's RAM); more is INVALID_ARGUMENT.
+    #[arg(long)]
+    pub vm_max_memory_mib: Option<u64>,
+    /// Most vCPUs one VM may ask for with EstimatedCPU (default: the host's
+    /// cores); more is INVALID_ARGUMENT.
+    #[arg(long)]
+    pub vm_max_cpus: Option<u32>,
+    /// Most scratch disk one VM may ask for with EstimatedFreeDiskBytes;
+    /// more is INVALID_ARGUMENT.
+    #[arg(long, default_value = "64GiB", value_parser = parse_size)]
+    pub vm_max_disk_bytes: u64,
+    /// Upper bound of the converted container-image cache (bytes on disk);
+    /// least recently used images not in use are deleted above it (0 = unbounded).
+    #[arg(long, default_value = "50GiB", value_parser = parse_size)]
+    pub image_cache_max_bytes: u64,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -111,7 +111,9 @@ mod tests {
         std::fs::write(
             &file,
             "[up]\nac-max-bytes = \"5MB\"\nmax-metadata-blob-bytes = 1000\n\
-             partial-upload-idle-secs = 7\npartial-upload-max-bytes = \"1GB\"\n",
+             partial-upload-idle-secs = 7\npartial-upload-max-bytes = \"1GB\"\n\
+             vm-max-memory-mib = 2048\nvm-max-cpus = 2\nvm-max-disk-bytes = \"8GiB\"\n\
+             image-cache-max-bytes = \"3GB\"\n",
         )
         .unwrap();
         let args: Vec<String> = ["hearth", "up", "--config", file.to_str().unwrap()]
@@ -122,7 +124,7 @@ mod tests {
         let crate::cli::Command::Up(up) = cli.command else {
             panic!("not up")
         };
-        let s = &up.server;
+        let (s, vm) = (&up.server, &up.executor.vm);
         assert_eq!(
             (s.ac_max_bytes, s.max_metadata_blob_bytes),
             (5_000_000, 1000)
@@ -131,5 +133,10 @@ mod tests {
             (s.partial_upload_idle_secs, s.partial_upload_max_bytes),
             (7, 1_000_000_000)
         );
+        assert_eq!(
+            (vm.vm_max_memory_mib, vm.vm_max_cpus, vm.vm_max_disk_bytes),
+            (Some(2048), Some(2), 8 << 30)
+        );
+        assert_eq!(vm.image_cache_max_bytes, 3_000_000_000);
     }
 }

@@ -35,6 +35,7 @@ impl hearth_vm::ImageSource for Images {
                 path: image.path,
                 env: image.config.env,
                 name: format!("image {reference} ({})", image.manifest_digest),
+                hold: hearth_vm::ImageHold::new(image.lease),
             }),
             Err(e) => Err(hearth_executor::ExecError::Coded {
                 code: e.grpc_code(),
@@ -151,6 +152,61 @@ async fn probe(vmm: &QemuVmm, dir: &Path, image: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The host's RAM in MiB (MemTotal in /proc/meminfo).
+fn host_memory_mib() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line
+        .trim_start_matches("MemTotal:")
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib / 1024)
+}
+
+/// The largest VM an action may ask for: `--vm-max-memory-mib` (default the
+/// host's RAM), `--vm-max-cpus` (default the host's cores),
+/// `--vm-max-disk-bytes`. The default size must fit under them.
+fn max_vm_size(opts: &VmOptions) -> Result<hearth_vm::VmSize> {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1);
+    let memory_mib = match opts.vm_max_memory_mib {
+        Some(m) => m,
+        None => host_memory_mib().context("reading MemTotal from /proc/meminfo")?,
+    };
+    let max = hearth_vm::VmSize {
+        vcpus: opts.vm_max_cpus.unwrap_or(cores),
+        memory_mib,
+        disk_bytes: opts.vm_max_disk_bytes,
+    };
+    check_default_fits(opts, max)?;
+    Ok(max)
+}
+
+fn check_default_fits(opts: &VmOptions, max: hearth_vm::VmSize) -> Result<()> {
+    if max.vcpus == 0 {
+        bail!("--vm-max-cpus must be at least 1");
+    }
+    if opts.vm_memory_mib > max.memory_mib {
+        bail!(
+            "--vm-memory-mib={} is over --vm-max-memory-mib={}",
+            opts.vm_memory_mib,
+            max.memory_mib
+        );
+    }
+    if opts.vm_disk_bytes > max.disk_bytes {
+        bail!(
+            "--vm-disk-bytes={} is over --vm-max-disk-bytes={}",
+            opts.vm_disk_bytes,
+            max.disk_bytes
+        );
+    }
+    Ok(())
+}
+
 /// The VM runner, or None (logged) when microVMs are off or don't work here.
 pub async fn runner(opts: &VmOptions, work_dir: &Path) -> Option<Arc<dyn Runner>> {
     if opts.mode == "off" {
@@ -166,6 +222,7 @@ pub async fn runner(opts: &VmOptions, work_dir: &Path) -> Option<Arc<dyn Runner>
 }
 
 async fn setup(opts: &VmOptions, work_dir: &Path) -> Result<Arc<dyn Runner>> {
+    let max_size = max_vm_size(opts)?;
     let kdir = &opts.vm_kernel_dir;
     let release = std::fs::read_to_string(kdir.join("release")).with_context(|| {
         format!(
@@ -257,18 +314,16 @@ async fn setup(opts: &VmOptions, work_dir: &Path) -> Result<Arc<dyn Runner>> {
     let forwarder = hearth_vm::forward::Forwarder::start(&work_dir.join("vm-forward"), &loopback)
         .context("serving forwards to host registries")?;
     let forwards = forwarder.sockets().to_vec();
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get() as u32)
-        .unwrap_or(1);
+    let default_size = hearth_vm::VmSize {
+        vcpus: 1,
+        memory_mib: opts.vm_memory_mib,
+        disk_bytes: opts.vm_disk_bytes,
+    };
     let config = VmRunnerConfig {
         work_dir: vm_dir,
         default_image: opts.vm_default_image.clone(),
-        default_size: hearth_vm::VmSize {
-            vcpus: 1,
-            memory_mib: opts.vm_memory_mib,
-            disk_bytes: opts.vm_disk_bytes,
-        },
-        max_vcpus: cores,
+        default_size,
+        max_size,
         forwards,
         docker_mirrors: opts.docker_mirrors.clone(),
         insecure_registries: opts.insecure_registries.clone(),
@@ -280,6 +335,7 @@ async fn setup(opts: &VmOptions, work_dir: &Path) -> Result<Arc<dyn Runner>> {
     let images = hearth_image::ImageStore::new(hearth_image::ImageConfig {
         cache_dir: work_dir.join("images"),
         insecure_registries: opts.insecure_registries.clone(),
+        max_bytes: opts.image_cache_max_bytes,
     })
     .context("opening the image cache")?;
     let images: Arc<dyn hearth_vm::ImageSource> = Arc::new(Images(images));

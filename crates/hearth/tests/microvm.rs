@@ -471,3 +471,57 @@ async fn docker_in_the_vm_fresh_and_recycled() {
     eprintln!("docker action: fresh {fresh:?}, recycled {recycled:?}");
     assert!(recycled < fresh, "recycled {recycled:?} vs fresh {fresh:?}");
 }
+
+#[tokio::test]
+async fn vm_sizes_over_the_operator_caps_are_invalid_argument() {
+    let accel = std::env::var("HEARTH_TEST_VM").unwrap_or_else(|_| "auto".into());
+    let h = up(&[
+        "--vm",
+        &accel,
+        "--vm-max-memory-mib",
+        "2048",
+        "--vm-max-cpus",
+        "1",
+        "--vm-max-disk-bytes",
+        "8GiB",
+    ]);
+    let c = channel(&h).await;
+    wait_for_vm_executor(&c).await;
+    for (prop, value, cap) in [
+        ("EstimatedMemory", "64GB", "--vm-max-memory-mib=2048"),
+        // More vCPUs than allowed is refused, not clamped to the cap.
+        ("EstimatedCPU", "2", "--vm-max-cpus=1"),
+        (
+            "EstimatedFreeDiskBytes",
+            "9GiB",
+            "--vm-max-disk-bytes=8589934592",
+        ),
+    ] {
+        let mut spec = ActionSpec::new("echo should not run");
+        spec.platform = vec![FC, (prop, value)];
+        let action = make_action(&c, &spec).await;
+        let (_, resp) = execute(&c, action, true).await.unwrap();
+        let status = resp.status.unwrap_or_default();
+        assert_eq!(
+            status.code,
+            Code::InvalidArgument as i32,
+            "{prop}={value}: {}",
+            status.message
+        );
+        assert!(
+            status
+                .message
+                .contains(&format!("{prop}={value} exceeds this executor's cap {cap}")),
+            "{}",
+            status.message
+        );
+    }
+    // Within the caps it runs.
+    let (code, out, _) = run_script(
+        &c,
+        "nproc",
+        &[FC, ("EstimatedCPU", "1"), ("EstimatedMemory", "512MiB")],
+    )
+    .await;
+    assert_eq!((code, out.trim()), (0, "1"));
+}

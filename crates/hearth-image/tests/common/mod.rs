@@ -81,9 +81,15 @@ pub fn store(cache: &Path, reg: &Registry) -> ImageStore {
 
 /// An image store caching in `cache` with these insecure registries.
 pub fn store_with(cache: &Path, insecure: &[&str]) -> ImageStore {
+    store_bounded(cache, insecure, 0)
+}
+
+/// An image store whose cache is bounded to `max_bytes` (0 = unbounded).
+pub fn store_bounded(cache: &Path, insecure: &[&str], max_bytes: u64) -> ImageStore {
     ImageStore::new(ImageConfig {
         cache_dir: cache.to_path_buf(),
         insecure_registries: insecure.iter().map(|h| h.to_string()).collect(),
+        max_bytes,
     })
     .unwrap()
 }
