@@ -6,6 +6,7 @@ use hearth_guest::protocol::{Request, Response, MAX_FRAME, PROTOCOL_VERSION};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
+use crate::sockdir::SocketDir;
 use crate::VmError;
 
 pub struct AgentClient {
@@ -13,17 +14,22 @@ pub struct AgentClient {
 }
 
 impl AgentClient {
-    /// Connects to the agent socket and reads the guest's hello.
+    /// Connects to the agent socket `name` in `dir` and reads the guest's
+    /// hello.
     pub async fn connect(
-        path: &std::path::Path,
+        dir: &SocketDir,
+        name: &str,
         boot_timeout: Duration,
     ) -> Result<(Self, Response), VmError> {
         let deadline = tokio::time::Instant::now() + boot_timeout;
         let stream = loop {
-            match UnixStream::connect(path).await {
+            match dir.connect(name).await {
                 Ok(s) => break s,
                 Err(e) if tokio::time::Instant::now() > deadline => {
-                    return Err(VmError::io(format!("connecting to {}", path.display()), e))
+                    return Err(VmError::io(
+                        format!("connecting to {}", dir.real(name).display()),
+                        e,
+                    ))
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
             }
@@ -43,10 +49,11 @@ impl AgentClient {
 
     /// Connects to the agent of a restored VM (its hello went to the host
     /// that booted it) and checks that it answers.
-    pub async fn attach(path: &std::path::Path, timeout: Duration) -> Result<Self, VmError> {
-        let stream = UnixStream::connect(path)
+    pub async fn attach(dir: &SocketDir, name: &str, timeout: Duration) -> Result<Self, VmError> {
+        let stream = dir
+            .connect(name)
             .await
-            .map_err(|e| VmError::io(format!("connecting to {}", path.display()), e))?;
+            .map_err(|e| VmError::io(format!("connecting to {}", dir.real(name).display()), e))?;
         let mut client = AgentClient { stream };
         match tokio::time::timeout(timeout, client.call(&Request::Ping)).await {
             Ok(Ok(Response::Pong)) => Ok(client),

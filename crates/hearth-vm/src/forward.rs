@@ -7,12 +7,16 @@
 //! connects to the service; QEMU's `guestfwd` runs `hearth forward-unix SOCK`
 //! per guest connection to 10.0.2.100:PORT, and the guest agent relays
 //! 127.0.0.1:PORT there, so the service has the same address inside the VM.
+//! The sockets are bound and connected through [`SocketDir`], so their
+//! paths may be of any length.
 
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use tokio::net::{TcpStream, UnixListener};
+use tokio::net::TcpStream;
+
+use crate::sockdir::{self, SocketDir};
 
 /// Unix sockets that connect to host TCP services, served until dropped.
 pub struct Forwarder {
@@ -29,15 +33,16 @@ impl Drop for Forwarder {
 }
 
 impl Forwarder {
-    /// Serves `dir/PORT.sock` for each target.
+    /// Serves `dir/PORT.sock` for each target; `dir` is made private
+    /// (0700).
     pub fn start(dir: &Path, targets: &[SocketAddr]) -> io::Result<Self> {
-        std::fs::create_dir_all(dir)?;
+        let sd = SocketDir::create_private(dir)?;
         let mut sockets = Vec::new();
         let mut tasks = Vec::new();
         for target in targets {
-            let path = dir.join(format!("{}.sock", target.port()));
-            let _ = std::fs::remove_file(&path);
-            let listener = UnixListener::bind(&path)?;
+            let name = format!("{}.sock", target.port());
+            let path = sd.real(&name);
+            let listener = sd.bind(&name)?;
             let target = *target;
             tasks.push(tokio::spawn(async move {
                 while let Ok((mut unix, _)) = listener.accept().await {
@@ -64,8 +69,7 @@ impl Forwarder {
 /// `hearth forward-unix SOCK`: joins stdin/stdout (QEMU's guestfwd pipe) to
 /// the Unix socket. Blocking; returns when either side closes.
 pub fn stdio_to_unix(path: &Path) -> io::Result<()> {
-    use std::os::unix::net::UnixStream;
-    let sock = UnixStream::connect(path)?;
+    let sock = sockdir::connect_std(path)?;
     let mut to_sock = sock.try_clone()?;
     let up = std::thread::spawn(move || {
         let _ = io::copy(&mut io::stdin().lock(), &mut to_sock);
@@ -96,7 +100,9 @@ mod tests {
 
     #[tokio::test]
     async fn unix_socket_reaches_the_tcp_service() {
-        let dir = tempfile::tempdir().unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        // Deeper than a socket address can name.
+        let dir = tmp.path().join("f".repeat(100)).join("g".repeat(100));
         let service = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = service.local_addr().unwrap();
         tokio::spawn(async move {
@@ -107,10 +113,16 @@ mod tests {
                 .await
                 .unwrap();
         });
-        let fwd = Forwarder::start(dir.path(), &[addr]).unwrap();
+        let fwd = Forwarder::start(&dir, &[addr]).unwrap();
         let (port, path) = fwd.sockets()[0].clone();
         assert_eq!(port, addr.port());
-        let mut c = tokio::net::UnixStream::connect(path).await.unwrap();
+        assert!(path.starts_with(&dir));
+        let c = tokio::task::spawn_blocking(move || sockdir::connect_std(&path))
+            .await
+            .unwrap()
+            .unwrap();
+        c.set_nonblocking(true).unwrap();
+        let mut c = tokio::net::UnixStream::from_std(c).unwrap();
         c.write_all(b"ping").await.unwrap();
         let mut buf = [0u8; 4];
         c.read_exact(&mut buf).await.unwrap();

@@ -19,6 +19,7 @@ mod qemu;
 mod qmp;
 mod runner;
 mod snapshots;
+pub mod sockdir;
 mod warm;
 
 pub use accel::{detect_accel, host_tsc_khz, Accel};

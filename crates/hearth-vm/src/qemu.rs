@@ -11,6 +11,7 @@ use hearth_guest::protocol::{Response, PORT_NAME};
 use tokio::process::{Child, Command};
 
 use crate::qmp::Qmp;
+use crate::sockdir::{self, SocketDir};
 use crate::{Accel, AgentClient, BootFiles, VmError, VmSpec, Vmm};
 
 pub struct QemuVmm {
@@ -63,12 +64,18 @@ pub async fn qemu_version(qemu: &Path) -> Result<String, VmError> {
     Ok(text.lines().next().unwrap_or_default().trim().to_string())
 }
 
+/// The agent's virtio-serial port and QMP: sockets QEMU binds in the VM's
+/// run directory, named through [`SocketDir`] so that their paths fit
+/// `sun_path` whatever the directory's.
+const AGENT_SOCK: &str = "agent.sock";
+const QMP_SOCK: &str = "qmp.sock";
+
 /// Loads a VM saved by [`QemuVm::save`] into a QEMU started with
 /// `-incoming defer`, then resumes it (it was paused when saved, and stays
 /// paused after loading).
-async fn wake_restored(qmp_sock: &Path, state: &Path) -> Result<(), VmError> {
+async fn wake_restored(run: &SocketDir, state: &Path) -> Result<(), VmError> {
     let mut qmp = loop {
-        match Qmp::connect(qmp_sock).await {
+        match Qmp::connect(run, QMP_SOCK).await {
             Ok(q) => break q,
             Err(_) => tokio::time::sleep(Duration::from_millis(2)).await,
         }
@@ -100,13 +107,16 @@ pub struct QemuVm {
     /// The guest's hello (`Pong` for a restored VM, whose hello went to
     /// the host that booted it).
     pub hello: Response,
-    run_dir: PathBuf,
+    /// The run directory (sockets, logs), held open for its sockets.
+    run: SocketDir,
     /// Gives a networked VM's namespace its outbound connectivity.
     slirp: Option<Child>,
 }
 
 impl QemuVmm {
-    fn args(&self, spec: &VmSpec) -> Vec<String> {
+    /// QEMU's arguments; the sockets are named in `run`, whose descriptor
+    /// QEMU inherits.
+    fn args(&self, spec: &VmSpec, run: &SocketDir) -> Vec<String> {
         let mut append = vec!["console=ttyS0", "quiet", "panic=-1", "reboot=t"]
             .into_iter()
             .map(String::from)
@@ -123,7 +133,6 @@ impl QemuVmm {
             let ports: Vec<String> = spec.forwards.iter().map(|(p, _)| p.to_string()).collect();
             append.push(format!("hearth.fwd={}", ports.join(",")));
         }
-        let run = &spec.run_dir;
         let mut a: Vec<String> = vec!["-M".into()];
         match &spec.memory_file {
             Some(file) => a.extend([
@@ -154,7 +163,7 @@ impl QemuVmm {
             "-append".into(),
             append.join(" "),
             "-serial".into(),
-            format!("file:{}", run.join("console.log").display()),
+            format!("file:{}", run.real("console.log").display()),
         ]);
         for (i, d) in spec.disks.iter().enumerate() {
             let ro = if d.read_only { ",readonly=on" } else { "" };
@@ -191,12 +200,12 @@ impl QemuVmm {
             "-chardev".into(),
             format!(
                 "socket,id=agent,path={},server=on,wait=off",
-                run.join("agent.sock").display()
+                run.short(AGENT_SOCK).display()
             ),
             "-device".into(),
             format!("virtserialport,chardev=agent,name={PORT_NAME}"),
             "-qmp".into(),
-            format!("unix:{},server=on,wait=off", run.join("qmp.sock").display()),
+            format!("unix:{},server=on,wait=off", run.short(QMP_SOCK).display()),
         ]);
         if spec.incoming.is_some() {
             // The source's migration capabilities must be set first (QMP).
@@ -221,7 +230,7 @@ pub fn tail(path: &Path, lines: usize) -> String {
 #[async_trait]
 impl Vmm for QemuVmm {
     async fn boot(&self, spec: &VmSpec) -> Result<QemuVm, VmError> {
-        std::fs::create_dir_all(&spec.run_dir)
+        let run = SocketDir::create_private(&spec.run_dir)
             .map_err(|e| VmError::io(format!("creating {}", spec.run_dir.display()), e))?;
         let log = std::fs::File::create(spec.run_dir.join("qemu.log"))
             .map_err(|e| VmError::io("creating qemu.log", e))?;
@@ -246,18 +255,21 @@ impl Vmm for QemuVmm {
         } else {
             Command::new(&self.qemu)
         };
-        // If the executor dies, its VMs die with it.
-        // SAFETY: prctl is async-signal-safe; nothing else runs before exec.
+        // If the executor dies, its VMs die with it. QEMU (through unshare
+        // and sh, which keep it) gets the run directory's descriptor.
+        let run_fd = run.raw_fd();
+        // SAFETY: prctl and fcntl are async-signal-safe; nothing else runs
+        // before exec.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                Ok(())
+                sockdir::inherit(run_fd)
             });
         }
         let mut child = cmd
-            .args(self.args(spec))
+            .args(self.args(spec, &run))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
@@ -292,17 +304,15 @@ impl Vmm for QemuVmm {
         } else {
             None
         };
-        let agent_sock = spec.run_dir.join("agent.sock");
         let console = spec.run_dir.join("console.log");
         let ready = async {
             match &spec.incoming {
-                None => AgentClient::connect(&agent_sock, self.boot_timeout).await,
+                None => AgentClient::connect(&run, AGENT_SOCK, self.boot_timeout).await,
                 Some(state) => {
-                    let qmp_sock = spec.run_dir.join("qmp.sock");
-                    tokio::time::timeout(self.boot_timeout, wake_restored(&qmp_sock, state))
+                    tokio::time::timeout(self.boot_timeout, wake_restored(&run, state))
                         .await
                         .map_err(|_| VmError::Agent("the restore did not finish".into()))??;
-                    let agent = AgentClient::attach(&agent_sock, self.boot_timeout).await?;
+                    let agent = AgentClient::attach(&run, AGENT_SOCK, self.boot_timeout).await?;
                     Ok((agent, Response::Pong))
                 }
             }
@@ -323,7 +333,7 @@ impl Vmm for QemuVmm {
                 child,
                 agent,
                 hello,
-                run_dir: spec.run_dir.clone(),
+                run,
                 slirp,
             }),
             Err(e) => {
@@ -376,7 +386,7 @@ impl QemuVm {
     }
 
     pub fn console_tail(&self) -> String {
-        tail(&self.run_dir.join("console.log"), 30)
+        tail(&self.run.real("console.log"), 30)
     }
 
     /// Saves a paused VM's device state to `state` and stops it. The VM must
@@ -385,7 +395,7 @@ impl QemuVm {
     /// with the same spec plus `incoming`, the disks and memory file as they
     /// are now.
     pub async fn save(&mut self, state: &Path) -> Result<(), VmError> {
-        let mut qmp = Qmp::connect(&self.run_dir.join("qmp.sock")).await?;
+        let mut qmp = Qmp::connect(&self.run, QMP_SOCK).await?;
         qmp.execute("stop", serde_json::json!({})).await?;
         qmp.execute("migrate-set-capabilities", ignore_shared())
             .await?;
@@ -425,7 +435,7 @@ impl QemuVm {
 
     /// Pauses or resumes the vCPUs through QMP.
     pub async fn set_running(&mut self, running: bool) -> Result<(), VmError> {
-        let mut qmp = Qmp::connect(&self.run_dir.join("qmp.sock")).await?;
+        let mut qmp = Qmp::connect(&self.run, QMP_SOCK).await?;
         qmp.execute(if running { "cont" } else { "stop" }, serde_json::json!({}))
             .await?;
         Ok(())

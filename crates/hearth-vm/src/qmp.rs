@@ -4,8 +4,8 @@
 
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::UnixStream;
 
+use crate::sockdir::SocketDir;
 use crate::VmError;
 
 pub struct Qmp {
@@ -14,10 +14,14 @@ pub struct Qmp {
 }
 
 impl Qmp {
-    pub async fn connect(path: &std::path::Path) -> Result<Self, VmError> {
-        let stream = UnixStream::connect(path)
-            .await
-            .map_err(|e| VmError::io(format!("connecting to QMP at {}", path.display()), e))?;
+    /// Connects to the QMP socket `name` in `dir`.
+    pub async fn connect(dir: &SocketDir, name: &str) -> Result<Self, VmError> {
+        let stream = dir.connect(name).await.map_err(|e| {
+            VmError::io(
+                format!("connecting to QMP at {}", dir.real(name).display()),
+                e,
+            )
+        })?;
         let (r, w) = stream.into_split();
         let mut qmp = Qmp {
             reader: BufReader::new(r),

@@ -525,3 +525,63 @@ async fn vm_sizes_over_the_operator_caps_are_invalid_argument() {
     .await;
     assert_eq!((code, out.trim()), (0, "1"));
 }
+
+/// A socket address holds 108 bytes; a VM's sockets live in its run
+/// directory under the data dir. However deep that is, VMs are offered and
+/// every socket works: the agent's and QMP (boot, pause, save, restore) and
+/// the forward to an allowed registry on the host's loopback (served by the
+/// executor, connected to by `hearth forward-unix`), after a restore too.
+#[tokio::test]
+async fn vms_work_under_a_data_dir_deeper_than_a_socket_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut data = dir.path().to_path_buf();
+    for i in 0..5 {
+        data.push(format!("{i}-a-rather-long-directory-name"));
+    }
+    let data = data.to_str().unwrap().to_string();
+    assert!(data.len() > 150, "{data}");
+    let registry = loopback_service("registry-ok\n");
+    let allowed = format!("127.0.0.1:{registry}");
+    let accel = std::env::var("HEARTH_TEST_VM").unwrap_or_else(|_| "auto".into());
+    let h = spawn_listening(
+        &[
+            "up",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            &data,
+            "--vm",
+            &accel,
+            "--insecure-registry",
+            &allowed,
+            // Every recycled VM is evicted at once, so saved and restored.
+            "--vm-pool-size",
+            "0",
+        ],
+        dir,
+    );
+    let c = channel(&h).await;
+    wait_for_vm_executor(&c).await;
+    let snapshots = std::path::Path::new(&data).join("executor/vm-snapshots");
+    let saved = || std::fs::read_dir(&snapshots).map_or(0, |l| l.count());
+    let reach = format!(
+        "cat /tmp/state 2>/dev/null || echo fresh; \
+         echo \"registry=$(timeout 20 bash -c 'head -c 11 < /dev/tcp/127.0.0.1/{registry}')\""
+    );
+    let warm = [FC, ("recycle-runner", "true"), ("network", "external")];
+    let (code, out, _) = run_script(&c, &format!("echo kept > /tmp/state; {reach}"), &warm).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("registry=registry-ok"), "{out}");
+    assert_eq!(saved(), 1, "the VM was paused and saved through QMP");
+
+    let (code, out, _) = run_script(&c, &reach, &warm).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("kept"),
+        "the saved VM was restored, not booted afresh: {out}"
+    );
+    assert!(
+        out.contains("registry=registry-ok"),
+        "the restored VM reaches the registry: {out}"
+    );
+}
