@@ -48,6 +48,7 @@ fn executor_info(hello: wp::Hello) -> Result<ExecutorInfo, Status> {
             .collect(),
         isolation_types: hello.isolation_types,
         capacity: hello.capacity,
+        vm_unavailable: hello.vm_unavailable,
     })
 }
 
@@ -165,6 +166,7 @@ impl WorkerApi for WorkerService {
                     running: e.running,
                     connected_seconds: e.connected_seconds,
                     warm_runners: e.warm_runners,
+                    vm_unavailable: e.info.vm_unavailable,
                 })
                 .collect(),
             queued_actions: stats.queued,

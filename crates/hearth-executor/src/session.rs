@@ -25,6 +25,9 @@ pub struct SessionConfig {
     pub properties: Vec<(String, String)>,
     pub capacity: u32,
     pub description: String,
+    /// Why microVMs are not offered (see `Hello.vm_unavailable`); empty
+    /// when they are.
+    pub vm_unavailable: String,
 }
 
 /// Connects a gRPC channel to the server (lazily; it reconnects by itself).
@@ -89,6 +92,7 @@ async fn one_session(
         description: config.description.clone(),
         running_operations: vec![],
         warm_keys: executor.warm_keys(),
+        vm_unavailable: config.vm_unavailable.clone(),
     };
     let _ = tx.send(WorkerMessage {
         kind: Some(worker_message::Kind::Hello(hello)),

@@ -15,6 +15,8 @@ pub struct ExecutorInfo {
     pub properties: BTreeMap<String, String>,
     pub isolation_types: Vec<String>,
     pub capacity: u32,
+    /// Why it offers no microVMs; empty when it does.
+    pub vm_unavailable: String,
 }
 
 impl ExecutorInfo {
@@ -23,8 +25,16 @@ impl ExecutorInfo {
     pub fn mismatch(&self, platform: &Platform) -> Option<String> {
         let iso = platform.isolation();
         if !self.isolation_types.iter().any(|t| t == iso) {
+            let why_no_vms = if iso == "firecracker" && !self.vm_unavailable.is_empty() {
+                format!(
+                    "; microVMs unavailable on {}: {}",
+                    self.id, self.vm_unavailable
+                )
+            } else {
+                String::new()
+            };
             return Some(format!(
-                "{ISOLATION}={iso} (executors support: {})",
+                "{ISOLATION}={iso} (executors support: {}{why_no_vms})",
                 self.isolation_types.join(", ")
             ));
         }
@@ -116,6 +126,7 @@ mod tests {
                 .collect(),
             isolation_types: iso.iter().map(|s| s.to_string()).collect(),
             capacity: 1,
+            vm_unavailable: String::new(),
         }
     }
 
@@ -133,6 +144,20 @@ mod tests {
             )]))
             .unwrap();
         assert!(why.contains("workload-isolation-type=firecracker"), "{why}");
+        let no_kvm = ExecutorInfo {
+            vm_unavailable: "no guest kernel in /k".into(),
+            ..linux.clone()
+        };
+        let why = no_kvm
+            .mismatch(&Platform::from_pairs([(
+                "workload-isolation-type",
+                "firecracker",
+            )]))
+            .unwrap();
+        assert!(
+            why.contains("microVMs unavailable on e: no guest kernel in /k"),
+            "the reason says why there are no VMs: {why}"
+        );
         let why = linux
             .mismatch(&Platform::from_pairs([("Pool", "gpu")]))
             .unwrap();

@@ -22,6 +22,7 @@ fn info(id: &str, capacity: u32) -> ExecutorInfo {
         properties: Default::default(),
         isolation_types: vec!["none".into()],
         capacity,
+        vm_unavailable: String::new(),
     }
 }
 

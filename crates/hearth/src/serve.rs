@@ -140,7 +140,11 @@ fn executor_config(
     }
 }
 
-fn session_config(opts: &ExecutorOptions, server: String) -> session::SessionConfig {
+fn session_config(
+    opts: &ExecutorOptions,
+    server: String,
+    vm_unavailable: String,
+) -> session::SessionConfig {
     let capacity = opts.capacity.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get() as u32)
@@ -164,19 +168,26 @@ fn session_config(opts: &ExecutorOptions, server: String) -> session::SessionCon
             env!("CARGO_PKG_VERSION"),
             std::env::consts::OS
         ),
+        vm_unavailable,
     }
 }
 
+/// The executor's runners, and why microVMs are not among them (empty if
+/// they are).
 async fn runners(
     opts: &ExecutorOptions,
     work_dir: &std::path::Path,
     sandbox: Option<Sandbox>,
-) -> Vec<Arc<dyn Runner>> {
+) -> (Vec<Arc<dyn Runner>>, String) {
     let mut runners: Vec<Arc<dyn Runner>> = vec![Arc::new(HostRunner::new(sandbox))];
-    if let Some(vm) = crate::vm::runner(&opts.vm, work_dir).await {
-        runners.push(vm);
-    }
-    runners
+    let vm_unavailable = match crate::vm::runner(&opts.vm, work_dir).await {
+        Ok(vm) => {
+            runners.push(vm);
+            String::new()
+        }
+        Err(why) => why,
+    };
+    (runners, vm_unavailable)
 }
 
 pub async fn server(args: ServerArgs) -> Result<()> {
@@ -207,10 +218,10 @@ pub async fn up(args: UpArgs) -> Result<()> {
     // The executor joins once its runners are ready (a VM probe boot takes
     // seconds); the server answers meanwhile.
     let sess = tokio::spawn(async move {
-        let runners = runners(&opts, &config.work_dir, sandbox).await;
+        let (runners, vm_unavailable) = runners(&opts, &config.work_dir, sandbox).await;
         match Executor::new(config, cas, runners) {
             Ok(executor) => {
-                let sc = session_config(&opts, connect);
+                let sc = session_config(&opts, connect, vm_unavailable);
                 let executor = Arc::new(executor);
                 session::run(executor.clone(), sc, channel, stop).await;
                 executor.shutdown().await;
@@ -242,12 +253,12 @@ pub async fn executor(args: ExecutorArgs) -> Result<()> {
     let cas = LocalCas::caching(local, upstream);
     let sandbox = host_sandbox(&args.options)?;
     let config = executor_config(&args.options, args.work_dir.clone(), sandbox.as_ref());
-    let runners = runners(&args.options, &args.work_dir, sandbox).await;
+    let (runners, vm_unavailable) = runners(&args.options, &args.work_dir, sandbox).await;
     let executor = Arc::new(Executor::new(config, cas, runners).context("starting the executor")?);
     tracing::info!(executor = executor.id(), server = %url, "executor starting");
     session::run(
         executor.clone(),
-        session_config(&args.options, url),
+        session_config(&args.options, url, vm_unavailable),
         channel,
         shutdown,
     )

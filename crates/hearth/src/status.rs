@@ -74,6 +74,12 @@ pub fn render(s: &StatusResponse) -> String {
             props.join(" "),
             e.connected_seconds
         ));
+        if !e.vm_unavailable.is_empty() {
+            out.push_str(&format!(
+                "  {:<28} microVMs unavailable: {}\n",
+                "", e.vm_unavailable
+            ));
+        }
     }
     out
 }
@@ -104,6 +110,32 @@ mod tests {
         assert!(text.contains("1.5 MB in 10 blobs"), "{text}");
         assert!(
             text.contains("box-1") && text.contains("1/2 busy  2 warm"),
+            "{text}"
+        );
+        assert!(!text.contains("microVMs"), "{text}");
+    }
+
+    #[test]
+    fn says_why_an_executor_has_no_microvms() {
+        let s = StatusResponse {
+            executors: vec![ExecutorStatus {
+                executor_id: "box-1".into(),
+                capacity: 2,
+                isolation_types: vec!["none".into()],
+                vm_unavailable: "no guest kernel in /k (run scripts/install-vm.sh)".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let text = render(&s);
+        let line = text
+            .lines()
+            .find(|l| l.contains("microVMs unavailable"))
+            .unwrap_or_else(|| panic!("no reason shown: {text}"));
+        assert!(
+            line.ends_with(
+                "microVMs unavailable: no guest kernel in /k (run scripts/install-vm.sh)"
+            ),
             "{text}"
         );
     }

@@ -207,18 +207,24 @@ fn check_default_fits(opts: &VmOptions, max: hearth_vm::VmSize) -> Result<()> {
     Ok(())
 }
 
-/// The VM runner, or None (logged) when microVMs are off or don't work here.
-pub async fn runner(opts: &VmOptions, work_dir: &Path) -> Option<Arc<dyn Runner>> {
-    if opts.mode == "off" {
-        return None;
-    }
-    match setup(opts, work_dir).await {
-        Ok(r) => Some(r),
-        Err(e) => {
-            tracing::warn!("microVMs unavailable on this executor: {e:#}");
-            None
+/// The VM runner, or why there is none: microVMs are off, or don't work
+/// here. The reason is logged (at INFO, WARN when `--vm kvm` or `tcg` asked
+/// for them), and the executor reports it to the server for `hearth status`.
+pub async fn runner(opts: &VmOptions, work_dir: &Path) -> Result<Arc<dyn Runner>, String> {
+    let why = if opts.mode == "off" {
+        "off (--vm off)".to_string()
+    } else {
+        match setup(opts, work_dir).await {
+            Ok(r) => return Ok(r),
+            Err(e) => format!("{e:#}"),
         }
+    };
+    if opts.mode == "kvm" || opts.mode == "tcg" {
+        tracing::warn!("microVMs unavailable, not offering firecracker: {why}");
+    } else {
+        tracing::info!("microVMs unavailable, not offering firecracker: {why}");
     }
+    Err(why)
 }
 
 async fn setup(opts: &VmOptions, work_dir: &Path) -> Result<Arc<dyn Runner>> {

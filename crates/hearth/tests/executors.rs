@@ -195,6 +195,66 @@ async fn status_command_prints_a_summary() {
     assert!(text.contains("0 queued, 0 running"), "{text}");
 }
 
+fn status_text(h: &Hearth) -> String {
+    let out = Proc::new(bin())
+        .args(["status", "--server", &h.addr.replace("http://", "grpc://")])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn status_says_why_an_executor_offers_no_microvms() {
+    // Turned off.
+    let h = up(&["--executor-id", "vm-off"]);
+    let c = channel(&h).await;
+    wait_for(&c, "the local executor", |s| s.executors.len() == 1).await;
+    let text = status_text(&h);
+    assert!(
+        text.contains("microVMs unavailable: off (--vm off)"),
+        "{text}"
+    );
+
+    // Asked for, but the setup fails: the executor still joins, without
+    // firecracker, and says why, in status and to an action that wants one.
+    let tmp = tempfile::tempdir().unwrap();
+    let kernel_dir = tmp.path().join("no-kernel-here");
+    let h = up(&[
+        "--executor-id",
+        "no-kernel",
+        "--vm",
+        "auto",
+        "--vm-kernel-dir",
+        kernel_dir.to_str().unwrap(),
+    ]);
+    let c = channel(&h).await;
+    let s = wait_for(&c, "the local executor", |s| s.executors.len() == 1).await;
+    assert_eq!(s.executors[0].isolation_types, ["none"]);
+    let want = format!("no guest kernel in {}", kernel_dir.display());
+    assert!(
+        s.executors[0].vm_unavailable.contains(&want),
+        "{:?}",
+        s.executors[0]
+    );
+    let text = status_text(&h);
+    let line = text
+        .lines()
+        .find(|l| l.contains("microVMs unavailable"))
+        .unwrap_or_else(|| panic!("no reason shown: {text}"));
+    assert!(line.contains(&want), "{text}");
+
+    let mut spec = ActionSpec::new("true");
+    spec.platform = vec![("workload-isolation-type", "firecracker")];
+    let action = make_action(&c, &spec).await;
+    let err = execute(&c, action, false).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains(&want),
+        "the error says why no executor has VMs: {err:?}"
+    );
+}
+
 /// An executor played by the test over the protocol itself.
 struct FakeExecutor {
     tx: mpsc::UnboundedSender<WorkerMessage>,

@@ -35,6 +35,14 @@ pub async fn wait_for_vm_executor(c: &tonic::transport::Channel) {
         {
             return;
         }
+        // Tests start one executor (`hearth up`): if it says it has no
+        // VMs, none will come, and its reason is the failure.
+        if let Some(e) = s.executors.iter().find(|e| !e.vm_unavailable.is_empty()) {
+            panic!(
+                "executor {} offers no firecracker: {}",
+                e.executor_id, e.vm_unavailable
+            );
+        }
         assert!(
             Instant::now() < deadline,
             "no executor offered firecracker: {s:?}"
