@@ -100,12 +100,14 @@ impl Sandbox {
     /// The bubblewrap command line that runs the action.
     fn command(&self, spec: &RunSpec, tmp: &Path) -> Command {
         let mut cmd = Command::new(&self.bwrap);
+        // PID (every process ends with the command) and IPC (no SysV
+        // objects shared with the host) namespaces; UTS and cgroup ones
+        // would only rename things an unprivileged user cannot change, and
+        // every namespace costs time to make and to tear down.
         cmd.args([
             "--die-with-parent",
             "--unshare-pid",
             "--unshare-ipc",
-            "--unshare-uts",
-            "--unshare-cgroup-try",
             "--new-session",
         ]);
         for dir in VISIBLE
