@@ -227,6 +227,17 @@ impl Executor {
             working_directory: hearth_scheduler::paths::beneath("", &command.working_directory)
                 .map_err(ExecError::InvalidInput)?
                 .join("/"),
+            output_paths: command
+                .output_files
+                .iter()
+                .chain(&command.output_directories)
+                .chain(&command.output_paths)
+                .map(|p| {
+                    hearth_scheduler::paths::beneath(&command.working_directory, p)
+                        .map(|parts| parts.join("/"))
+                        .map_err(|e| ExecError::InvalidInput(format!("output path {p:?} {e}")))
+                })
+                .collect::<ExecResult<_>>()?,
             arguments: command.arguments.clone(),
             environment: command
                 .environment_variables

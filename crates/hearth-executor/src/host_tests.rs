@@ -12,6 +12,7 @@ fn spec(dir: &Path, args: &[&str], timeout: Duration) -> RunSpec {
         instance_name: String::new(),
         input_root: root,
         working_directory: String::new(),
+        output_paths: vec![],
         arguments: args.iter().map(|s| s.to_string()).collect(),
         environment: vec![
             ("PATH".into(), "/usr/bin:/bin".into()),

@@ -19,6 +19,11 @@ pub struct RunSpec {
     pub input_root: PathBuf,
     /// Relative to `input_root`.
     pub working_directory: String,
+    /// Every declared output (output_files, output_directories and
+    /// output_paths), normalized beneath `input_root`: `/`-joined
+    /// components, no `.` or `..`; empty for the root itself. A runner that
+    /// must copy outputs back (a VM) copies these.
+    pub output_paths: Vec<String>,
     pub arguments: Vec<String>,
     pub environment: Vec<(String, String)>,
     pub timeout: Duration,

@@ -7,6 +7,7 @@ use std::fs::File;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::{Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use hearth_guest::protocol::{ExecRequest, ExitStatus};
 
@@ -42,6 +43,7 @@ pub fn spawn_reaper() {
             user_micros: usage.ru_utime.tv_sec as u64 * 1_000_000 + usage.ru_utime.tv_usec as u64,
             system_micros: usage.ru_stime.tv_sec as u64 * 1_000_000 + usage.ru_stime.tv_usec as u64,
             max_rss_kib: usage.ru_maxrss as u64,
+            timed_out: false,
         };
         let (lock, cv) = exits();
         let mut e = lock.lock().unwrap_or_else(|p| p.into_inner());
@@ -62,14 +64,36 @@ pub fn try_exit(pid: i32) -> Option<ExitStatus> {
         .remove(&pid)
 }
 
-fn wait_for(pid: i32) -> ExitStatus {
+/// Waits for `pid` to exit; past `deadline`, kills its process group (the
+/// command and whatever it started that kept the group) and reports a
+/// timeout once it is gone.
+fn wait_for(pid: i32, deadline: Option<Instant>) -> ExitStatus {
     let (lock, cv) = exits();
     let mut e = lock.lock().unwrap_or_else(|p| p.into_inner());
+    let mut timed_out = false;
     loop {
         if let Some(s) = e.done.remove(&pid) {
-            return s;
+            return ExitStatus { timed_out, ..s };
         }
-        e = cv.wait(e).unwrap_or_else(|p| p.into_inner());
+        match deadline.filter(|_| !timed_out) {
+            Some(d) => {
+                let now = Instant::now();
+                if now >= d {
+                    // SAFETY: signalling our own child's process group.
+                    unsafe {
+                        libc::kill(-pid, libc::SIGKILL);
+                        libc::kill(pid, libc::SIGKILL);
+                    }
+                    timed_out = true;
+                    continue;
+                }
+                e = cv
+                    .wait_timeout(e, d - now)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+            None => e = cv.wait(e).unwrap_or_else(|p| p.into_inner()),
+        }
     }
 }
 
@@ -91,6 +115,9 @@ fn chown_tree(path: &std::path::Path, uid: u32, gid: u32) -> std::io::Result<()>
 /// Runs a command to completion.
 pub fn run(req: &ExecRequest) -> Result<ExitStatus, String> {
     let program = req.args.first().ok_or("no arguments")?;
+    let deadline = req
+        .timeout_millis
+        .map(|ms| Instant::now() + Duration::from_millis(ms));
     let stdout =
         File::create(&req.stdout_path).map_err(|e| format!("creating {}: {e}", req.stdout_path))?;
     let stderr =
@@ -124,7 +151,7 @@ pub fn run(req: &ExecRequest) -> Result<ExitStatus, String> {
             let pid = child.id() as i32;
             // The reaper owns waiting; forget the handle without waiting.
             std::mem::forget(child);
-            Ok(wait_for(pid))
+            Ok(wait_for(pid, deadline))
         }
         Err(e) => {
             let msg = format!("hearth-guest: cannot run {program:?} in {}: {e}\n", req.cwd);

@@ -6,6 +6,7 @@ mod dockerd;
 mod exec;
 mod forward;
 mod init;
+mod pack;
 mod sys;
 mod user;
 
@@ -79,6 +80,14 @@ fn handle(req: Request) -> Response {
             }
             exec::run(&e).map(Response::Exited)
         }
+        Request::PackOutputs {
+            root,
+            paths,
+            stdout,
+            stderr,
+            serial,
+        } => pack::pack(&root, &paths, &stdout, &stderr, &serial)
+            .map(|bytes| Response::Packed { bytes }),
         Request::StartDockerd { args, timeout_secs } => {
             dockerd::ensure_running(&args, Duration::from_secs(timeout_secs)).map(|_| Response::Ok)
         }

@@ -8,13 +8,22 @@ use std::io::{self, Read, Write};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// Bumped on any incompatible change; the host refuses other versions.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// The virtio-serial port name the agent listens on.
 pub const PORT_NAME: &str = "hearth.agent";
 /// Serial numbers of the VM's disks, which the guest finds them by.
 pub const ROOT_SERIAL: &str = "hearth-root";
 pub const SCRATCH_SERIAL: &str = "hearth-scratch";
 pub const WORK_SERIAL: &str = "hearth-work";
+/// The raw output disk: no filesystem, the agent writes a tar stream onto it
+/// (see [`Request::PackOutputs`]).
+pub const OUT_SERIAL: &str = "hearth-out";
+/// The tar entry type the agent gives a socket (tar has none; lowercase `s`
+/// is unassigned in POSIX, GNU and star), so that the host can name it.
+pub const SOCKET_ENTRY_TYPE: u8 = b's';
+/// In the output archive: entries `stdout` and `stderr`, then outputs as
+/// `root/<path beneath the input root>`.
+pub const OUTPUT_ROOT_PREFIX: &str = "root/";
 /// Largest frame either side accepts.
 pub const MAX_FRAME: usize = 16 * 1024 * 1024;
 
@@ -37,6 +46,21 @@ pub enum Request {
         path: String,
     },
     Exec(ExecRequest),
+    /// Writes a tar stream onto the raw disk with serial `serial`: entry
+    /// `stdout` (the file `stdout`), entry `stderr`, then for every path in
+    /// `paths` (relative to `root`, normalized, `/`-separated; empty: `root`
+    /// itself) that exists, `root/<path>` — a regular file, a symlink (never
+    /// followed), a directory with everything in it, or, for the host to
+    /// report, a FIFO, device or socket. A symlink where a parent of a path
+    /// should be is packed as that symlink. Then the device is synced.
+    /// Answers `Packed`.
+    PackOutputs {
+        root: String,
+        paths: Vec<String>,
+        stdout: String,
+        stderr: String,
+        serial: String,
+    },
     /// Starts dockerd (unless it is already running) and waits until it
     /// answers on /var/run/docker.sock. `Error` if the image has no dockerd.
     StartDockerd {
@@ -61,6 +85,10 @@ pub struct ExecRequest {
     /// Sets the guest clock first (saves a round trip after boot or resume).
     #[serde(default)]
     pub clock_unix_nanos: Option<u64>,
+    /// The agent kills the command's process group after this long and
+    /// answers `Exited` with `timed_out`. None: no limit.
+    #[serde(default)]
+    pub timeout_millis: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -78,6 +106,10 @@ pub enum Response {
         message: String,
     },
     Exited(ExitStatus),
+    /// The outputs are on the output disk: `bytes` of tar stream.
+    Packed {
+        bytes: u64,
+    },
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -88,6 +120,9 @@ pub struct ExitStatus {
     pub user_micros: u64,
     pub system_micros: u64,
     pub max_rss_kib: u64,
+    /// The command ran past `ExecRequest::timeout_millis` and was killed.
+    #[serde(default)]
+    pub timed_out: bool,
 }
 
 pub fn write_frame<T: Serialize>(w: &mut impl Write, msg: &T) -> io::Result<()> {
@@ -128,13 +163,23 @@ mod tests {
             stdout_path: "/work/stdout".into(),
             stderr_path: "/work/stderr".into(),
             clock_unix_nanos: Some(1),
+            timeout_millis: Some(2000),
         });
         let mut buf = Vec::new();
         write_frame(&mut buf, &req).unwrap();
         write_frame(&mut buf, &Request::Shutdown).unwrap();
+        let pack = Request::PackOutputs {
+            root: "/work/root".into(),
+            paths: vec!["out/a".into(), "".into()],
+            stdout: "/work/stdout".into(),
+            stderr: "/work/stderr".into(),
+            serial: OUT_SERIAL.into(),
+        };
+        write_frame(&mut buf, &pack).unwrap();
         let mut r = buf.as_slice();
         assert_eq!(read_frame::<Request>(&mut r).unwrap(), req);
         assert_eq!(read_frame::<Request>(&mut r).unwrap(), Request::Shutdown);
+        assert_eq!(read_frame::<Request>(&mut r).unwrap(), pack);
     }
 
     #[test]

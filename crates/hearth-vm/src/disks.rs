@@ -1,6 +1,7 @@
-//! Disk images for a VM, made and read with e2fsprogs: an empty scratch disk,
-//! the workspace disk built from the action's input directory, and copying
-//! the outputs back out with debugfs (no mount needed on the host).
+//! Disk images for a VM, made with e2fsprogs: an empty scratch disk and the
+//! workspace disk built from the action's input directory. The host never
+//! reads a filesystem the guest could have written (outputs come back
+//! through the raw output disk, see outputs.rs).
 
 use std::path::Path;
 
@@ -48,71 +49,22 @@ pub async fn mkfs(path: &Path, size_bytes: u64, from: Option<&Path>) -> Result<(
         .map(|_| ())
 }
 
-/// Copies directory `guest_dir` of the image into `dest` (which must not
-/// exist; it is created with that directory's contents).
-pub async fn extract_dir(image: &Path, guest_dir: &str, dest: &Path) -> Result<(), VmError> {
-    let staging = dest.with_extension("extract");
-    tokio::fs::create_dir_all(&staging)
-        .await
-        .map_err(|e| VmError::io(format!("creating {}", staging.display()), e))?;
-    let req = format!("rdump {guest_dir} {}", staging.display());
-    let stderr = run(
-        Command::new("debugfs").arg("-R").arg(&req).arg(image),
-        "debugfs rdump",
-    )
-    .await?;
-    let name = Path::new(guest_dir)
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("root");
-    let dumped = staging.join(name);
-    if !dumped.is_dir() {
-        return Err(VmError::Setup(format!(
-            "debugfs could not extract {guest_dir}: {}",
-            stderr.trim()
-        )));
-    }
-    tokio::fs::rename(&dumped, dest)
-        .await
-        .map_err(|e| VmError::io(format!("moving outputs to {}", dest.display()), e))?;
-    let _ = tokio::fs::remove_dir_all(&staging).await;
-    Ok(())
-}
-
-/// Copies one file out of the image (missing file: `dest` is left absent).
-pub async fn extract_file(image: &Path, guest_path: &str, dest: &Path) -> Result<(), VmError> {
-    let req = format!("dump {guest_path} {}", dest.display());
-    run(
-        Command::new("debugfs").arg("-R").arg(&req).arg(image),
-        "debugfs dump",
-    )
-    .await
-    .map(|_| ())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn workspace_round_trip_through_an_image() {
+    async fn workspace_image_is_built_from_a_directory() {
         let dir = tempfile::tempdir().unwrap();
         let src = dir.path().join("ws");
         std::fs::create_dir_all(src.join("root/pkg")).unwrap();
         std::fs::write(src.join("root/pkg/in.txt"), b"input").unwrap();
-        std::os::unix::fs::symlink("pkg/in.txt", src.join("root/link")).unwrap();
-        std::fs::write(src.join("stdout"), b"printed").unwrap();
         let img = dir.path().join("ws.img");
         mkfs(&img, 64 << 20, Some(&src)).await.unwrap();
-        let out = dir.path().join("out");
-        extract_dir(&img, "/root", &out).await.unwrap();
-        assert_eq!(std::fs::read(out.join("pkg/in.txt")).unwrap(), b"input");
-        assert_eq!(
-            std::fs::read_link(out.join("link")).unwrap(),
-            Path::new("pkg/in.txt")
-        );
-        let so = dir.path().join("stdout");
-        extract_file(&img, "/stdout", &so).await.unwrap();
-        assert_eq!(std::fs::read(&so).unwrap(), b"printed");
+        assert!(std::fs::metadata(&img).unwrap().len() >= 16 << 20);
+        let e = mkfs(&img, 64 << 20, Some(&dir.path().join("missing")))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("mkfs.ext4"), "{e}");
     }
 }

@@ -14,6 +14,7 @@ mod error;
 pub mod forward;
 mod images;
 pub mod initramfs;
+mod outputs;
 mod pool;
 mod qemu;
 mod qmp;

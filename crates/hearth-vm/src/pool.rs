@@ -18,6 +18,9 @@ pub struct Lease {
     pub spec: VmSpec,
     pub work_image: PathBuf,
     pub work_size: u64,
+    /// The raw output disk (see outputs.rs) and its size.
+    pub out_image: PathBuf,
+    pub out_size: u64,
     /// The fresh workspace is not mounted in the guest yet: the mount goes
     /// out with the command (saving a round trip on resume).
     pub mount_pending: bool,

@@ -1,6 +1,7 @@
 //! `workload-isolation-type=firecracker`: the action runs in a microVM. The
 //! input root goes in as an ext4 workspace disk, the command runs through the
-//! guest agent, and the outputs come back out of that disk. With
+//! guest agent, and the logs and declared outputs come back as a tar stream
+//! the agent writes onto a raw output disk (see outputs.rs). With
 //! `recycle-runner=true` a VM that ran an action successfully is paused into
 //! the pool and resumed, with a fresh workspace, for the next action with an
 //! equal runner key; `init-dockerd=true` starts dockerd in it first.
@@ -12,7 +13,7 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use hearth_executor::{ExecError, RunOutcome, RunSpec, Runner};
 use hearth_guest::protocol::{
-    ExecRequest, Request, Response, ROOT_SERIAL, SCRATCH_SERIAL, WORK_SERIAL,
+    ExecRequest, Request, Response, OUT_SERIAL, ROOT_SERIAL, SCRATCH_SERIAL, WORK_SERIAL,
 };
 use hearth_scheduler::affinity_key;
 use sha2::{Digest, Sha256};
@@ -20,8 +21,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
 use crate::images::{self, ImageSource, ResolvedImage, VmSize};
+use crate::outputs::{self, Limits, Target};
 use crate::pool::{Lease, Pool, VmDir};
-use crate::snapshots::{SnapshotStore, MEMORY_FILE, SCRATCH_FILE, WORK_FILE};
+use crate::snapshots::{SnapshotStore, MEMORY_FILE, OUT_FILE, SCRATCH_FILE, WORK_FILE};
 use crate::{disks, file_identity, DiskSpec, QemuVm, VmError, VmSpec, Vmm};
 
 #[derive(Debug, Clone)]
@@ -61,6 +63,38 @@ pub struct VmRunner {
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// How long dockerd may take to answer (emulated boots are slow).
 const DOCKERD_TIMEOUT: Duration = Duration::from_secs(120);
+/// The agent enforces the action's timeout; the host kills the VM if it
+/// has not answered this long after that.
+const TIMEOUT_GRACE: Duration = Duration::from_secs(5);
+/// How long the agent may take to pack the outputs (emulated disks are slow).
+const PACK_TIMEOUT: Duration = Duration::from_secs(120);
+/// The output disk is the workspace's size plus this: everything packed
+/// comes from the workspace, and tar's headers take less than ext4's blocks.
+const OUT_SLACK: u64 = 16 << 20;
+/// Entries in an output archive, at most.
+const MAX_OUTPUT_ENTRIES: u64 = 1_000_000;
+
+/// How the command went in the VM.
+struct Ran {
+    outcome: RunOutcome,
+    /// The guest unmounted the workspace (nothing still uses it).
+    released: bool,
+    /// The agent packed the logs (and, unless timed out, the outputs).
+    packed: bool,
+}
+
+/// A sparse file of `size` bytes: the raw output disk, new or reset so that
+/// nothing of an earlier action can be read from it.
+pub(crate) fn reset_out_disk(path: &Path, size: u64) -> Result<(), VmError> {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map_err(|e| VmError::io(format!("creating {}", path.display()), e))?;
+    f.set_len(size)
+        .map_err(|e| VmError::io(format!("sizing {}", path.display()), e))
+}
 
 pub(crate) fn vm_error(e: VmError) -> ExecError {
     let code = match e {
@@ -173,8 +207,8 @@ impl VmRunner {
         }
     }
 
-    /// The spec of a VM booting the image `root`, whose scratch and
-    /// workspace disks, sockets and (when `saveable`) memory file live in
+    /// The spec of a VM booting the image `root`, whose scratch, workspace
+    /// and output disks, sockets and (when `saveable`) memory file live in
     /// `dir`. A saved VM is restored with the same spec plus `incoming`.
     pub(crate) fn vm_spec(
         &self,
@@ -197,6 +231,7 @@ impl VmRunner {
                 disk(root, ROOT_SERIAL, true),
                 disk(&dir.join(SCRATCH_FILE), SCRATCH_SERIAL, false),
                 disk(&dir.join(WORK_FILE), WORK_SERIAL, false),
+                disk(&dir.join(OUT_FILE), OUT_SERIAL, false),
             ],
             network,
             forwards: if network {
@@ -231,6 +266,9 @@ impl VmRunner {
             disks::mkfs(&work_image, work_size, Some(ws_src))
         );
         a.and(b).map_err(vm_error)?;
+        let out_image = dir.0.join(OUT_FILE);
+        let out_size = work_size + OUT_SLACK;
+        reset_out_disk(&out_image, out_size).map_err(vm_error)?;
         let vm_spec = self.vm_spec(
             &dir.0,
             &image.path,
@@ -255,6 +293,8 @@ impl VmRunner {
             spec: vm_spec,
             work_image,
             work_size,
+            out_image,
+            out_size,
             mount_pending: false,
         })
     }
@@ -289,30 +329,52 @@ impl VmRunner {
         }
     }
 
-    /// Copies outputs, stdout and stderr out of the workspace image.
-    async fn collect(&self, lease: &Lease, spec: &RunSpec, outputs: bool) -> Result<(), ExecError> {
-        if outputs {
-            std::fs::remove_dir_all(&spec.input_root)
-                .map_err(|e| ExecError::io("clearing the input root", e))?;
-            disks::extract_dir(&lease.work_image, "/root", &spec.input_root)
-                .await
-                .map_err(vm_error)?;
-        }
-        for (guest, host) in [
-            ("/stdout", &spec.stdout_path),
-            ("/stderr", &spec.stderr_path),
-        ] {
-            if let Err(e) = disks::extract_file(&lease.work_image, guest, host).await {
-                tracing::warn!(error = %e, "could not copy {guest} out of the VM");
+    /// Unpacks the logs and outputs the agent packed onto the output disk
+    /// (the VM must be stopped or gone), or, when it packed nothing, leaves
+    /// empty logs.
+    async fn collect(&self, lease: &Lease, spec: &RunSpec, packed: bool) -> Result<(), ExecError> {
+        if !packed {
+            for log in [&spec.stdout_path, &spec.stderr_path] {
+                std::fs::write(log, b"").map_err(|e| ExecError::io("creating stdout/stderr", e))?;
             }
-            if !host.exists() {
-                std::fs::write(host, b"")
-                    .map_err(|e| ExecError::io("creating stdout/stderr", e))?;
-            }
+            return Ok(());
         }
-        Ok(())
+        let image = lease.out_image.clone();
+        let limits = Limits {
+            max_bytes: lease.out_size,
+            max_entries: MAX_OUTPUT_ENTRIES,
+        };
+        let (root, stdout, stderr) = (
+            spec.input_root.clone(),
+            spec.stdout_path.clone(),
+            spec.stderr_path.clone(),
+        );
+        let wd = spec.working_directory.clone();
+        let label = format!(
+            "microVM {}",
+            lease
+                .dir
+                .0
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+        );
+        tokio::task::spawn_blocking(move || {
+            let t = Target {
+                input_root: &root,
+                stdout: &stdout,
+                stderr: &stderr,
+                working_directory: &wd,
+                label: &label,
+            };
+            outputs::unpack(&image, limits, &t)
+        })
+        .await
+        .map_err(|e| ExecError::Internal(format!("output unpacking thread: {e}")))?
     }
 
+    /// Runs the command, then has the agent pack the logs and (unless it
+    /// timed out) the outputs, then unmount the workspace.
     async fn run_in(
         &self,
         vm: &mut QemuVm,
@@ -320,7 +382,7 @@ impl VmRunner {
         image: &ResolvedImage,
         mount_first: bool,
         cancel: CancellationToken,
-    ) -> Result<(RunOutcome, bool), ExecError> {
+    ) -> Result<Ran, ExecError> {
         let agent = vm.agent();
         let now = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -353,15 +415,25 @@ impl VmRunner {
             stdout_path: "/work/stdout".into(),
             stderr_path: "/work/stderr".into(),
             clock_unix_nanos: Some(now.as_nanos() as u64),
+            timeout_millis: Some(spec.timeout.as_millis().min(u64::MAX as u128) as u64),
         });
         let before = if mount_first {
             vec![crate::warm::mount_request()]
         } else {
             vec![]
         };
+        let timed_out = || RunOutcome {
+            exit_code: 137,
+            timed_out: true,
+        };
         let exited = tokio::select! {
             r = agent.call_after(&before, &req) => r.map_err(vm_error)?,
-            _ = tokio::time::sleep(spec.timeout) => return Ok((RunOutcome { exit_code: 137, timed_out: true }, false)),
+            // The agent did not enforce the timeout: the VM goes, with no logs.
+            _ = tokio::time::sleep(spec.timeout + TIMEOUT_GRACE) => return Ok(Ran {
+                outcome: timed_out(),
+                released: false,
+                packed: false,
+            }),
             _ = cancel.cancelled() => return Err(ExecError::Cancelled),
         };
         let Response::Exited(status) = exited else {
@@ -369,10 +441,61 @@ impl VmRunner {
                 "unexpected answer to exec: {exited:?}"
             ))));
         };
-        // Flush the workspace so the host reads a consistent filesystem. If
-        // something the action left running still uses it, the guest has
-        // synced it; the VM is then stopped before the host reads it, and
-        // not recycled.
+        let outcome = if status.timed_out {
+            timed_out()
+        } else {
+            RunOutcome {
+                exit_code: status.exit_code,
+                timed_out: false,
+            }
+        };
+        let pack = Request::PackOutputs {
+            root: "/work/root".into(),
+            paths: if outcome.timed_out {
+                vec![]
+            } else {
+                spec.output_paths.clone()
+            },
+            stdout: "/work/stdout".into(),
+            stderr: "/work/stderr".into(),
+            serial: OUT_SERIAL.into(),
+        };
+        let packed = tokio::select! {
+            r = tokio::time::timeout(PACK_TIMEOUT, agent.call(&pack)) => r,
+            _ = cancel.cancelled() => return Err(ExecError::Cancelled),
+        };
+        match packed {
+            Ok(Ok(Response::Packed { .. })) => {}
+            Ok(Ok(other)) => {
+                return Err(vm_error(VmError::Agent(format!(
+                    "unexpected answer to packing the outputs: {other:?}"
+                ))))
+            }
+            Ok(Err(VmError::Agent(msg))) if msg.contains("do not fit the output disk") => {
+                return Err(ExecError::Coded {
+                    code: Code::ResourceExhausted,
+                    message: format!("microVM: {msg}"),
+                })
+            }
+            Ok(Err(e)) => return Err(vm_error(e)),
+            Err(_) => {
+                return Err(vm_error(VmError::Agent(format!(
+                    "the outputs were not packed within {}s",
+                    PACK_TIMEOUT.as_secs()
+                ))))
+            }
+        }
+        if outcome.timed_out {
+            // Not recycled: the workspace can stay mounted.
+            return Ok(Ran {
+                outcome,
+                released: false,
+                packed: true,
+            });
+        }
+        // Unmount the workspace so that a recycled VM gets a fresh one. If
+        // something the action left running still uses it, the VM is not
+        // recycled.
         let released = match tokio::time::timeout(
             Duration::from_secs(30),
             agent.call(&Request::Unmount {
@@ -388,13 +511,11 @@ impl VmRunner {
             }
             Err(_) => false,
         };
-        Ok((
-            RunOutcome {
-                exit_code: status.exit_code,
-                timed_out: false,
-            },
+        Ok(Ran {
+            outcome,
             released,
-        ))
+            packed: true,
+        })
     }
 }
 
@@ -461,28 +582,36 @@ impl Runner for VmRunner {
             "microVM ready for the command"
         );
         let mount_first = std::mem::take(&mut lease.mount_pending);
-        let ran = self
+        let ran = match self
             .run_in(&mut lease.vm, spec, &image, mount_first, cancel)
-            .await;
-        let released = matches!(&ran, Ok((_, true)));
-        let outcome = ran.map(|(o, _)| o);
-        let finished = matches!(&outcome, Ok(o) if !o.timed_out);
-        if !released {
-            // Timed out, cancelled, broken, or the workspace is still in use:
-            // the VM goes, whatever it was doing.
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                lease.vm.kill().await;
+                return Err(e);
+            }
+        };
+        // The output disk is read only while the guest cannot run: paused
+        // (for recycling) or killed.
+        let mut reusable =
+            recycle && ran.released && !ran.outcome.timed_out && ran.outcome.exit_code == 0;
+        if reusable {
+            if let Err(e) = lease.vm.set_running(false).await {
+                tracing::warn!(error = %e, "could not pause the VM; not recycling it");
+                reusable = false;
+            }
+        }
+        if !reusable {
             lease.vm.kill().await;
         }
-        let collected = self.collect(&lease, spec, finished).await;
-        let reusable = recycle
-            && released
-            && collected.is_ok()
-            && matches!(&outcome, Ok(o) if o.exit_code == 0);
-        if reusable {
+        let collected = self.collect(&lease, spec, ran.packed).await;
+        if reusable && collected.is_ok() {
             self.park(key, lease).await;
         } else {
             lease.vm.kill().await;
         }
         collected?;
-        outcome
+        Ok(ran.outcome)
     }
 }

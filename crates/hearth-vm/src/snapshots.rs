@@ -1,8 +1,8 @@
 //! Recycled VMs saved to disk: when the pool evicts a paused VM, and for
 //! every pooled VM when the executor shuts down. A snapshot is a directory
-//! holding the VM's shared memory file, its scratch and workspace disks, the
-//! device state QEMU wrote, and `meta.json` (written last: a directory
-//! without it is an interrupted save and is deleted). Restoring moves the
+//! holding the VM's shared memory file, its scratch, workspace and output
+//! disks, the device state QEMU wrote, and `meta.json` (written last: a
+//! directory without it is an interrupted save and is deleted). Restoring moves the
 //! directory back into a VM directory, so a snapshot is used once; the VM
 //! it becomes may be saved again later.
 
@@ -19,6 +19,7 @@ pub const MEMORY_FILE: &str = "mem";
 pub const STATE_FILE: &str = "state";
 pub const SCRATCH_FILE: &str = "scratch.img";
 pub const WORK_FILE: &str = "work.img";
+pub const OUT_FILE: &str = "out.img";
 const META_FILE: &str = "meta.json";
 
 /// What is needed, besides the files, to start the saved VM again with the
@@ -146,7 +147,7 @@ mod tests {
     fn saved_vm(root: &Path, name: &str) -> PathBuf {
         let d = root.join(name);
         std::fs::create_dir_all(d.join("run")).unwrap();
-        for f in [MEMORY_FILE, STATE_FILE, SCRATCH_FILE, WORK_FILE] {
+        for f in [MEMORY_FILE, STATE_FILE, SCRATCH_FILE, WORK_FILE, OUT_FILE] {
             std::fs::write(d.join(f), name).unwrap();
         }
         d

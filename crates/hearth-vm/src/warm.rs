@@ -9,8 +9,8 @@ use std::time::Instant;
 use hearth_guest::protocol::{Request, WORK_SERIAL};
 
 use crate::pool::{Lease, VmDir};
-use crate::runner::{dir_size, VmRunner};
-use crate::snapshots::{now_secs, SnapshotMeta, STATE_FILE, WORK_FILE};
+use crate::runner::{dir_size, reset_out_disk, VmRunner};
+use crate::snapshots::{now_secs, SnapshotMeta, OUT_FILE, STATE_FILE, WORK_FILE};
 use crate::{disks, VmError, VmSpec};
 
 /// Room the workspace needs beyond twice the inputs.
@@ -39,7 +39,8 @@ impl VmRunner {
         }
     }
 
-    /// Wakes a paused VM and gives it a fresh workspace.
+    /// Wakes a paused VM and gives it a fresh workspace and an empty output
+    /// disk.
     async fn resume(&self, mut lease: Lease, ws_src: &Path) -> Result<Lease, VmError> {
         let t = Instant::now();
         if let Err(e) = check_fits(ws_src, lease.work_size, "recycled") {
@@ -50,6 +51,7 @@ impl VmRunner {
         // blocks; rewrite the same file in place. The mount goes out with
         // the command.
         disks::mkfs(&lease.work_image, lease.work_size, Some(ws_src)).await?;
+        reset_out_disk(&lease.out_image, lease.out_size)?;
         let mkfs_ms = t.elapsed().as_millis() as u64;
         lease.vm.set_running(true).await?;
         lease.mount_pending = true;
@@ -75,6 +77,12 @@ impl VmRunner {
         let work_image = dir.0.join(WORK_FILE);
         check_fits(ws_src, meta.work_size, "saved")?;
         disks::mkfs(&work_image, meta.work_size, Some(ws_src)).await?;
+        // The saved VM had this disk; its size is fixed with the VM.
+        let out_image = dir.0.join(OUT_FILE);
+        let out_size = std::fs::metadata(&out_image)
+            .map_err(|e| VmError::io("the saved VM's output disk", e))?
+            .len();
+        reset_out_disk(&out_image, out_size)?;
         let spec = VmSpec {
             incoming: Some(dir.0.join(STATE_FILE)),
             ..self.vm_spec(
@@ -96,6 +104,8 @@ impl VmRunner {
             },
             work_image,
             work_size: meta.work_size,
+            out_image,
+            out_size,
             mount_pending: false,
         };
         if let Err(e) = mount_workspace(&mut lease).await {
@@ -109,13 +119,8 @@ impl VmRunner {
         Ok(Some(lease))
     }
 
-    /// Pauses a VM into the pool, saving whatever that evicts.
-    pub(crate) async fn park(&self, key: String, mut lease: Lease) {
-        if let Err(e) = lease.vm.set_running(false).await {
-            tracing::warn!(error = %e, "could not pause the VM; not recycling it");
-            lease.vm.kill().await;
-            return;
-        }
+    /// Puts a paused VM into the pool, saving whatever that evicts.
+    pub(crate) async fn park(&self, key: String, lease: Lease) {
         let memory = lease.spec.memory_mib;
         for (key, evicted) in self.pool.put(key, lease, memory) {
             self.save(key, evicted).await;
