@@ -161,7 +161,34 @@ impl<W: Write> Packer<W> {
     }
 }
 
-/// Packs and syncs; returns the bytes written to the device.
+/// Writes the archive to `w`; returns `w` and the bytes written.
+fn pack_into<W: Write>(
+    w: W,
+    root: &Path,
+    paths: &[String],
+    stdout: &str,
+    stderr: &str,
+) -> io::Result<(W, u64)> {
+    let mut p = Packer {
+        tar: tar::Builder::new(Counting { inner: w, bytes: 0 }),
+        packed: HashSet::new(),
+    };
+    p.log("stdout", stdout)?;
+    p.log("stderr", stderr)?;
+    let mut sorted: Vec<&String> = paths.iter().collect();
+    // Ancestors sort first, so a directory is packed before paths in it
+    // (which it already holds).
+    sorted.sort();
+    sorted.dedup();
+    for rel in sorted {
+        p.declared(root, rel)?;
+    }
+    let counting = p.tar.into_inner()?;
+    Ok((counting.inner, counting.bytes))
+}
+
+/// Packs onto the disk with `serial` and syncs it; returns the bytes
+/// written.
 pub fn pack(
     root: &str,
     paths: &[String],
@@ -175,14 +202,6 @@ pub fn pack(
         .write(true)
         .open(&dev)
         .map_err(|e| format!("opening {dev}: {e}"))?;
-    let writer = Counting {
-        inner: BufWriter::with_capacity(1 << 20, file),
-        bytes: 0,
-    };
-    let mut p = Packer {
-        tar: tar::Builder::new(writer),
-        packed: HashSet::new(),
-    };
     let full = |e: io::Error| {
         if e.raw_os_error() == Some(libc::ENOSPC) {
             "the outputs do not fit the output disk".to_string()
@@ -190,23 +209,10 @@ pub fn pack(
             format!("packing the outputs: {e}")
         }
     };
-    p.log("stdout", stdout).map_err(full)?;
-    p.log("stderr", stderr).map_err(full)?;
-    let mut sorted: Vec<&String> = paths.iter().collect();
-    // Ancestors sort first, so a directory is packed before paths in it
-    // (which it already holds).
-    sorted.sort();
-    sorted.dedup();
-    let root = Path::new(root);
-    for rel in sorted {
-        p.declared(root, rel).map_err(full)?;
-    }
-    let counting = p.tar.into_inner().map_err(full)?;
-    let bytes = counting.bytes;
-    let file = counting
-        .inner
-        .into_inner()
-        .map_err(|e| full(e.into_error()))?;
+    let writer = BufWriter::with_capacity(1 << 20, file);
+    let (writer, bytes) =
+        pack_into(writer, Path::new(root), paths, stdout, stderr).map_err(full)?;
+    let file = writer.into_inner().map_err(|e| full(e.into_error()))?;
     file.sync_all()
         .map_err(|e| format!("syncing the output disk: {e}"))?;
     drop(file);
@@ -214,4 +220,79 @@ pub fn pack(
     // reset of the disk before the next action, as the host does.
     crate::sys::flush_block_device(&dev).map_err(|e| e.to_string())?;
     Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{symlink, PermissionsExt};
+
+    #[test]
+    fn packs_what_each_declared_path_is_without_following() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root");
+        fs::create_dir_all(root.join("d/sub")).unwrap();
+        fs::write(root.join("d/sub/g"), b"g").unwrap();
+        symlink("sub/g", root.join("d/l")).unwrap();
+        fs::write(root.join("f"), b"tool").unwrap();
+        fs::set_permissions(root.join("f"), fs::Permissions::from_mode(0o4750)).unwrap();
+        symlink("/", root.join("sym")).unwrap();
+        let fifo = std::ffi::CString::new(root.join("fifo").to_str().unwrap()).unwrap();
+        // SAFETY: a valid C string.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+        let stdout = tmp.path().join("stdout");
+        fs::write(&stdout, b"printed").unwrap();
+        let paths: Vec<String> = [
+            "sym/etc/passwd",
+            "d/sub/g",
+            "d",
+            "f",
+            "f/x",
+            "fifo",
+            "nope",
+            "d",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let (tar, bytes) = pack_into(
+            Vec::new(),
+            &root,
+            &paths,
+            stdout.to_str().unwrap(),
+            "/nonexistent",
+        )
+        .unwrap();
+        assert_eq!(bytes, tar.len() as u64);
+        let mut seen = Vec::new();
+        for e in tar::Archive::new(tar.as_slice()).entries().unwrap() {
+            let mut e = e.unwrap();
+            let name = e.path().unwrap().to_string_lossy().into_owned();
+            let kind = e.header().entry_type();
+            let mode = e.header().mode().unwrap();
+            let mut data = Vec::new();
+            e.read_to_end(&mut data).unwrap();
+            seen.push((name, kind, mode, data));
+        }
+        let names: Vec<(&str, EntryType)> =
+            seen.iter().map(|(n, k, ..)| (n.as_str(), *k)).collect();
+        assert_eq!(
+            names,
+            [
+                ("stdout", EntryType::Regular),
+                ("stderr", EntryType::Regular),
+                ("root/d", EntryType::Directory),
+                ("root/d/l", EntryType::Symlink),
+                ("root/d/sub", EntryType::Directory),
+                ("root/d/sub/g", EntryType::Regular),
+                ("root/f", EntryType::Regular),
+                ("root/fifo", EntryType::Fifo),
+                ("root/sym", EntryType::Symlink),
+            ]
+        );
+        assert_eq!(seen[0].3, b"printed");
+        assert!(seen[1].3.is_empty(), "a missing log is empty");
+        assert_eq!(seen[6].2, 0o755, "executable bit only");
+        assert_eq!(seen[6].3, b"tool");
+    }
 }

@@ -92,6 +92,15 @@ async fn timeout_kills_the_vm() {
         "{}",
         status.message
     );
+    // The agent enforced the timeout, so what was printed still comes back.
+    let r = resp.result.unwrap();
+    assert_eq!(
+        read_blob(&c, r.stdout_digest.as_ref().unwrap())
+            .await
+            .as_ref(),
+        b"begun\n",
+        "partial logs of a timed-out VM action"
+    );
     // No VM process and no VM directory outlive the action.
     let vms = h.dir.path().join("data/executor/vms");
     let left: Vec<_> = std::fs::read_dir(&vms)
