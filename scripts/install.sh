@@ -10,8 +10,8 @@ export PATH="$HOME/.cargo/bin:$PATH"
 export DEBIAN_FRONTEND=noninteractive
 
 # Build tools: a C compiler for crates with C parts, and git; OpenSSL headers for
-# hearth-image's HTTPS client (native-tls); e2fsprogs (mkfs.ext4, debugfs) to turn
-# container images into disk images; docker-registry for hearth-image's tests;
+# hearth-image's HTTPS client (native-tls); e2fsprogs (mkfs.ext4) to turn
+# container images into disk images (debugfs: hearth-image's tests); docker-registry for hearth-image's tests;
 # bubblewrap and util-linux (setpriv) for the host-action sandbox.
 pkgs=(gcc libc6-dev git ca-certificates pkg-config libssl-dev e2fsprogs docker-registry
       bubblewrap util-linux passwd)
