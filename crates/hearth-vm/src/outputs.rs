@@ -27,9 +27,12 @@ use std::io::{self, BufReader, Read, Write};
 use std::path::Path;
 
 use hearth_executor::confined::{Dir, WalkError};
-use hearth_executor::ExecError;
+use hearth_executor::{ExecError, RunSpec};
 use hearth_guest::protocol::SOCKET_ENTRY_TYPE;
 use tar::EntryType;
+
+use crate::pool::Lease;
+use crate::VmError;
 
 /// Longest entry name or symlink target accepted (a GNU long-name entry is
 /// read into memory, so it must be bounded; Linux's PATH_MAX).
@@ -378,6 +381,67 @@ pub fn unpack(image: &Path, limits: Limits, t: &Target<'_>) -> Result<(), ExecEr
         return Err(u.refused("a long name with no entry after it"));
     }
     Ok(())
+}
+
+/// Entries in an output archive, at most.
+const MAX_OUTPUT_ENTRIES: u64 = 1_000_000;
+
+/// A sparse file of `size` bytes: the raw output disk, new or reset so that
+/// nothing of an earlier action can be read from it. (Two metadata calls,
+/// no data written: cheap enough for an async thread.)
+pub(crate) fn reset_disk(path: &Path, size: u64) -> Result<(), VmError> {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map_err(|e| VmError::io(format!("creating {}", path.display()), e))?;
+    f.set_len(size)
+        .map_err(|e| VmError::io(format!("sizing {}", path.display()), e))
+}
+
+/// Unpacks the logs and outputs the agent packed onto the output disk
+/// (the VM must be stopped or gone), or, when it packed nothing, leaves
+/// empty logs.
+pub(crate) async fn collect(lease: &Lease, spec: &RunSpec, packed: bool) -> Result<(), ExecError> {
+    let image = lease.out_image.clone();
+    let limits = Limits {
+        max_bytes: lease.out_size,
+        max_entries: MAX_OUTPUT_ENTRIES,
+    };
+    let (root, stdout, stderr) = (
+        spec.input_root.clone(),
+        spec.stdout_path.clone(),
+        spec.stderr_path.clone(),
+    );
+    let wd = spec.working_directory.clone();
+    let label = format!(
+        "microVM {}",
+        lease
+            .dir
+            .0
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+    );
+    tokio::task::spawn_blocking(move || {
+        if !packed {
+            for log in [&stdout, &stderr] {
+                std::fs::write(log, b"").map_err(|e| ExecError::io("creating stdout/stderr", e))?;
+            }
+            return Ok(());
+        }
+        let t = Target {
+            input_root: &root,
+            stdout: &stdout,
+            stderr: &stderr,
+            working_directory: &wd,
+            label: &label,
+        };
+        unpack(&image, limits, &t)
+    })
+    .await
+    .map_err(|e| ExecError::Internal(format!("output unpacking thread: {e}")))?
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
 use crate::images::{self, ImageSource, ResolvedImage, VmSize};
-use crate::outputs::{self, Limits, Target};
+use crate::outputs;
 use crate::pool::{Lease, Pool, VmDir};
 use crate::snapshots::{SnapshotStore, MEMORY_FILE, OUT_FILE, SCRATCH_FILE, WORK_FILE};
 use crate::{disks, file_identity, DiskSpec, QemuVm, VmError, VmSpec, Vmm};
@@ -71,8 +71,6 @@ const PACK_TIMEOUT: Duration = Duration::from_secs(120);
 /// The output disk is the workspace's size plus this: everything packed
 /// comes from the workspace, and tar's headers take less than ext4's blocks.
 const OUT_SLACK: u64 = 16 << 20;
-/// Entries in an output archive, at most.
-const MAX_OUTPUT_ENTRIES: u64 = 1_000_000;
 
 /// How the command went in the VM.
 struct Ran {
@@ -81,19 +79,6 @@ struct Ran {
     released: bool,
     /// The agent packed the logs (and, unless timed out, the outputs).
     packed: bool,
-}
-
-/// A sparse file of `size` bytes: the raw output disk, new or reset so that
-/// nothing of an earlier action can be read from it.
-pub(crate) fn reset_out_disk(path: &Path, size: u64) -> Result<(), VmError> {
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .map_err(|e| VmError::io(format!("creating {}", path.display()), e))?;
-    f.set_len(size)
-        .map_err(|e| VmError::io(format!("sizing {}", path.display()), e))
 }
 
 pub(crate) fn vm_error(e: VmError) -> ExecError {
@@ -268,7 +253,7 @@ impl VmRunner {
         a.and(b).map_err(vm_error)?;
         let out_image = dir.0.join(OUT_FILE);
         let out_size = work_size + OUT_SLACK;
-        reset_out_disk(&out_image, out_size).map_err(vm_error)?;
+        outputs::reset_disk(&out_image, out_size).map_err(vm_error)?;
         let vm_spec = self.vm_spec(
             &dir.0,
             &image.path,
@@ -329,50 +314,6 @@ impl VmRunner {
         }
     }
 
-    /// Unpacks the logs and outputs the agent packed onto the output disk
-    /// (the VM must be stopped or gone), or, when it packed nothing, leaves
-    /// empty logs.
-    async fn collect(&self, lease: &Lease, spec: &RunSpec, packed: bool) -> Result<(), ExecError> {
-        if !packed {
-            for log in [&spec.stdout_path, &spec.stderr_path] {
-                std::fs::write(log, b"").map_err(|e| ExecError::io("creating stdout/stderr", e))?;
-            }
-            return Ok(());
-        }
-        let image = lease.out_image.clone();
-        let limits = Limits {
-            max_bytes: lease.out_size,
-            max_entries: MAX_OUTPUT_ENTRIES,
-        };
-        let (root, stdout, stderr) = (
-            spec.input_root.clone(),
-            spec.stdout_path.clone(),
-            spec.stderr_path.clone(),
-        );
-        let wd = spec.working_directory.clone();
-        let label = format!(
-            "microVM {}",
-            lease
-                .dir
-                .0
-                .file_name()
-                .unwrap_or_default()
-                .to_string_lossy()
-        );
-        tokio::task::spawn_blocking(move || {
-            let t = Target {
-                input_root: &root,
-                stdout: &stdout,
-                stderr: &stderr,
-                working_directory: &wd,
-                label: &label,
-            };
-            outputs::unpack(&image, limits, &t)
-        })
-        .await
-        .map_err(|e| ExecError::Internal(format!("output unpacking thread: {e}")))?
-    }
-
     /// Runs the command, then has the agent pack the logs and (unless it
     /// timed out) the outputs, then unmount the workspace.
     async fn run_in(
@@ -429,7 +370,7 @@ impl VmRunner {
         let exited = tokio::select! {
             r = agent.call_after(&before, &req) => r.map_err(vm_error)?,
             // The agent did not enforce the timeout: the VM goes, with no logs.
-            _ = tokio::time::sleep(spec.timeout + TIMEOUT_GRACE) => return Ok(Ran {
+            _ = tokio::time::sleep(spec.timeout.saturating_add(TIMEOUT_GRACE)) => return Ok(Ran {
                 outcome: timed_out(),
                 released: false,
                 packed: false,
@@ -605,7 +546,7 @@ impl Runner for VmRunner {
         if !reusable {
             lease.vm.kill().await;
         }
-        let collected = self.collect(&lease, spec, ran.packed).await;
+        let collected = outputs::collect(&lease, spec, ran.packed).await;
         if reusable && collected.is_ok() {
             self.park(key, lease).await;
         } else {

@@ -8,8 +8,9 @@ use std::time::Instant;
 
 use hearth_guest::protocol::{Request, WORK_SERIAL};
 
+use crate::outputs::reset_disk;
 use crate::pool::{Lease, VmDir};
-use crate::runner::{dir_size, reset_out_disk, VmRunner};
+use crate::runner::{dir_size, VmRunner};
 use crate::snapshots::{now_secs, SnapshotMeta, OUT_FILE, STATE_FILE, WORK_FILE};
 use crate::{disks, VmError, VmSpec};
 
@@ -51,7 +52,7 @@ impl VmRunner {
         // blocks; rewrite the same file in place. The mount goes out with
         // the command.
         disks::mkfs(&lease.work_image, lease.work_size, Some(ws_src)).await?;
-        reset_out_disk(&lease.out_image, lease.out_size)?;
+        reset_disk(&lease.out_image, lease.out_size)?;
         let mkfs_ms = t.elapsed().as_millis() as u64;
         lease.vm.set_running(true).await?;
         lease.mount_pending = true;
@@ -82,7 +83,7 @@ impl VmRunner {
         let out_size = std::fs::metadata(&out_image)
             .map_err(|e| VmError::io("the saved VM's output disk", e))?
             .len();
-        reset_out_disk(&out_image, out_size)?;
+        reset_disk(&out_image, out_size)?;
         let spec = VmSpec {
             incoming: Some(dir.0.join(STATE_FILE)),
             ..self.vm_spec(
