@@ -33,7 +33,8 @@ fi
 ./scripts/install-vm.sh
 
 cargo build --release --locked -p hearth -p hearth-bench
-# The guest agent runs as PID 1 inside the VMs: a static binary.
+# The guest agent runs as PID 1 inside the VMs, and hearth-runas as the last
+# step into each host-action sandbox: static binaries.
 RUSTFLAGS="-C target-feature=+crt-static -C strip=debuginfo" \
-    cargo build --release --locked -p hearth-guest --target x86_64-unknown-linux-gnu
+    cargo build --release --locked -p hearth-guest -p hearth-runas --target x86_64-unknown-linux-gnu
 echo "built: $(pwd)/target/release/hearth"

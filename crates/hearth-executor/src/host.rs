@@ -52,7 +52,13 @@ pub struct Sandbox {
     pub gid: u32,
     /// More host directories to show read-only (the operator's toolchains).
     pub extra_visible: Vec<PathBuf>,
+    /// The static `hearth-runas`, used instead of `setpriv` when given (it
+    /// is shown read-only in the sandbox at [`RUNAS_PATH`]).
+    pub runas: Option<PathBuf>,
 }
+
+/// Where the sandbox sees `hearth-runas`.
+const RUNAS_PATH: &str = "/.hearth-runas";
 
 impl Sandbox {
     /// A sandbox that runs actions as `user`, with the tools found on PATH.
@@ -94,6 +100,7 @@ impl Sandbox {
             uid: u.uid.as_raw(),
             gid: u.gid.as_raw(),
             extra_visible,
+            runas: None,
         })
     }
 
@@ -133,13 +140,25 @@ impl Sandbox {
         // to walk up to its root.
         cmd.args(["--perms", "0755", "--dir", SANDBOX_PARENT]);
         cmd.arg("--bind").arg(&spec.input_root).arg(SANDBOX_ROOT);
+        if let Some(runas) = &self.runas {
+            cmd.arg("--ro-bind").arg(runas).arg(RUNAS_PATH);
+        }
         cmd.arg("--chdir")
             .arg(Path::new(SANDBOX_ROOT).join(&spec.working_directory));
         cmd.arg("--");
-        cmd.arg(&self.setpriv)
-            .arg(format!("--reuid={}", self.uid))
-            .arg(format!("--regid={}", self.gid))
-            .args(["--clear-groups", "--no-new-privs", "--"]);
+        match &self.runas {
+            Some(_) => {
+                cmd.arg(RUNAS_PATH)
+                    .arg(self.uid.to_string())
+                    .arg(self.gid.to_string());
+            }
+            None => {
+                cmd.arg(&self.setpriv)
+                    .arg(format!("--reuid={}", self.uid))
+                    .arg(format!("--regid={}", self.gid))
+                    .args(["--clear-groups", "--no-new-privs", "--"]);
+            }
+        }
         cmd.args(&spec.arguments);
         cmd
     }

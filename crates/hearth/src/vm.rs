@@ -47,7 +47,7 @@ impl hearth_vm::ImageSource for Images {
 
 /// True when the ELF file has no program interpreter (PT_INTERP), i.e. it
 /// can run as PID 1 of an initramfs that has no dynamic loader.
-fn is_static_elf(path: &Path) -> bool {
+pub(crate) fn is_static_elf(path: &Path) -> bool {
     let Ok(bytes) = std::fs::read(path) else {
         return false;
     };
