@@ -224,19 +224,9 @@ impl Executor {
             input_root: input_root.clone(),
             // Normalized (no `.` or `..`); prepare made every component a real
             // directory, so the runner may use it as a plain path.
-            working_directory: hearth_scheduler::paths::beneath("", &command.working_directory)
-                .map_err(ExecError::InvalidInput)?
-                .join("/"),
-            output_paths: command
-                .output_files
-                .iter()
-                .chain(&command.output_directories)
-                .chain(&command.output_paths)
-                .map(|p| {
-                    hearth_scheduler::paths::beneath(&command.working_directory, p)
-                        .map(|parts| parts.join("/"))
-                        .map_err(|e| ExecError::InvalidInput(format!("output path {p:?} {e}")))
-                })
+            working_directory: outputs::working_directory(&command)?.join("/"),
+            output_paths: outputs::declared_paths(&command)
+                .map(|p| outputs::resolve(&command, p).map(|parts| parts.join("/")))
                 .collect::<ExecResult<_>>()?,
             arguments: command.arguments.clone(),
             environment: command

@@ -30,9 +30,28 @@ use crate::error::{ExecError, ExecResult, IoContext};
 const MAX_DEPTH: usize = 512;
 
 /// Where an output path leads, beneath the root, and the working directory.
-fn resolve(command: &Command, path: &str) -> ExecResult<Vec<String>> {
+pub(crate) fn resolve(command: &Command, path: &str) -> ExecResult<Vec<String>> {
     beneath(&command.working_directory, path)
         .map_err(|e| ExecError::InvalidInput(format!("output path {path:?} {e}")))
+}
+
+/// The working directory's components beneath the root.
+pub(crate) fn working_directory(command: &Command) -> ExecResult<Vec<String>> {
+    beneath("", &command.working_directory).map_err(|e| {
+        ExecError::InvalidInput(format!(
+            "working directory {:?} {e}",
+            command.working_directory
+        ))
+    })
+}
+
+/// Every declared output path, new and legacy fields alike.
+pub(crate) fn declared_paths(command: &Command) -> impl Iterator<Item = &String> {
+    command
+        .output_files
+        .iter()
+        .chain(&command.output_directories)
+        .chain(&command.output_paths)
 }
 
 fn walk_error(output: &str, e: WalkError) -> ExecError {
@@ -69,19 +88,8 @@ pub fn prepare(root: &Path, command: &Command, owner: Option<(u32, u32)>) -> Exe
         }
     };
     chown(&root_dir, "the input root")?;
-    let wd = beneath("", &command.working_directory).map_err(|e| {
-        ExecError::InvalidInput(format!(
-            "working directory {:?} {e}",
-            command.working_directory
-        ))
-    })?;
-    let mut dirs = vec![wd];
-    for p in command
-        .output_files
-        .iter()
-        .chain(&command.output_directories)
-        .chain(&command.output_paths)
-    {
+    let mut dirs = vec![working_directory(command)?];
+    for p in declared_paths(command) {
         let mut parts = resolve(command, p)?;
         parts.pop();
         dirs.push(parts);
