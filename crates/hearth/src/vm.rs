@@ -47,7 +47,7 @@ impl hearth_vm::ImageSource for Images {
 
 /// True when the ELF file has no program interpreter (PT_INTERP), i.e. it
 /// can run as PID 1 of an initramfs that has no dynamic loader.
-pub(crate) fn is_static_elf(path: &Path) -> bool {
+fn is_static_elf(path: &Path) -> bool {
     let Ok(bytes) = std::fs::read(path) else {
         return false;
     };
@@ -89,19 +89,27 @@ fn find_agent(opts: &VmOptions) -> Result<PathBuf> {
         }
         return Ok(p.clone());
     }
-    let exe = std::env::current_exe().context("locating this binary")?;
-    let dir = exe.parent().context("binary has no directory")?;
-    let candidates = [
-        dir.join("../x86_64-unknown-linux-gnu/release/hearth-guest"),
-        dir.join("../../x86_64-unknown-linux-gnu/release/hearth-guest"),
-        dir.join("hearth-guest"),
-    ];
-    candidates.into_iter().find(|c| is_static_elf(c)).with_context(|| {
+    find_static_binary("hearth-guest").with_context(|| {
         format!(
             "no statically linked hearth-guest agent near {} (build it with scripts/install.sh, or pass --guest-agent)",
-            exe.display()
+            std::env::current_exe().unwrap_or_default().display()
         )
     })
+}
+
+/// A statically linked helper binary built by scripts/install.sh for the
+/// guest target (`hearth-guest`, `hearth-runas`), found near this binary.
+pub(crate) fn find_static_binary(name: &str) -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?;
+    [
+        dir.join("../x86_64-unknown-linux-gnu/release").join(name),
+        dir.join("../../x86_64-unknown-linux-gnu/release")
+            .join(name),
+        dir.join(name),
+    ]
+    .into_iter()
+    .find(|c| is_static_elf(c))
 }
 
 async fn probe(vmm: &QemuVmm, dir: &Path, image: &Path) -> Result<()> {
