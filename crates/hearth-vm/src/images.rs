@@ -102,60 +102,54 @@ pub(crate) async fn resolve(
 /// (the operator's `--vm-max-*` caps) is INVALID_ARGUMENT naming the property
 /// and the cap: the VM is never silently made smaller than asked.
 pub(crate) fn size(p: &Platform, default: VmSize, max: VmSize) -> Result<VmSize, ExecError> {
-    let over = |prop: &str, v: &str, flag: &str, cap: String| {
-        ExecError::InvalidInput(format!(
-            "{prop}={v} exceeds this executor's cap --{flag}={cap}"
-        ))
-    };
-    let vcpus = match p.get("estimatedcpu") {
-        Some(v) => {
-            let n = parse_cpu(v).map_err(ExecError::InvalidInput)?.ceil();
-            if n > f64::from(max.vcpus) {
-                return Err(over(
-                    "EstimatedCPU",
-                    v,
-                    "vm-max-cpus",
-                    max.vcpus.to_string(),
-                ));
-            }
-            (n as u32).max(1)
+    // The value asked for under `prop` (looked up as `key`), read by
+    // `parse`, or `default`; more than `cap` is refused naming `--flag`.
+    let asked = |key: &str,
+                 prop: &str,
+                 flag: &str,
+                 cap: u64,
+                 default: u64,
+                 parse: &dyn Fn(&str) -> Result<u64, String>|
+     -> Result<u64, ExecError> {
+        let Some(v) = p.get(key) else {
+            return Ok(default);
+        };
+        let n = parse(v).map_err(ExecError::InvalidInput)?;
+        if n > cap {
+            return Err(ExecError::InvalidInput(format!(
+                "{prop}={v} exceeds this executor's cap --{flag}={cap}"
+            )));
         }
-        None => default.vcpus,
+        Ok(n)
     };
-    let memory_mib = match p.get("estimatedmemory") {
-        Some(v) => {
-            let mib = (parse_bytes(v).map_err(ExecError::InvalidInput)? / (1024 * 1024)).max(256);
-            if mib > max.memory_mib {
-                return Err(over(
-                    "EstimatedMemory",
-                    v,
-                    "vm-max-memory-mib",
-                    max.memory_mib.to_string(),
-                ));
-            }
-            mib
-        }
-        None => default.memory_mib,
-    };
-    let disk_bytes = match p.get("estimatedfreediskbytes") {
-        Some(v) => {
-            let bytes = parse_bytes(v)
-                .map_err(ExecError::InvalidInput)?
-                .max(64 << 20);
-            if bytes > max.disk_bytes {
-                return Err(over(
-                    "EstimatedFreeDiskBytes",
-                    v,
-                    "vm-max-disk-bytes",
-                    max.disk_bytes.to_string(),
-                ));
-            }
-            bytes
-        }
-        None => default.disk_bytes,
-    };
+    let vcpus = asked(
+        "estimatedcpu",
+        "EstimatedCPU",
+        "vm-max-cpus",
+        max.vcpus.into(),
+        default.vcpus.into(),
+        // Whole vCPUs, rounded up (the cast saturates).
+        &|v| parse_cpu(v).map(|n| n.ceil() as u64),
+    )?;
+    let memory_mib = asked(
+        "estimatedmemory",
+        "EstimatedMemory",
+        "vm-max-memory-mib",
+        max.memory_mib,
+        default.memory_mib,
+        &|v| parse_bytes(v).map(|b| (b / (1024 * 1024)).max(256)),
+    )?;
+    let disk_bytes = asked(
+        "estimatedfreediskbytes",
+        "EstimatedFreeDiskBytes",
+        "vm-max-disk-bytes",
+        max.disk_bytes,
+        default.disk_bytes,
+        &|v| parse_bytes(v).map(|b| b.max(64 << 20)),
+    )?;
     Ok(VmSize {
-        vcpus,
+        // Within the cap, so it fits a u32.
+        vcpus: (vcpus as u32).max(1),
         memory_mib,
         disk_bytes,
     })
