@@ -158,6 +158,19 @@ impl Inner {
         self.index.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The image of entry `e` (for `digest`, whose hex is `hex`), leased to
+    /// the caller. Called with the index locked.
+    fn lease(self: &Arc<Self>, e: &mut Entry, digest: &str, hex: &str) -> DiskImage {
+        e.leases += 1;
+        DiskImage {
+            manifest_digest: e.manifest_digest.clone(),
+            path: self.image_path(digest),
+            size_bytes: e.len,
+            config: e.config.clone(),
+            lease: ImageLease::new(self, hex),
+        }
+    }
+
     /// The cached image for `digest`, leased, as most recently used.
     pub(crate) fn cached(self: &Arc<Self>, digest: &str) -> Option<DiskImage> {
         let hex = crate::store::hex_of(digest);
@@ -167,14 +180,7 @@ impl Inner {
             let tick = index.tick;
             let e = index.entries.get_mut(hex)?;
             e.last_use = tick;
-            e.leases += 1;
-            DiskImage {
-                manifest_digest: e.manifest_digest.clone(),
-                path: self.image_path(digest),
-                size_bytes: e.len,
-                config: e.config.clone(),
-                lease: ImageLease::new(self, hex),
-            }
+            self.lease(e, digest, hex)
         };
         // The use order, for the next start (off the caller's thread).
         let record = self.record_path(digest);
@@ -201,14 +207,7 @@ impl Inner {
                 record.config.clone(),
                 meta,
             );
-            e.leases += 1;
-            DiskImage {
-                manifest_digest: e.manifest_digest.clone(),
-                path: self.image_path(digest),
-                size_bytes: e.len,
-                config: e.config.clone(),
-                lease: ImageLease::new(self, hex),
-            }
+            self.lease(e, digest, hex)
         };
         self.evict();
         image
