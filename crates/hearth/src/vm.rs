@@ -45,43 +45,11 @@ impl hearth_vm::ImageSource for Images {
     }
 }
 
-/// True when the ELF file has no program interpreter (PT_INTERP), i.e. it
-/// can run as PID 1 of an initramfs that has no dynamic loader.
-fn is_static_elf(path: &Path) -> bool {
-    let Ok(bytes) = std::fs::read(path) else {
-        return false;
-    };
-    let u16_at = |o: usize| {
-        bytes
-            .get(o..o + 2)
-            .map(|b| u16::from_le_bytes([b[0], b[1]]) as usize)
-    };
-    let u64_at = |o: usize| {
-        bytes
-            .get(o..o + 8)
-            .map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as usize)
-    };
-    if bytes.get(..4) != Some(b"\x7fELF") {
-        return false;
-    }
-    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38))
-    else {
-        return false;
-    };
-    const PT_INTERP: u32 = 3;
-    (0..phnum).all(|i| {
-        let at = phoff + i * phentsize;
-        bytes
-            .get(at..at + 4)
-            .is_some_and(|t| u32::from_le_bytes([t[0], t[1], t[2], t[3]]) != PT_INTERP)
-    })
-}
-
 /// The static agent binary built by scripts/install.sh for the guest target
 /// (a dynamically linked build of it, e.g. from `cargo build`, can't be /init).
 fn find_agent(opts: &VmOptions) -> Result<PathBuf> {
     if let Some(p) = &opts.guest_agent {
-        if !is_static_elf(p) {
+        if !hearth_executor::is_static_elf(p) {
             bail!(
                 "--guest-agent {} is not a statically linked executable",
                 p.display()
@@ -89,27 +57,12 @@ fn find_agent(opts: &VmOptions) -> Result<PathBuf> {
         }
         return Ok(p.clone());
     }
-    find_static_binary("hearth-guest").with_context(|| {
+    hearth_executor::find_static_binary("hearth-guest").with_context(|| {
         format!(
             "no statically linked hearth-guest agent near {} (build it with scripts/install.sh, or pass --guest-agent)",
             std::env::current_exe().unwrap_or_default().display()
         )
     })
-}
-
-/// A statically linked helper binary built by scripts/install.sh for the
-/// guest target (`hearth-guest`, `hearth-runas`), found near this binary.
-pub(crate) fn find_static_binary(name: &str) -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    let dir = exe.parent()?;
-    [
-        dir.join("../x86_64-unknown-linux-gnu/release").join(name),
-        dir.join("../../x86_64-unknown-linux-gnu/release")
-            .join(name),
-        dir.join(name),
-    ]
-    .into_iter()
-    .find(|c| is_static_elf(c))
 }
 
 async fn probe(vmm: &QemuVmm, dir: &Path, image: &Path) -> Result<()> {
@@ -356,22 +309,4 @@ async fn setup(opts: &VmOptions, work_dir: &Path) -> Result<Arc<dyn Runner>> {
     Ok(Arc::new(
         VmRunner::new(Arc::new(vmm), Some(images), config).with_forwarder(forwarder),
     ))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn static_and_dynamic_executables_are_told_apart() {
-        assert!(
-            !is_static_elf(Path::new("/bin/sh")),
-            "/bin/sh is dynamically linked"
-        );
-        assert!(
-            is_static_elf(Path::new("/bin/busybox")),
-            "busybox-static is static"
-        );
-        assert!(!is_static_elf(Path::new("/etc/hostname")));
-    }
 }
