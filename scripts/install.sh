@@ -12,9 +12,9 @@ export DEBIAN_FRONTEND=noninteractive
 # Build tools: a C compiler for crates with C parts, and git; OpenSSL headers for
 # hearth-image's HTTPS client (native-tls); e2fsprogs (mkfs.ext4) to turn
 # container images into disk images (debugfs: hearth-image's tests); docker-registry for hearth-image's tests;
-# bubblewrap and util-linux (setpriv) for the host-action sandbox.
+# passwd (useradd) for the host-action sandbox's user.
 pkgs=(gcc libc6-dev git ca-certificates pkg-config libssl-dev e2fsprogs docker-registry
-      bubblewrap util-linux passwd)
+      passwd)
 apt_install_missing "${pkgs[@]}"
 
 # Sandboxed host actions run as this unprivileged user (--run-as); it owns
@@ -33,8 +33,8 @@ fi
 ./scripts/install-vm.sh
 
 cargo build --release --locked -p hearth -p hearth-bench
-# The guest agent runs as PID 1 inside the VMs, and hearth-runas as the last
-# step into each host-action sandbox: static binaries.
+# The guest agent runs as PID 1 inside the VMs, and hearth-sandbox as PID 1 of
+# each host-action sandbox (forking once per action): small static binaries.
 RUSTFLAGS="-C target-feature=+crt-static -C strip=debuginfo" \
-    cargo build --release --locked -p hearth-guest -p hearth-runas --target x86_64-unknown-linux-gnu
+    cargo build --release --locked -p hearth-guest -p hearth-sandbox --target x86_64-unknown-linux-gnu
 echo "built: $(pwd)/target/release/hearth"

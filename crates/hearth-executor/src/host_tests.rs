@@ -27,7 +27,13 @@ fn spec(dir: &Path, args: &[&str], timeout: Duration) -> RunSpec {
 
 fn sandboxed() -> HostRunner {
     HostRunner::new(Some(
-        Sandbox::for_user(ACTION_USER, vec![]).expect("the host sandbox works here"),
+        Sandbox::for_user(
+            ACTION_USER,
+            vec![],
+            crate::find_static_binary("hearth-sandbox")
+                .expect("scripts/install.sh built a static hearth-sandbox"),
+        )
+        .expect("the host sandbox works here"),
     ))
 }
 

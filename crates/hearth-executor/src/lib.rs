@@ -16,7 +16,9 @@ mod materialize;
 mod outputs;
 mod remote_cas;
 mod runner;
+mod sandbox;
 pub mod session;
+mod static_bin;
 
 pub use error::ExecError;
 pub use executor::{Executor, ExecutorConfig};
@@ -24,3 +26,4 @@ pub use host::{HostRunner, Sandbox, SANDBOX_ROOT};
 pub use local_cas::LocalCas;
 pub use remote_cas::GrpcStore;
 pub use runner::{RunOutcome, RunSpec, Runner};
+pub use static_bin::{find_static_binary, is_static_elf};

@@ -108,7 +108,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
 /// The host sandbox as the flags ask for it; an error if it is asked for
 /// and cannot work here (never a silent fallback to running unconfined).
-fn host_sandbox(opts: &ExecutorOptions) -> Result<Option<Sandbox>> {
+async fn host_sandbox(opts: &ExecutorOptions) -> Result<Option<Sandbox>> {
     if opts.host_sandbox == "off" {
         tracing::warn!(
             "--host-sandbox off: host actions run unconfined as this process's user and can \
@@ -116,15 +116,19 @@ fn host_sandbox(opts: &ExecutorOptions) -> Result<Option<Sandbox>> {
         );
         return Ok(None);
     }
-    let mut sandbox = Sandbox::for_user(&opts.run_as, opts.sandbox_visible.clone())
+    let binary = hearth_executor::find_static_binary("hearth-sandbox").ok_or_else(|| {
+        anyhow::anyhow!(
+            "the host sandbox: no static hearth-sandbox near {} (scripts/install.sh builds it), \
+             or pass --host-sandbox off",
+            std::env::current_exe().unwrap_or_default().display()
+        )
+    })?;
+    let sandbox = Sandbox::for_user(&opts.run_as, opts.sandbox_visible.clone(), binary)
         .map_err(|e| anyhow::anyhow!("the host sandbox: {e}"))?;
-    sandbox.runas = crate::vm::find_static_binary("hearth-runas");
-    if sandbox.runas.is_none() {
-        tracing::info!(
-            "no static hearth-runas near this binary (scripts/install.sh builds it); \
-             host actions drop privileges with setpriv, ~0.6 ms slower"
-        );
-    }
+    sandbox
+        .check()
+        .await
+        .map_err(|e| anyhow::anyhow!("the host sandbox does not work on this host: {e}"))?;
     Ok(Some(sandbox))
 }
 
@@ -213,7 +217,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
         format!("http://{addr}")
     };
     let cas = LocalCas::shared(server.store.clone());
-    let sandbox = host_sandbox(&args.executor)?;
+    let sandbox = host_sandbox(&args.executor).await?;
     let config = executor_config(
         &args.executor,
         args.server.data_dir.join("executor"),
@@ -258,7 +262,7 @@ pub async fn executor(args: ExecutorArgs) -> Result<()> {
         args.work_dir.join("cache").join("staging"),
     ));
     let cas = LocalCas::caching(local, upstream);
-    let sandbox = host_sandbox(&args.options)?;
+    let sandbox = host_sandbox(&args.options).await?;
     let config = executor_config(&args.options, args.work_dir.clone(), sandbox.as_ref());
     let (runners, vm_unavailable) = runners(&args.options, &args.work_dir, sandbox).await;
     let executor = Arc::new(Executor::new(config, cas, runners).context("starting the executor")?);
