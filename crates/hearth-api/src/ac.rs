@@ -5,7 +5,7 @@ use hearth_proto::reapi::{
     action_cache_server::ActionCache as ActionCacheApi, ActionResult, GetActionResultRequest, Tree,
     UpdateActionResultRequest,
 };
-use hearth_storage::{BlobStore, Digest};
+use hearth_storage::{action_key, BlobStore, Digest};
 use prost::Message;
 use tonic::{Request, Response, Status};
 
@@ -92,11 +92,14 @@ impl ActionCacheApi for ActionCacheService {
         &self,
         request: Request<GetActionResultRequest>,
     ) -> Result<Response<ActionResult>, Status> {
+        let who = self.ctx.caller(&request)?;
+        let store = self.ctx.store_for(&who);
         let req = request.into_inner();
         self.ctx.check_instance(&req.instance_name)?;
-        let key = Digest::from_field(req.action_digest.as_ref(), "action_digest")
+        let action = Digest::from_field(req.action_digest.as_ref(), "action_digest")
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let not_found = || Status::not_found(format!("no cached result for action {key}"));
+        let key = action_key(&who.tenant, &req.instance_name, &action);
+        let not_found = || Status::not_found(format!("no cached result for action {action}"));
         let Some(mut result) = self
             .ctx
             .ac
@@ -106,14 +109,14 @@ impl ActionCacheApi for ActionCacheService {
         else {
             return Err(not_found());
         };
-        let cas = self.ctx.cas.as_ref();
+        let cas = store.as_ref();
         let blobs = referenced_blobs(cas, &result).await?;
         let missing = cas
             .find_missing(&blobs)
             .await
             .map_err(|e| store_status(e, "GetActionResult"))?;
         if !missing.is_empty() {
-            tracing::info!(action = %key, missing = missing.len(), "dropping cached result whose outputs were evicted");
+            tracing::info!(action = %action, missing = missing.len(), "dropping cached result whose outputs were evicted");
             let _ = self.ctx.ac.remove(&key).await;
             return Err(not_found());
         }
@@ -136,14 +139,19 @@ impl ActionCacheApi for ActionCacheService {
         &self,
         request: Request<UpdateActionResultRequest>,
     ) -> Result<Response<ActionResult>, Status> {
+        let who = self.ctx.caller(&request)?;
+        let store = self.ctx.store_for(&who);
         let req = request.into_inner();
         self.ctx.check_instance(&req.instance_name)?;
-        let key = Digest::from_field(req.action_digest.as_ref(), "action_digest")
+        let action = Digest::from_field(req.action_digest.as_ref(), "action_digest")
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        // Written into the caller's own partition only; and every blob it
+        // points at must be the caller's to read.
+        let key = action_key(&who.tenant, &req.instance_name, &action);
         let result = req
             .action_result
             .ok_or_else(|| Status::invalid_argument("action_result is missing"))?;
-        let cas = self.ctx.cas.as_ref();
+        let cas = store.as_ref();
         let blobs = referenced_blobs(cas, &result).await?;
         let missing = cas
             .find_missing(&blobs)

@@ -47,7 +47,12 @@ struct Parked {
     bytes: u64,
 }
 
+/// (tenant and upload id, digest): no tenant resumes another's upload.
 type UploadKey = (String, Digest);
+
+fn upload_key(tenant: &str, upload_id: Option<String>) -> String {
+    format!("{tenant}\0{}", upload_id.unwrap_or_default())
+}
 
 fn charge(u: &Upload) -> u64 {
     u.committed + PARKED_UPLOAD_OVERHEAD
@@ -310,6 +315,7 @@ impl ByteStream for ByteStreamService {
         &self,
         request: Request<ReadRequest>,
     ) -> Result<Response<Self::ReadStream>, Status> {
+        let cas = self.ctx.store_for(&*self.ctx.caller(&request)?);
         let req = request.into_inner();
         let res = parse_read(&req.resource_name)?;
         self.ctx.check_instance(&res.instance)?;
@@ -337,7 +343,6 @@ impl ByteStream for ByteStreamService {
         } else {
             d.size()
         };
-        let cas = self.ctx.cas.clone();
         let first = cas
             .read(&d, start, Some((end - start).min(READ_CHUNK)))
             .await
@@ -373,6 +378,8 @@ impl ByteStream for ByteStreamService {
         &self,
         request: Request<Streaming<WriteRequest>>,
     ) -> Result<Response<WriteResponse>, Status> {
+        let who = self.ctx.caller(&request)?;
+        let cas = self.ctx.store_for(&who);
         let mut stream = request.into_inner();
         let first = stream.message().await?.ok_or_else(|| {
             Status::invalid_argument("empty ByteStream.Write: no request messages")
@@ -381,7 +388,7 @@ impl ByteStream for ByteStreamService {
         let res = parse_write(&resource)?;
         self.ctx.check_instance(&res.instance)?;
         let d = res.digest;
-        let cas = self.ctx.cas.as_ref();
+        let cas = cas.as_ref();
         let done = WriteResponse {
             committed_size: d.size() as i64,
         };
@@ -394,7 +401,7 @@ impl ByteStream for ByteStreamService {
             // Already stored: tell the client it can stop sending.
             return Ok(Response::new(done));
         }
-        let key = (res.upload_id.unwrap_or_default(), d);
+        let key = (upload_key(&who.tenant, res.upload_id), d);
         let mut upload = self.take_upload(&key).await.unwrap_or_else(Upload::new);
         let mut msg = first;
         loop {
@@ -454,13 +461,14 @@ impl ByteStream for ByteStreamService {
         &self,
         request: Request<QueryWriteStatusRequest>,
     ) -> Result<Response<QueryWriteStatusResponse>, Status> {
+        let who = self.ctx.caller(&request)?;
         let req = request.into_inner();
         let res = parse_write(&req.resource_name)?;
         self.ctx.check_instance(&res.instance)?;
         let d = res.digest;
         let present = self
             .ctx
-            .cas
+            .store_for(&who)
             .find_missing(&[d])
             .await
             .map_err(|e| store_status(e, "QueryWriteStatus"))?
@@ -471,7 +479,7 @@ impl ByteStream for ByteStreamService {
                 complete: true,
             }));
         }
-        let key = (res.upload_id.unwrap_or_default(), d);
+        let key = (upload_key(&who.tenant, res.upload_id), d);
         match self.committed(&key).await {
             Some(committed) => Ok(Response::new(QueryWriteStatusResponse {
                 committed_size: committed as i64,

@@ -58,12 +58,11 @@ impl ContentAddressableStorage for CasService {
         &self,
         request: Request<FindMissingBlobsRequest>,
     ) -> Result<Response<FindMissingBlobsResponse>, Status> {
+        let cas = self.ctx.store_for(&*self.ctx.caller(&request)?);
         let req = request.into_inner();
         self.ctx.check_instance(&req.instance_name)?;
         let digests = parse_digests(&req.blob_digests, "blob_digests")?;
-        let missing = self
-            .ctx
-            .cas
+        let missing = cas
             .find_missing(&digests)
             .await
             .map_err(|e| store_status(e, "FindMissingBlobs"))?;
@@ -76,6 +75,7 @@ impl ContentAddressableStorage for CasService {
         &self,
         request: Request<BatchUpdateBlobsRequest>,
     ) -> Result<Response<BatchUpdateBlobsResponse>, Status> {
+        let cas = self.ctx.store_for(&*self.ctx.caller(&request)?);
         let req = request.into_inner();
         self.ctx.check_instance(&req.instance_name)?;
         let total: usize = req.requests.iter().map(|r| r.data.len()).sum();
@@ -88,7 +88,7 @@ impl ContentAddressableStorage for CasService {
                 )));
             }
         }
-        let cas = &self.ctx.cas;
+        let cas = &cas;
         let responses = stream::iter(req.requests.into_iter().enumerate())
             .map(|(i, r)| async move {
                 let status =
@@ -114,12 +114,13 @@ impl ContentAddressableStorage for CasService {
         &self,
         request: Request<BatchReadBlobsRequest>,
     ) -> Result<Response<BatchReadBlobsResponse>, Status> {
+        let cas = self.ctx.store_for(&*self.ctx.caller(&request)?);
         let req = request.into_inner();
         self.ctx.check_instance(&req.instance_name)?;
         let digests = parse_digests(&req.digests, "digests")?;
         let total: u64 = digests.iter().map(Digest::size).sum();
         self.check_batch_size(total as usize, "BatchReadBlobs")?;
-        let cas = &self.ctx.cas;
+        let cas = &cas;
         let responses = stream::iter(digests)
             .map(|d| async move {
                 let (data, status) = match cas.read(&d, 0, None).await {
@@ -183,6 +184,7 @@ impl ContentAddressableStorage for CasService {
         &self,
         request: Request<GetTreeRequest>,
     ) -> Result<Response<Self::GetTreeStream>, Status> {
+        let cas = self.ctx.store_for(&*self.ctx.caller(&request)?);
         let req = request.into_inner();
         self.ctx.check_instance(&req.instance_name)?;
         let root = Digest::from_field(req.root_digest.as_ref(), "root_digest")
@@ -204,7 +206,6 @@ impl ContentAddressableStorage for CasService {
                 ))
             })?
         };
-        let cas = self.ctx.cas.clone();
         let max_blob = self.ctx.limits.max_metadata_blob_bytes;
         let mut queue = std::collections::VecDeque::from([root]);
         let mut seen = HashSet::new();

@@ -2,7 +2,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hearth_scheduler::Scheduler;
-use hearth_storage::{ActionCache, BlobStore};
+use hearth_storage::{ActionCache, BlobStore, Owners};
+
+use crate::auth::Auth;
 use tonic::Status;
 
 /// Size limits the services enforce and advertise.
@@ -49,6 +51,10 @@ pub struct Context {
     pub instances: Arc<Vec<String>>,
     pub limits: Limits,
     pub started: Instant,
+    /// API keys (none: single-tenant and anonymous).
+    pub auth: Auth,
+    /// Which tenant may read which blob; set when keys are.
+    pub owners: Option<Arc<Owners>>,
 }
 
 impl Context {
@@ -64,6 +70,8 @@ impl Context {
             instances: Arc::new(Vec::new()),
             limits: Limits::default(),
             started: Instant::now(),
+            auth: Auth::anonymous(),
+            owners: None,
         }
     }
 

@@ -6,7 +6,7 @@ use hearth_proto::reapi::{
     execution_server::Execution, ExecuteRequest, ExecuteResponse, WaitExecutionRequest,
 };
 use hearth_scheduler::{Job, OpSnapshot, Platform, Stage, SubmitError};
-use hearth_storage::{Digest, PinGuard};
+use hearth_storage::{action_key, Digest, PinGuard};
 use tonic::{Request, Response, Status};
 
 use crate::ac::referenced_blobs;
@@ -24,8 +24,13 @@ impl ExecutionService {
         ExecutionService { ctx }
     }
 
-    /// A cached result whose outputs are all still present.
-    async fn cached(&self, key: &Digest) -> Result<Option<ExecuteResponse>, Status> {
+    /// A cached result whose outputs are all still present (to `cas`, the
+    /// caller's view of the store).
+    async fn cached(
+        &self,
+        cas: &dyn hearth_storage::BlobStore,
+        key: &Digest,
+    ) -> Result<Option<ExecuteResponse>, Status> {
         let Some(result) = self
             .ctx
             .ac
@@ -35,10 +40,8 @@ impl ExecutionService {
         else {
             return Ok(None);
         };
-        let blobs = referenced_blobs(self.ctx.cas.as_ref(), &result).await?;
-        if !self
-            .ctx
-            .cas
+        let blobs = referenced_blobs(cas, &result).await?;
+        if !cas
             .find_missing(&blobs)
             .await
             .map_err(|e| store_status(e, "CAS"))?
@@ -64,12 +67,15 @@ impl Execution for ExecutionService {
         &self,
         request: Request<ExecuteRequest>,
     ) -> Result<Response<Self::ExecuteStream>, Status> {
+        let who = self.ctx.caller(&request)?;
+        let store = self.ctx.store_for(&who);
         let req = request.into_inner();
         self.ctx.check_instance(&req.instance_name)?;
         let key = Digest::from_field(req.action_digest.as_ref(), "action_digest")
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         if !req.skip_cache_lookup {
-            if let Some(response) = self.cached(&key).await? {
+            let scoped = action_key(&who.tenant, &req.instance_name, &key);
+            if let Some(response) = self.cached(store.as_ref(), &scoped).await? {
                 self.ctx.scheduler.note_cache_hit();
                 let snap = OpSnapshot {
                     name: format!("operations/cached-{}", uuid::Uuid::new_v4()),
@@ -82,8 +88,9 @@ impl Execution for ExecutionService {
                 ));
             }
         }
+        // Inputs the caller's tenant may not read are missing to it.
         let checked = check_action(
-            self.ctx.cas.as_ref(),
+            store.as_ref(),
             &key,
             self.ctx.limits.max_metadata_blob_bytes,
         )
@@ -94,6 +101,7 @@ impl Execution for ExecutionService {
         )
         .map_err(|e| Status::invalid_argument(format!("platform: {e}")))?;
         let job = Job {
+            tenant: who.tenant.clone(),
             instance_name: req.instance_name.clone(),
             action_digest: key,
             do_not_cache: checked.action.do_not_cache,
@@ -113,8 +121,10 @@ impl Execution for ExecutionService {
         &self,
         request: Request<WaitExecutionRequest>,
     ) -> Result<Response<Self::WaitExecutionStream>, Status> {
+        let who = self.ctx.caller(&request)?;
         let name = &request.get_ref().name;
-        let rx = self.ctx.scheduler.subscribe(name).ok_or_else(|| {
+        let tenant = Context::tenant_filter(&who);
+        let rx = self.ctx.scheduler.subscribe(name, tenant).ok_or_else(|| {
             Status::not_found(format!("operation {name:?} is unknown or expired"))
         })?;
         Ok(Response::new(watch_stream(rx)))

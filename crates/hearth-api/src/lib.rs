@@ -7,6 +7,8 @@
 #![allow(deprecated)]
 
 mod ac;
+mod access;
+pub mod auth;
 mod bytestream;
 mod capabilities;
 mod cas;

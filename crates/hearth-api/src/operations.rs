@@ -80,10 +80,17 @@ impl OperationsService {
         OperationsService { ctx }
     }
 
-    fn subscribe(&self, name: &str) -> Result<watch::Receiver<OpSnapshot>, Status> {
+    /// The operation, if it is the caller's (another tenant's is NOT_FOUND,
+    /// as an unknown one).
+    fn subscribe<T>(
+        &self,
+        request: &Request<T>,
+        name: &str,
+    ) -> Result<watch::Receiver<OpSnapshot>, Status> {
+        let who = self.ctx.caller(request)?;
         self.ctx
             .scheduler
-            .subscribe(name)
+            .subscribe(name, Context::tenant_filter(&who))
             .ok_or_else(|| Status::not_found(format!("operation {name:?} is unknown or expired")))
     }
 }
@@ -103,7 +110,7 @@ impl Operations for OperationsService {
         &self,
         request: Request<GetOperationRequest>,
     ) -> Result<Response<Operation>, Status> {
-        let rx = self.subscribe(&request.get_ref().name)?;
+        let rx = self.subscribe(&request, &request.get_ref().name)?;
         let snap = rx.borrow().clone();
         Ok(Response::new(to_operation(&snap)))
     }
@@ -112,7 +119,7 @@ impl Operations for OperationsService {
         &self,
         request: Request<DeleteOperationRequest>,
     ) -> Result<Response<Empty>, Status> {
-        self.subscribe(&request.get_ref().name)?;
+        self.subscribe(&request, &request.get_ref().name)?;
         Ok(Response::new(Empty {}))
     }
 
@@ -120,8 +127,13 @@ impl Operations for OperationsService {
         &self,
         request: Request<CancelOperationRequest>,
     ) -> Result<Response<Empty>, Status> {
+        let who = self.ctx.caller(&request)?;
         let name = &request.get_ref().name;
-        if !self.ctx.scheduler.cancel(name) {
+        if !self
+            .ctx
+            .scheduler
+            .cancel(name, Context::tenant_filter(&who))
+        {
             return Err(Status::not_found(format!(
                 "operation {name:?} is unknown or expired"
             )));
@@ -133,7 +145,7 @@ impl Operations for OperationsService {
         &self,
         request: Request<WaitOperationRequest>,
     ) -> Result<Response<Operation>, Status> {
-        let mut rx = self.subscribe(&request.get_ref().name)?;
+        let mut rx = self.subscribe(&request, &request.get_ref().name)?;
         let snap = rx
             .wait_for(|s| s.stage == Stage::Completed)
             .await

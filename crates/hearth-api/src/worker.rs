@@ -10,10 +10,12 @@ use hearth_proto::worker::{
     StatusRequest, StatusResponse, WorkerMessage,
 };
 use hearth_scheduler::ExecutorInfo;
+use hearth_storage::{action_key, Digest};
 use prost::Message;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::ac::referenced_blobs;
 use crate::Context;
 
 pub struct WorkerService {
@@ -52,6 +54,26 @@ fn executor_info(hello: wp::Hello) -> Result<ExecutorInfo, Status> {
     })
 }
 
+/// Every blob `result` points at, if the store holds them all.
+async fn stored_outputs(ctx: &Context, result: &ActionResult) -> Result<Vec<Digest>, String> {
+    let blobs = referenced_blobs(ctx.cas.as_ref(), result)
+        .await
+        .map_err(|s| s.message().to_string())?;
+    let missing = ctx
+        .cas
+        .find_missing(&blobs)
+        .await
+        .map_err(|e| format!("checking its outputs: {e}"))?;
+    match missing.as_slice() {
+        [] => Ok(blobs),
+        [first, ..] => Err(format!(
+            "{} of its {} output blobs are not in the CAS (the first: {first})",
+            missing.len(),
+            blobs.len()
+        )),
+    }
+}
+
 /// Stores an executor's result and completes the operation.
 async fn finished(ctx: &Context, executor: &str, session: u64, mut f: wp::Finished) {
     ctx.scheduler
@@ -80,10 +102,30 @@ async fn finished(ctx: &Context, executor: &str, session: u64, mut f: wp::Finish
             }
         }
     };
+    let mut result = result;
     if let Some(r) = &result {
-        if status.code == 0 && r.exit_code == 0 && !job.do_not_cache {
-            if let Err(e) = ctx.ac.put(&job.action_digest, r).await {
-                tracing::error!(action = %job.action_digest, error = %e, "could not store the action result");
+        // An executor's word is checked: every blob the result points at
+        // must be in the store before anyone is told of it.
+        match stored_outputs(ctx, r).await {
+            Ok(blobs) => {
+                ctx.grant(&job.tenant, &blobs);
+                if status.code == 0 && r.exit_code == 0 && !job.do_not_cache {
+                    let key = action_key(&job.tenant, &job.instance_name, &job.action_digest);
+                    if let Err(e) = ctx.ac.put(&key, r).await {
+                        tracing::error!(action = %job.action_digest, error = %e, "could not store the action result");
+                    }
+                }
+            }
+            Err(why) => {
+                tracing::warn!(executor, operation = %job.operation_name, %why, "refused an executor's result");
+                status = rpc::Status {
+                    code: tonic::Code::Internal as i32,
+                    message: format!(
+                        "executor {executor} reported a result that does not check out: {why}"
+                    ),
+                    details: vec![],
+                };
+                result = None;
             }
         }
     }
@@ -106,6 +148,7 @@ impl WorkerApi for WorkerService {
         &self,
         request: Request<Streaming<WorkerMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
+        let who = self.ctx.caller(&request)?;
         let mut inbound = request.into_inner();
         let mut hello = match inbound.message().await? {
             Some(WorkerMessage {
@@ -120,7 +163,11 @@ impl WorkerApi for WorkerService {
         let warm_keys = std::mem::take(&mut hello.warm_keys);
         let info = executor_info(hello)?;
         let id = info.id.clone();
-        let (session, rx) = self.ctx.scheduler.connect(info, warm_keys);
+        let (session, rx) = self
+            .ctx
+            .scheduler
+            .connect(info, warm_keys, &who.key_id)
+            .map_err(|e| Status::already_exists(e.to_string()))?;
         let ctx = self.ctx.clone();
         tokio::spawn(async move {
             loop {
@@ -145,8 +192,13 @@ impl WorkerApi for WorkerService {
         ))
     }
 
-    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
-        let stats = self.ctx.scheduler.stats();
+    async fn status(
+        &self,
+        request: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
+        // Queue counts are the caller's tenant's own unless it is an admin.
+        let who = self.ctx.caller(&request)?;
+        let stats = self.ctx.scheduler.stats(Context::tenant_filter(&who));
         let cas = self.ctx.cas.stats();
         Ok(Response::new(StatusResponse {
             executors: stats

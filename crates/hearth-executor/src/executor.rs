@@ -221,6 +221,7 @@ impl Executor {
             .min(self.config.max_timeout);
         let spec = RunSpec {
             instance_name: a.instance_name.clone(),
+            tenant: a.tenant.clone(),
             input_root: input_root.clone(),
             // Normalized (no `.` or `..`); prepare made every component a real
             // directory, so the runner may use it as a plain path.

@@ -10,6 +10,7 @@ fn spec(dir: &Path, args: &[&str], timeout: Duration) -> RunSpec {
     std::fs::create_dir_all(&root).unwrap();
     RunSpec {
         instance_name: String::new(),
+        tenant: String::new(),
         input_root: root,
         working_directory: String::new(),
         output_paths: vec![],

@@ -7,6 +7,7 @@
 // Bazel 2.1 and 4.2 still use them.
 #![allow(deprecated)]
 
+pub mod client;
 pub mod confined;
 mod error;
 mod executor;

@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::client::ServerChannel;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream;
@@ -13,7 +14,6 @@ use hearth_proto::reapi::{
     BatchUpdateBlobsRequest, FindMissingBlobsRequest,
 };
 use hearth_storage::{BlobStore, Digest, StoreError, StoreResult, StoreStats};
-use tonic::transport::Channel;
 
 /// Blobs up to this size go through the batch calls; bigger ones stream.
 const BATCH_BLOB_LIMIT: u64 = 1024 * 1024;
@@ -22,7 +22,7 @@ const WRITE_CHUNK: usize = 1024 * 1024;
 const FIND_MISSING_CHUNK: usize = 10_000;
 
 pub struct GrpcStore {
-    channel: Channel,
+    channel: ServerChannel,
     instance: String,
     staging: PathBuf,
     max_message: usize,
@@ -46,7 +46,7 @@ fn rpc_err(what: &str, d: &Digest, s: &hearth_proto::rpc::Status) -> StoreError 
 }
 
 impl GrpcStore {
-    pub fn new(channel: Channel, instance: impl Into<String>, staging: PathBuf) -> Self {
+    pub fn new(channel: ServerChannel, instance: impl Into<String>, staging: PathBuf) -> Self {
         GrpcStore {
             channel,
             instance: instance.into(),
@@ -55,13 +55,13 @@ impl GrpcStore {
         }
     }
 
-    fn cas(&self) -> ContentAddressableStorageClient<Channel> {
+    fn cas(&self) -> ContentAddressableStorageClient<ServerChannel> {
         ContentAddressableStorageClient::new(self.channel.clone())
             .max_decoding_message_size(self.max_message)
             .max_encoding_message_size(self.max_message)
     }
 
-    fn bytestream(&self) -> ByteStreamClient<Channel> {
+    fn bytestream(&self) -> ByteStreamClient<ServerChannel> {
         ByteStreamClient::new(self.channel.clone()).max_decoding_message_size(self.max_message)
     }
 

@@ -32,6 +32,9 @@ pub struct RunSpec {
     pub platform: Platform,
     /// The REAPI instance name (part of a recycled runner's key).
     pub instance_name: String,
+    /// Who asked for it (part of a recycled runner's key; empty on a
+    /// server without API keys).
+    pub tenant: String,
 }
 
 /// How the command ended.

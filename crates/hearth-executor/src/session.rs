@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::client::ServerChannel;
 use hearth_proto::worker::{
     server_message, worker_message, worker_service_client::WorkerServiceClient, Hello, Property,
     ServerMessage, WorkerMessage,
@@ -14,7 +15,6 @@ use hearth_proto::worker::{
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
 
 use crate::Executor;
 
@@ -30,21 +30,11 @@ pub struct SessionConfig {
     pub vm_unavailable: String,
 }
 
-/// Connects a gRPC channel to the server (lazily; it reconnects by itself).
-pub fn channel(server: &str) -> Result<Channel, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(server.to_string())?
-        .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(5))
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(20))
-        .connect_lazy())
-}
-
 /// Runs sessions until `shutdown` fires.
 pub async fn run(
     executor: Arc<Executor>,
     config: SessionConfig,
-    channel: Channel,
+    channel: ServerChannel,
     shutdown: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(100);
@@ -73,7 +63,7 @@ pub async fn run(
 async fn one_session(
     executor: &Arc<Executor>,
     config: &SessionConfig,
-    channel: Channel,
+    channel: ServerChannel,
     shutdown: &CancellationToken,
 ) -> Result<(), tonic::Status> {
     let (tx, rx) = mpsc::unbounded_channel();

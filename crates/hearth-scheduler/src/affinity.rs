@@ -8,17 +8,19 @@ use sha2::{Digest as _, Sha256};
 
 use crate::Platform;
 
-/// Hex SHA-256 over the instance name and every platform property, sorted by
-/// name (as [`Platform`] keeps them), so the order the client listed them in
-/// does not matter. Each string goes in with its length in front: no instance
-/// name, property name or value (any may hold `=` or NUL) can make two
-/// different inputs hash alike.
-pub fn affinity_key(instance_name: &str, platform: &Platform) -> String {
+/// Hex SHA-256 over the tenant, the instance name and every platform
+/// property, sorted by name (as [`Platform`] keeps them), so the order the
+/// client listed them in does not matter. Each string goes in with its length
+/// in front: no tenant, instance name, property name or value (any may hold
+/// `=` or NUL) can make two different inputs hash alike. A warm runner is
+/// thus never handed to another tenant, whatever instance name it claims.
+pub fn affinity_key(tenant: &str, instance_name: &str, platform: &Platform) -> String {
     let mut h = Sha256::new();
     let mut put = |s: &str| {
         h.update((s.len() as u64).to_be_bytes());
         h.update(s.as_bytes());
     };
+    put(tenant);
     put(instance_name);
     for (name, value) in platform.iter() {
         put(name);
@@ -32,7 +34,7 @@ mod tests {
     use super::*;
 
     fn key(instance: &str, pairs: &[(&str, &str)]) -> String {
-        affinity_key(instance, &Platform::from_pairs(pairs.iter().copied()))
+        affinity_key("", instance, &Platform::from_pairs(pairs.iter().copied()))
     }
 
     #[test]
@@ -63,6 +65,16 @@ mod tests {
         for k in others {
             assert_ne!(base, k);
         }
+    }
+
+    #[test]
+    fn differs_between_tenants() {
+        let p = Platform::from_pairs([("recycle-runner", "true")]);
+        assert_ne!(
+            affinity_key("team-a", "", &p),
+            affinity_key("team-b", "", &p)
+        );
+        assert_ne!(affinity_key("ab", "", &p), affinity_key("a", "b", &p));
     }
 
     #[test]

@@ -61,6 +61,8 @@ impl ExecutorInfo {
 /// Live state of a connected executor inside the scheduler.
 pub(crate) struct Executor {
     pub info: ExecutorInfo,
+    /// The key it authenticated with (empty without API keys).
+    pub owner: String,
     pub session: u64,
     pub running: HashSet<String>,
     pub connected_at: Instant,

@@ -13,4 +13,6 @@ pub use affinity::affinity_key;
 pub use executors::{ExecutorInfo, ExecutorSnapshot};
 pub use operation::{OpSnapshot, Stage};
 pub use platform::{Platform, PlatformError};
-pub use scheduler::{Job, RunningJob, Scheduler, SchedulerConfig, SchedulerStats, SubmitError};
+pub use scheduler::{
+    ConnectError, Job, RunningJob, Scheduler, SchedulerConfig, SchedulerStats, SubmitError,
+};

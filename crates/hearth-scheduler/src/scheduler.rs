@@ -38,6 +38,9 @@ impl Default for SchedulerConfig {
 
 /// An action the API layer has validated and wants run.
 pub struct Job {
+    /// Who asked (empty on a server without API keys): partitions operations,
+    /// shared executions and runner keys.
+    pub tenant: String,
     pub instance_name: String,
     pub action_digest: Digest,
     /// Encoded REAPI Action and Command.
@@ -55,6 +58,7 @@ pub struct Job {
 #[derive(Debug, Clone)]
 pub struct RunningJob {
     pub operation_name: String,
+    pub tenant: String,
     pub instance_name: String,
     pub action_digest: Digest,
     pub do_not_cache: bool,
@@ -64,6 +68,15 @@ pub struct RunningJob {
 pub enum SubmitError {
     #[error("no connected executor can run this action: {0}")]
     NoMatchingExecutor(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error(
+        "executor id {0:?} is connected with another key; a session cannot take over a live \
+         executor's id (use --executor-id to pick another)"
+    )]
+    IdInUse(String),
 }
 
 #[derive(Debug, Clone, Default)]
@@ -86,6 +99,7 @@ struct JobState {
 }
 
 struct OpEntry {
+    tenant: String,
     tx: watch::Sender<OpSnapshot>,
     finished_at: Option<Instant>,
 }
@@ -96,7 +110,8 @@ struct State {
     jobs: HashMap<String, JobState>,
     queue: VecDeque<String>,
     executors: HashMap<String, Executor>,
-    shared: HashMap<(String, Digest), String>,
+    /// (tenant, instance, action) → the shareable operation running it.
+    shared: HashMap<(String, String, Digest), String>,
     next_session: u64,
     completed: u64,
 }
@@ -139,7 +154,7 @@ impl Scheduler {
     /// Queues a job, or joins an identical one already in flight.
     pub fn submit(&self, job: Job) -> Result<watch::Receiver<OpSnapshot>, SubmitError> {
         let mut st = self.lock();
-        let key = (job.instance_name.clone(), job.action_digest);
+        let key = shared_key(&job);
         if job.shareable {
             if let Some(rx) = st
                 .shared
@@ -174,6 +189,7 @@ impl Scheduler {
         st.ops.insert(
             name.clone(),
             OpEntry {
+                tenant: job.tenant.clone(),
                 tx,
                 finished_at: None,
             },
@@ -181,7 +197,7 @@ impl Scheduler {
         let affinity = job
             .platform
             .flag("recycle-runner")
-            .then(|| affinity_key(&job.instance_name, &job.platform));
+            .then(|| affinity_key(&job.tenant, &job.instance_name, &job.platform));
         st.jobs.insert(
             name.clone(),
             JobState {
@@ -198,16 +214,30 @@ impl Scheduler {
         Ok(rx)
     }
 
-    /// Watches an operation by name, if it is known.
-    pub fn subscribe(&self, name: &str) -> Option<watch::Receiver<OpSnapshot>> {
-        self.lock().ops.get(name).map(|e| e.tx.subscribe())
+    /// Watches an operation by name, if it is known and, given a tenant,
+    /// that tenant's (None: any tenant's).
+    pub fn subscribe(
+        &self,
+        name: &str,
+        tenant: Option<&str>,
+    ) -> Option<watch::Receiver<OpSnapshot>> {
+        self.lock()
+            .ops
+            .get(name)
+            .filter(|e| tenant.is_none_or(|t| e.tenant == t))
+            .map(|e| e.tx.subscribe())
     }
 
-    /// Cancels a queued or running operation. Returns false if unknown.
-    pub fn cancel(&self, name: &str) -> bool {
+    /// Cancels a queued or running operation. Returns false if unknown (or,
+    /// given a tenant, not that tenant's).
+    pub fn cancel(&self, name: &str, tenant: Option<&str>) -> bool {
         let mut st = self.lock();
+        match st.ops.get(name) {
+            Some(e) if tenant.is_none_or(|t| e.tenant == t) => {}
+            _ => return false,
+        }
         let Some(js) = st.jobs.get(name) else {
-            return st.ops.contains_key(name);
+            return true;
         };
         if let Some(exec) = js.executor.as_ref().and_then(|id| st.executors.get(id)) {
             let _ = exec.sender.send(worker::ServerMessage {
@@ -227,16 +257,22 @@ impl Scheduler {
 
     /// Registers an executor with the affinity keys of the warm runners it
     /// holds; returns its session number and the channel on which it receives
-    /// work. A reconnect under the same id replaces the old session (whose
-    /// work is re-queued).
+    /// work. `owner` names the key it authenticated with: a reconnect under
+    /// the same id and owner replaces the old session (whose work is
+    /// re-queued); another owner cannot take a live id over.
     pub fn connect(
         &self,
         info: ExecutorInfo,
         warm_keys: Vec<String>,
-    ) -> (u64, mpsc::UnboundedReceiver<worker::ServerMessage>) {
+        owner: &str,
+    ) -> Result<(u64, mpsc::UnboundedReceiver<worker::ServerMessage>), ConnectError> {
         let mut st = self.lock();
-        if st.executors.contains_key(&info.id) {
-            let old = st.executors[&info.id].session;
+        if let Some(old) = st.executors.get(&info.id) {
+            if old.owner != owner {
+                tracing::warn!(executor = %info.id, "refused a session taking over a live executor id");
+                return Err(ConnectError::IdInUse(info.id));
+            }
+            let old = old.session;
             self.disconnect_locked(&mut st, &info.id, old);
         }
         st.next_session += 1;
@@ -245,6 +281,7 @@ impl Scheduler {
         tracing::info!(executor = %info.id, capacity = info.capacity, isolation = ?info.isolation_types, warm = warm_keys.len(), "executor connected");
         let mut exec = Executor {
             info,
+            owner: owner.to_string(),
             session,
             running: Default::default(),
             connected_at: Instant::now(),
@@ -254,7 +291,7 @@ impl Scheduler {
         exec.set_warm(warm_keys);
         st.executors.insert(exec.info.id.clone(), exec);
         dispatch(&mut st);
-        (session, rx)
+        Ok((session, rx))
     }
 
     /// An executor's session ended; its running actions go back to the queue
@@ -323,6 +360,7 @@ impl Scheduler {
         let js = st.jobs.get(op)?;
         let job = RunningJob {
             operation_name: op.to_string(),
+            tenant: js.job.tenant.clone(),
             instance_name: js.job.instance_name.clone(),
             action_digest: js.job.action_digest,
             do_not_cache: js.job.do_not_cache,
@@ -341,9 +379,23 @@ impl Scheduler {
         self.cache_hits.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn stats(&self) -> SchedulerStats {
+    /// Counts and executors; given a tenant, the queued and running counts
+    /// are that tenant's only.
+    pub fn stats(&self, tenant: Option<&str>) -> SchedulerStats {
         let st = self.lock();
-        let running = st.jobs.values().filter(|j| j.executor.is_some()).count() as u32;
+        let mine = |js: &&JobState| tenant.is_none_or(|t| js.job.tenant == t);
+        let running = st
+            .jobs
+            .values()
+            .filter(mine)
+            .filter(|j| j.executor.is_some())
+            .count() as u32;
+        let queued = st
+            .queue
+            .iter()
+            .filter_map(|op| st.jobs.get(op))
+            .filter(|js| mine(js))
+            .count() as u32;
         let mut executors: Vec<ExecutorSnapshot> = st
             .executors
             .values()
@@ -356,7 +408,7 @@ impl Scheduler {
             .collect();
         executors.sort_by(|a, b| a.info.id.cmp(&b.info.id));
         SchedulerStats {
-            queued: st.queue.len() as u32,
+            queued,
             running,
             completed: st.completed,
             cache_hits: self.cache_hits.load(Ordering::Relaxed),
@@ -400,6 +452,14 @@ pub(crate) mod rpc_code {
     pub const UNAVAILABLE: i32 = 14;
 }
 
+fn shared_key(job: &Job) -> (String, String, Digest) {
+    (
+        job.tenant.clone(),
+        job.instance_name.clone(),
+        job.action_digest,
+    )
+}
+
 fn error_response(code: i32, message: &str) -> ExecuteResponse {
     ExecuteResponse {
         status: Some(rpc::Status {
@@ -422,7 +482,7 @@ fn complete_locked(st: &mut State, op: &str, response: ExecuteResponse) {
     if let Some(exec) = js.executor.as_ref().and_then(|id| st.executors.get_mut(id)) {
         exec.running.remove(op);
     }
-    let key = (js.job.instance_name.clone(), js.job.action_digest);
+    let key = shared_key(&js.job);
     if st.shared.get(&key).map(String::as_str) == Some(op) {
         st.shared.remove(&key);
     }
@@ -469,6 +529,7 @@ fn dispatch(st: &mut State) {
         let msg = worker::ServerMessage {
             kind: Some(server_message::Kind::Assign(worker::Assignment {
                 operation_name: op.clone(),
+                tenant: js.job.tenant.clone(),
                 instance_name: js.job.instance_name.clone(),
                 action_digest: Some(worker::Digest {
                     hash: js.job.action_digest.hash_hex(),

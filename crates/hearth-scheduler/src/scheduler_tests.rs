@@ -4,6 +4,7 @@ use super::*;
 
 fn job(tag: &str, platform: Platform) -> Job {
     Job {
+        tenant: String::new(),
         instance_name: String::new(),
         action_digest: Digest::of(tag.as_bytes()),
         action: vec![],
@@ -35,7 +36,7 @@ fn recycled(tag: &str, image: &str) -> Job {
 }
 
 fn key_of(image: &str) -> String {
-    affinity_key("", &recycled("", image).platform)
+    affinity_key("", "", &recycled("", image).platform)
 }
 
 fn assigned(rx: &mut mpsc::UnboundedReceiver<worker::ServerMessage>) -> Option<String> {
@@ -50,13 +51,13 @@ async fn waits_for_an_executor_then_dispatches() {
     let s = Scheduler::new(SchedulerConfig::default());
     let op = s.submit(job("a", Platform::default())).unwrap();
     assert_eq!(op.borrow().stage, Stage::Queued);
-    let (session, mut rx) = s.connect(info("e1", 1), vec![]);
+    let (session, mut rx) = s.connect(info("e1", 1), vec![], "").unwrap();
     let name = assigned(&mut rx).expect("assignment");
     assert_eq!(op.borrow().stage, Stage::Executing);
     let running = s.finish("e1", session, &name).unwrap();
     s.complete(&running.operation_name, ExecuteResponse::default());
     assert_eq!(op.borrow().stage, Stage::Completed);
-    assert_eq!(s.stats().completed, 1);
+    assert_eq!(s.stats(None).completed, 1);
 }
 
 #[tokio::test]
@@ -67,7 +68,7 @@ async fn unmatched_platform_fails_fast_only_when_executors_exist() {
         s.submit(job("q", fc.clone())).is_ok(),
         "no executors: it waits"
     );
-    let _conn = s.connect(info("e1", 1), vec![]);
+    let _conn = s.connect(info("e1", 1), vec![], "").unwrap();
     let err = s.submit(job("r", fc)).unwrap_err();
     assert!(
         err.to_string()
@@ -95,11 +96,11 @@ async fn lost_executor_requeues_then_gives_up() {
         ..Default::default()
     });
     let op = s.submit(job("a", Platform::default())).unwrap();
-    let (s1, mut rx1) = s.connect(info("e1", 1), vec![]);
+    let (s1, mut rx1) = s.connect(info("e1", 1), vec![], "").unwrap();
     assert!(assigned(&mut rx1).is_some());
     s.disconnect("e1", s1);
     assert_eq!(op.borrow().stage, Stage::Queued);
-    let (s2, mut rx2) = s.connect(info("e2", 1), vec![]);
+    let (s2, mut rx2) = s.connect(info("e2", 1), vec![], "").unwrap();
     assert!(
         assigned(&mut rx2).is_some(),
         "re-queued work goes to the next executor"
@@ -133,12 +134,12 @@ async fn queue_timeout_fails_waiting_actions() {
 #[tokio::test]
 async fn capacity_is_respected() {
     let s = Scheduler::new(SchedulerConfig::default());
-    let (_, mut rx) = s.connect(info("e1", 1), vec![]);
+    let (_, mut rx) = s.connect(info("e1", 1), vec![], "").unwrap();
     s.submit(job("a", Platform::default())).unwrap();
     s.submit(job("b", Platform::default())).unwrap();
     assert!(assigned(&mut rx).is_some());
     assert!(assigned(&mut rx).is_none(), "second waits for a free slot");
-    assert_eq!(s.stats().queued, 1);
+    assert_eq!(s.stats(None).queued, 1);
 }
 
 /// Connects "warm", holding a runner with the key of image `k`, and "cold".
@@ -147,13 +148,15 @@ fn warm_and_cold(
     warm_capacity: u32,
     cold_capacity: u32,
 ) -> [mpsc::UnboundedReceiver<worker::ServerMessage>; 2] {
-    let (_, warm) = s.connect(info("warm", warm_capacity), vec![key_of("k")]);
-    let (_, cold) = s.connect(info("cold", cold_capacity), vec![]);
+    let (_, warm) = s
+        .connect(info("warm", warm_capacity), vec![key_of("k")], "")
+        .unwrap();
+    let (_, cold) = s.connect(info("cold", cold_capacity), vec![], "").unwrap();
     [warm, cold]
 }
 
 fn warm_runners(s: &Scheduler, id: &str) -> u32 {
-    s.stats()
+    s.stats(None)
         .executors
         .iter()
         .find(|e| e.info.id == id)
@@ -200,20 +203,20 @@ async fn other_jobs_keep_the_most_free_slots_rule() {
 #[tokio::test]
 async fn recycled_job_does_not_wait_for_a_full_warm_executor() {
     let s = Scheduler::new(SchedulerConfig::default());
-    let (_, mut warm) = s.connect(info("warm", 1), vec![key_of("k")]);
+    let (_, mut warm) = s.connect(info("warm", 1), vec![key_of("k")], "").unwrap();
     s.submit(job("busy", Platform::default())).unwrap();
     assert!(assigned(&mut warm).is_some());
-    let (_, mut cold) = s.connect(info("cold", 1), vec![]);
+    let (_, mut cold) = s.connect(info("cold", 1), vec![], "").unwrap();
     s.submit(recycled("a", "k")).unwrap();
     assert!(assigned(&mut cold).is_some(), "goes elsewhere at once");
-    assert_eq!(s.stats().queued, 0);
+    assert_eq!(s.stats(None).queued, 0);
 }
 
 #[tokio::test]
 async fn a_report_replaces_the_warm_keys() {
     let s = Scheduler::new(SchedulerConfig::default());
-    let (s1, mut e1) = s.connect(info("e1", 1), vec![key_of("a")]);
-    let (s2, mut e2) = s.connect(info("e2", 3), vec![]);
+    let (s1, mut e1) = s.connect(info("e1", 1), vec![key_of("a")], "").unwrap();
+    let (s2, mut e2) = s.connect(info("e2", 3), vec![], "").unwrap();
     s.report_warm("e1", s1, vec![key_of("b"), key_of("b")]);
     s.report_warm("e2", s2 + 1, vec![key_of("a")]);
     assert_eq!(warm_runners(&s, "e1"), 2);
@@ -231,4 +234,46 @@ async fn a_report_replaces_the_warm_keys() {
         1,
         "one of its two b runners is left"
     );
+}
+
+/// The attack: a second session says hello with a live executor's id to
+/// take its place (and its work). Only the key that holds the id may.
+#[tokio::test]
+async fn a_live_executor_id_cannot_be_taken_over_by_another_key() {
+    let s = Scheduler::new(SchedulerConfig::default());
+    let (_, mut rx) = s.connect(info("e1", 1), vec![], "key-a").unwrap();
+    let op = s.submit(job("a", Platform::default())).unwrap();
+    assert!(assigned(&mut rx).is_some());
+    let err = s.connect(info("e1", 64), vec![], "key-b").unwrap_err();
+    assert!(err.to_string().contains("\"e1\""), "{err}");
+    assert_eq!(op.borrow().stage, Stage::Executing, "the work stays put");
+    assert_eq!(s.stats(None).executors[0].info.capacity, 1);
+    // The holder itself may reconnect (a network blip).
+    s.connect(info("e1", 1), vec![], "key-a").unwrap();
+}
+
+#[tokio::test]
+async fn operations_are_seen_and_cancelled_only_by_their_tenant() {
+    let s = Scheduler::new(SchedulerConfig::default());
+    let mut j = job("a", Platform::default());
+    j.tenant = "team-a".into();
+    let name = s.submit(j).unwrap().borrow().name.clone();
+    assert!(s.subscribe(&name, Some("team-b")).is_none());
+    assert!(!s.cancel(&name, Some("team-b")));
+    assert_eq!(s.stats(Some("team-b")).queued, 0);
+    assert_eq!(s.stats(Some("team-a")).queued, 1);
+    assert!(s.subscribe(&name, Some("team-a")).is_some());
+    assert!(s.subscribe(&name, None).is_some(), "an admin sees it");
+    assert!(s.cancel(&name, Some("team-a")));
+}
+
+#[tokio::test]
+async fn identical_actions_of_two_tenants_do_not_share_one_run() {
+    let s = Scheduler::new(SchedulerConfig::default());
+    let mut a = job("same", Platform::default());
+    a.tenant = "team-a".into();
+    let mut b = job("same", Platform::default());
+    b.tenant = "team-b".into();
+    let (a, b) = (s.submit(a).unwrap(), s.submit(b).unwrap());
+    assert_ne!(a.borrow().name, b.borrow().name);
 }

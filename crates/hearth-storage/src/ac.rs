@@ -15,6 +15,22 @@ use prost::Message;
 use crate::error::IoContext;
 use crate::{Digest, StoreError, StoreResult};
 
+/// The action cache's key for `action` run by `tenant` on `instance`: a
+/// digest of the three, so that no tenant or instance name reads or
+/// overwrites another's results. Each string goes in with its length in
+/// front, so no two different triples hash alike; the size is the action's.
+pub fn action_key(tenant: &str, instance: &str, action: &Digest) -> Digest {
+    use sha2::{Digest as _, Sha256};
+    let mut h = Sha256::new();
+    for s in [tenant.as_bytes(), instance.as_bytes()] {
+        h.update((s.len() as u64).to_be_bytes());
+        h.update(s);
+    }
+    h.update(action.hash());
+    h.update(action.size().to_be_bytes());
+    Digest::new(h.finalize().into(), action.size())
+}
+
 #[async_trait]
 pub trait ActionCache: Send + Sync + 'static {
     async fn get(&self, action: &Digest) -> StoreResult<Option<ActionResult>>;

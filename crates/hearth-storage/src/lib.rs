@@ -9,11 +9,13 @@ mod disk;
 mod error;
 mod index;
 mod memory;
+mod owners;
 mod store;
 
-pub use ac::{ActionCache, DiskActionCache, MemoryActionCache};
+pub use ac::{action_key, ActionCache, DiskActionCache, MemoryActionCache};
 pub use digest::{Digest, DigestHasher};
 pub use disk::DiskStore;
 pub use error::{StoreError, StoreResult};
 pub use memory::MemoryStore;
+pub use owners::Owners;
 pub use store::{BlobStore, PinGuard, StoreStats};

@@ -128,7 +128,7 @@ fn runner_key(
     h.update(format!("\0{}/{}/{}", size.vcpus, size.memory_mib, size.disk_bytes).as_bytes());
     format!(
         "{}.{}",
-        affinity_key(&spec.instance_name, &spec.platform),
+        affinity_key(&spec.tenant, &spec.instance_name, &spec.platform),
         hex::encode(h.finalize())
     )
 }

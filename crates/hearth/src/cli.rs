@@ -73,6 +73,19 @@ pub struct ServerArgs {
     /// one more drops the least recently active ones first.
     #[arg(long, default_value = "10GiB", value_parser = parse_size)]
     pub partial_upload_max_bytes: u64,
+    /// API keys and tenants (TOML, `[[key]]` tables; reloaded on SIGHUP).
+    /// Without it the server is single-tenant and anonymous.
+    #[arg(long)]
+    pub auth_keys: Option<PathBuf>,
+    /// PEM certificate chain to serve gRPC over TLS with (with --tls-key).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s): clients must present a certificate it signed.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -174,14 +187,57 @@ pub struct UpArgs {
     pub executor: ExecutorOptions,
 }
 
+/// How a client reaches a server: its address, TLS and API key.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ClientArgs {
+    /// File holding the API key to present (a key with the `executor`
+    /// capability for `hearth executor`).
+    #[arg(long)]
+    pub api_key_file: Option<PathBuf>,
+    /// PEM CA certificate(s) that sign a grpcs:// server's certificate
+    /// (default: the system's roots).
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+    /// PEM client certificate, for a server that requires one.
+    #[arg(long, requires = "tls_client_key")]
+    pub tls_client_cert: Option<PathBuf>,
+    /// PEM private key of --tls-client-cert.
+    #[arg(long, requires = "tls_client_cert")]
+    pub tls_client_key: Option<PathBuf>,
+}
+
+impl ClientArgs {
+    /// The address of `server` with these settings.
+    pub fn address(&self, server: &str) -> Result<hearth_executor::client::ServerAddress, String> {
+        let api_key = match &self.api_key_file {
+            Some(f) => Some(
+                std::fs::read_to_string(f)
+                    .map_err(|e| format!("reading --api-key-file {}: {e}", f.display()))?
+                    .trim()
+                    .to_string(),
+            ),
+            None => None,
+        };
+        Ok(hearth_executor::client::ServerAddress {
+            url: server.to_string(),
+            tls_ca: self.tls_ca.clone(),
+            tls_client_cert: self.tls_client_cert.clone(),
+            tls_client_key: self.tls_client_key.clone(),
+            api_key,
+        })
+    }
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct ExecutorArgs {
     /// TOML file with defaults for these flags (table [executor]).
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// The server, grpc://HOST:PORT.
+    /// The server, grpc://HOST:PORT or grpcs://HOST:PORT.
     #[arg(long)]
     pub server: String,
+    #[command(flatten)]
+    pub client: ClientArgs,
     /// Local cache and workspaces.
     #[arg(long, default_value = "/var/lib/hearth-executor")]
     pub work_dir: PathBuf,
@@ -197,9 +253,11 @@ pub struct ExecutorArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct StatusArgs {
-    /// The server, grpc://HOST:PORT.
+    /// The server, grpc://HOST:PORT or grpcs://HOST:PORT.
     #[arg(long, default_value = "grpc://127.0.0.1:1985")]
     pub server: String,
+    #[command(flatten)]
+    pub client: ClientArgs,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -211,23 +269,4 @@ fn parse_property(s: &str) -> Result<(String, String), String> {
         .split_once('=')
         .ok_or_else(|| format!("{s:?} is not NAME=VALUE"))?;
     Ok((k.trim().to_string(), v.trim().to_string()))
-}
-
-/// `grpc://` and `http://` URLs become the `http://` form tonic wants.
-pub fn server_url(s: &str) -> Result<String, String> {
-    if let Some(rest) = s
-        .strip_prefix("grpc://")
-        .or_else(|| s.strip_prefix("http://"))
-    {
-        return Ok(format!("http://{rest}"));
-    }
-    if s.starts_with("grpcs://") || s.starts_with("https://") {
-        return Err(format!(
-            "{s}: TLS to the server is not supported yet; use grpc://"
-        ));
-    }
-    if s.contains("://") {
-        return Err(format!("{s}: expected grpc://HOST:PORT"));
-    }
-    Ok(format!("http://{s}"))
 }

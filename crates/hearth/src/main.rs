@@ -3,6 +3,7 @@
 mod cli;
 mod config;
 mod serve;
+mod server;
 mod status;
 mod vm;
 

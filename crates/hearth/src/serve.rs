@@ -5,106 +5,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
-use hearth_api::Context;
 use hearth_executor::{
-    session, Executor, ExecutorConfig, GrpcStore, HostRunner, LocalCas, Runner, Sandbox,
+    client, session, Executor, ExecutorConfig, GrpcStore, HostRunner, LocalCas, Runner, Sandbox,
 };
-use hearth_scheduler::{Scheduler, SchedulerConfig};
-use hearth_storage::{DiskActionCache, DiskStore};
+use hearth_storage::DiskStore;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
-use tonic::transport::server::TcpIncoming;
 
-use crate::cli::{server_url, ExecutorArgs, ExecutorOptions, ServerArgs, UpArgs};
-
-/// Cancels the token on SIGINT or SIGTERM.
-fn shutdown_on_signal() -> CancellationToken {
-    let token = CancellationToken::new();
-    let t = token.clone();
-    tokio::spawn(async move {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot watch SIGTERM");
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        tracing::info!("shutting down");
-        t.cancel();
-    });
-    token
-}
-
-struct Server {
-    store: Arc<DiskStore>,
-    listener: TcpListener,
-    ctx: Context,
-}
-
-async fn build_server(args: &ServerArgs) -> Result<Server> {
-    std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("creating {}", args.data_dir.display()))?;
-    let store = Arc::new(
-        DiskStore::open(&args.data_dir, args.cas_max_bytes)
-            .with_context(|| format!("opening the CAS in {}", args.data_dir.display()))?,
-    );
-    let ac = Arc::new(
-        DiskActionCache::open(&args.data_dir, args.ac_max_bytes)
-            .context("opening the action cache")?,
-    );
-    let scheduler = Scheduler::new(SchedulerConfig {
-        queue_timeout: Duration::from_secs(args.queue_timeout_secs),
-        max_attempts: args.max_attempts,
-        ..Default::default()
-    });
-    scheduler.spawn_sweeper();
-    let mut ctx = Context::new(store.clone(), ac, scheduler);
-    ctx.instances = Arc::new(args.instances.clone());
-    ctx.limits.max_metadata_blob_bytes = args.max_metadata_blob_bytes;
-    ctx.limits.partial_upload_idle = Duration::from_secs(args.partial_upload_idle_secs);
-    ctx.limits.partial_upload_max_bytes = args.partial_upload_max_bytes;
-    let listener = TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("listening on {}", args.listen))?;
-    Ok(Server {
-        store,
-        listener,
-        ctx,
-    })
-}
-
-async fn serve(server: Server, shutdown: CancellationToken) -> Result<()> {
-    let addr = server.listener.local_addr()?;
-    // Tests and scripts read this line to find the port.
-    println!("hearth listening on {addr}");
-    tracing::info!(%addr, "serving");
-    let incoming = TcpIncoming::from(server.listener).with_nodelay(Some(true));
-    let serving = tonic::transport::Server::builder()
-        .add_routes(hearth_api::routes(server.ctx))
-        .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
-    // A graceful shutdown waits for clients to hang up; idle clients (Bazel
-    // keeps its connections) may never do, so in-flight calls get a grace
-    // period and then the server stops.
-    let grace = async {
-        shutdown.cancelled().await;
-        tokio::time::sleep(SHUTDOWN_GRACE).await;
-    };
-    tokio::select! {
-        r = serving => r.context("gRPC server"),
-        _ = grace => {
-            tracing::info!("clients still connected after the grace period; stopping");
-            Ok(())
-        }
-    }
-}
-
-/// How long in-flight calls may take to finish at shutdown.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+use crate::cli::{ExecutorArgs, ExecutorOptions, ServerArgs, UpArgs};
+use crate::server::{build_server, serve, shutdown_on_signal};
 
 /// The host sandbox as the flags ask for it; an error if it is asked for
 /// and cannot work here (never a silent fallback to running unconfined).
@@ -204,17 +112,32 @@ async fn runners(
 pub async fn server(args: ServerArgs) -> Result<()> {
     let shutdown = shutdown_on_signal();
     let server = build_server(&args).await?;
-    serve(server, shutdown).await
+    serve(server, vec![], shutdown).await
 }
 
 pub async fn up(args: UpArgs) -> Result<()> {
     let shutdown = shutdown_on_signal();
     let server = build_server(&args.server).await?;
-    let addr = server.listener.local_addr()?;
-    let connect = if addr.ip().is_unspecified() {
-        format!("http://127.0.0.1:{}", addr.port())
+    let (addr, tls) = server.local_url()?;
+    // The local executor connects in plaintext over loopback: to the main
+    // listener, or (when that one is TLS) to a loopback listener of its own.
+    let mut extra = Vec::new();
+    let connect = if tls {
+        let own = TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("listening on loopback for the local executor")?;
+        let url = format!("grpc://{}", own.local_addr()?);
+        extra.push(own);
+        url
+    } else if addr.ip().is_unspecified() {
+        format!("grpc://127.0.0.1:{}", addr.port())
     } else {
-        format!("http://{addr}")
+        format!("grpc://{addr}")
+    };
+    let address = hearth_executor::client::ServerAddress {
+        url: connect.clone(),
+        api_key: server.local_executor_key(),
+        ..Default::default()
     };
     let cas = LocalCas::shared(server.store.clone());
     let sandbox = host_sandbox(&args.executor).await?;
@@ -223,7 +146,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
         args.server.data_dir.join("executor"),
         sandbox.as_ref(),
     );
-    let channel = session::channel(&connect)?;
+    let channel = client::connect(&address).map_err(anyhow::Error::msg)?;
     let opts = args.executor.clone();
     let stop = shutdown.clone();
     // The executor joins once its runners are ready (a VM probe boot takes
@@ -240,7 +163,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
             Err(e) => tracing::error!("starting the executor: {e}"),
         }
     });
-    let result = serve(server, shutdown.clone()).await;
+    let result = serve(server, extra, shutdown.clone()).await;
     shutdown.cancel();
     let _ = sess.await;
     result
@@ -248,14 +171,18 @@ pub async fn up(args: UpArgs) -> Result<()> {
 
 pub async fn executor(args: ExecutorArgs) -> Result<()> {
     let shutdown = shutdown_on_signal();
-    let url = server_url(&args.server).map_err(anyhow::Error::msg)?;
+    let address = args
+        .client
+        .address(&args.server)
+        .map_err(anyhow::Error::msg)?;
+    let url = args.server.clone();
     std::fs::create_dir_all(&args.work_dir)
         .with_context(|| format!("creating {}", args.work_dir.display()))?;
     let local = Arc::new(
         DiskStore::open(&args.work_dir.join("cache"), args.cache_max_bytes)
             .context("opening the local cache")?,
     );
-    let channel = session::channel(&url)?;
+    let channel = client::connect(&address).map_err(anyhow::Error::msg)?;
     let upstream = Arc::new(GrpcStore::new(
         channel.clone(),
         args.instance.clone(),

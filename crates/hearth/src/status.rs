@@ -5,13 +5,15 @@ use hearth_proto::worker::{
     worker_service_client::WorkerServiceClient, StatusRequest, StatusResponse,
 };
 
-use crate::cli::{server_url, StatusArgs};
+use crate::cli::StatusArgs;
 
 pub async fn run(args: StatusArgs) -> Result<()> {
-    let url = server_url(&args.server).map_err(anyhow::Error::msg)?;
-    let mut client = WorkerServiceClient::connect(url.clone())
-        .await
-        .with_context(|| format!("connecting to {url}"))?;
+    let address = args
+        .client
+        .address(&args.server)
+        .map_err(anyhow::Error::msg)?;
+    let channel = hearth_executor::client::connect(&address).map_err(anyhow::Error::msg)?;
+    let mut client = WorkerServiceClient::new(channel);
     let status = client
         .status(StatusRequest {})
         .await

@@ -316,7 +316,7 @@ async fn recycled_action_goes_to_the_executor_reporting_its_warm_key() {
     let h = server(&[]);
     let c = channel(&h).await;
     let pairs = [("recycle-runner", "true")];
-    let key = affinity_key("", &Platform::from_pairs(pairs));
+    let key = affinity_key("", "", &Platform::from_pairs(pairs));
     let _cold = FakeExecutor::connect(&c, "cold", vec![]).await;
     let mut warm = FakeExecutor::connect(&c, "warm", vec![key.clone()]).await;
     let s = wait_for(&c, "two executors", |s| s.executors.len() == 2).await;

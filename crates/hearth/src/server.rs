@@ -1,0 +1,218 @@
+//! The server's assembly: storage, scheduler, API keys, TLS and the
+//! listeners the gRPC services are served on.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use hearth_api::auth::{Auth, AuthLayer, Capability};
+use hearth_api::Context;
+use hearth_scheduler::{Scheduler, SchedulerConfig};
+use hearth_storage::{DiskActionCache, DiskStore, Owners};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+
+use crate::cli::ServerArgs;
+
+/// Cancels the token on SIGINT or SIGTERM.
+pub fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot watch SIGTERM");
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+        t.cancel();
+    });
+    token
+}
+
+/// Reloads the keys file on SIGHUP; a file that does not parse leaves the
+/// keys in force and says why.
+fn reload_keys_on_sighup(auth: Auth) {
+    tokio::spawn(async move {
+        let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot watch SIGHUP; keys will not reload");
+                return;
+            }
+        };
+        while hup.recv().await.is_some() {
+            match auth.reload() {
+                Ok(n) => tracing::info!(keys = n, "reloaded the API keys"),
+                Err(e) => tracing::error!(error = %e, "keeping the API keys in force"),
+            }
+        }
+    });
+}
+
+pub struct Server {
+    pub store: Arc<DiskStore>,
+    pub listener: TcpListener,
+    pub ctx: Context,
+    tls: Option<ServerTlsConfig>,
+}
+
+fn read(path: &std::path::Path, what: &str) -> Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("reading {what} {}", path.display()))
+}
+
+fn tls_config(args: &ServerArgs) -> Result<Option<ServerTlsConfig>> {
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+        return Ok(None);
+    };
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(
+        read(cert, "--tls-cert")?,
+        read(key, "--tls-key")?,
+    ));
+    if let Some(ca) = &args.tls_client_ca {
+        tls = tls.client_ca_root(Certificate::from_pem(read(ca, "--tls-client-ca")?));
+    }
+    Ok(Some(tls))
+}
+
+pub async fn build_server(args: &ServerArgs) -> Result<Server> {
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating {}", args.data_dir.display()))?;
+    let store = Arc::new(
+        DiskStore::open(&args.data_dir, args.cas_max_bytes)
+            .with_context(|| format!("opening the CAS in {}", args.data_dir.display()))?,
+    );
+    let ac = Arc::new(
+        DiskActionCache::open(&args.data_dir, args.ac_max_bytes)
+            .context("opening the action cache")?,
+    );
+    let scheduler = Scheduler::new(SchedulerConfig {
+        queue_timeout: Duration::from_secs(args.queue_timeout_secs),
+        max_attempts: args.max_attempts,
+        ..Default::default()
+    });
+    scheduler.spawn_sweeper();
+    let mut ctx = Context::new(store.clone(), ac, scheduler);
+    ctx.instances = Arc::new(args.instances.clone());
+    ctx.limits.max_metadata_blob_bytes = args.max_metadata_blob_bytes;
+    ctx.limits.partial_upload_idle = Duration::from_secs(args.partial_upload_idle_secs);
+    ctx.limits.partial_upload_max_bytes = args.partial_upload_max_bytes;
+    if let Some(file) = &args.auth_keys {
+        ctx.auth = Auth::from_file(file.clone()).map_err(anyhow::Error::msg)?;
+        ctx.owners = Some(Arc::new(
+            Owners::open(&args.data_dir).context("opening the blob ownership index")?,
+        ));
+        reload_keys_on_sighup(ctx.auth.clone());
+        tracing::info!(file = %file.display(), "API keys required");
+    } else if !args.listen.ip().is_loopback() {
+        tracing::warn!(
+            listen = %args.listen,
+            "serving without --auth-keys on a non-loopback address: anyone who can reach it \
+             can read the cache, run actions and connect executors"
+        );
+    }
+    let tls = tls_config(args)?;
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    Ok(Server {
+        store,
+        listener,
+        ctx,
+        tls,
+    })
+}
+
+impl Server {
+    /// The URL a local client reaches this server at, and whether TLS.
+    pub fn local_url(&self) -> Result<(SocketAddr, bool)> {
+        let addr = self.listener.local_addr()?;
+        Ok((addr, self.tls.is_some()))
+    }
+
+    /// A key for `hearth up`'s own executor, valid for this process only.
+    pub fn local_executor_key(&self) -> Option<String> {
+        if !self.ctx.auth.enabled() {
+            return None;
+        }
+        let key = format!(
+            "{}{}",
+            uuid::Uuid::new_v4().simple(),
+            uuid::Uuid::new_v4().simple()
+        );
+        self.ctx
+            .auth
+            .add_internal_key(&key, "hearth-up", BTreeSet::from([Capability::Executor]));
+        Some(key)
+    }
+}
+
+/// How long in-flight calls may take to finish at shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+/// Serves the services on the server's listener (with TLS when set up) and
+/// on `extra` plaintext loopback listeners (the local executor's, when the
+/// main one is TLS), until `shutdown`.
+pub async fn serve(
+    server: Server,
+    extra: Vec<TcpListener>,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let addr = server.listener.local_addr()?;
+    // Tests and scripts read this line to find the port.
+    println!("hearth listening on {addr}");
+    tracing::info!(%addr, tls = server.tls.is_some(), "serving");
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = server.tls.clone() {
+        builder = builder.tls_config(tls).context("the TLS configuration")?;
+    }
+    let layer = AuthLayer::new(server.ctx.auth.clone());
+    let incoming = TcpIncoming::from(server.listener).with_nodelay(Some(true));
+    let main = builder
+        .layer(layer.clone())
+        .add_routes(hearth_api::routes(server.ctx.clone()))
+        .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
+    let mut servers = vec![tokio::spawn(main)];
+    for listener in extra {
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        servers.push(tokio::spawn(
+            tonic::transport::Server::builder()
+                .layer(layer.clone())
+                .add_routes(hearth_api::routes(server.ctx.clone()))
+                .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned()),
+        ));
+    }
+    let serving = async {
+        for s in servers {
+            s.await
+                .context("the gRPC server task")?
+                .context("gRPC server")?;
+        }
+        Ok::<(), anyhow::Error>(())
+    };
+    // A graceful shutdown waits for clients to hang up; idle clients (Bazel
+    // keeps its connections) may never do, so in-flight calls get a grace
+    // period and then the server stops.
+    let grace = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    tokio::select! {
+        r = serving => r,
+        _ = grace => {
+            tracing::info!("clients still connected after the grace period; stopping");
+            Ok(())
+        }
+    }
+}
