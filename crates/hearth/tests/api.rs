@@ -151,7 +151,7 @@ async fn malformed_digests_and_oversized_batches_are_invalid_argument() {
     assert!(err.message().contains("batch limit"), "{}", err.message());
 }
 
-fn bytestream(c: &tonic::transport::Channel) -> ByteStreamClient<tonic::transport::Channel> {
+fn bytestream(c: &Channel) -> ByteStreamClient<Channel> {
     ByteStreamClient::new(c.clone())
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20)
@@ -280,7 +280,7 @@ async fn bytestream_write_resumes_after_an_interrupted_stream() {
 
 /// Sends `data[..upto]` of `data` without finish_write: the stream ends and
 /// the server parks the upload (its answer comes after that).
-async fn interrupted_write(c: &tonic::transport::Channel, data: &[u8], upto: usize) -> String {
+async fn interrupted_write(c: &Channel, data: &[u8], upto: usize) -> String {
     let d = Digest::of(data);
     let resource = format!(
         "uploads/{}/blobs/{}/{}",
@@ -302,7 +302,7 @@ async fn interrupted_write(c: &tonic::transport::Channel, data: &[u8], upto: usi
     resource
 }
 
-async fn write_status(c: &tonic::transport::Channel, resource: &str) -> Result<i64, tonic::Status> {
+async fn write_status(c: &Channel, resource: &str) -> Result<i64, tonic::Status> {
     bytestream(c)
         .query_write_status(QueryWriteStatusRequest {
             resource_name: resource.to_string(),

@@ -23,11 +23,7 @@ fn sh(script: &str) -> Command {
     }
 }
 
-async fn run(
-    c: &tonic::transport::Channel,
-    command: &Command,
-    root: &Directory,
-) -> ExecuteResponse {
+async fn run(c: &Channel, command: &Command, root: &Directory) -> ExecuteResponse {
     let root = upload_msg(c, root).await;
     let cd = upload_msg(c, command).await;
     let action = action_of(c, cd, root).await;
@@ -40,7 +36,7 @@ fn code_of(r: &ExecuteResponse) -> (Code, String) {
 }
 
 /// Every blob an ActionResult names, read back.
-async fn returned_bytes(c: &tonic::transport::Channel, r: &ExecuteResponse) -> Vec<Vec<u8>> {
+async fn returned_bytes(c: &Channel, r: &ExecuteResponse) -> Vec<Vec<u8>> {
     let mut out = Vec::new();
     if let Some(res) = &r.result {
         for f in &res.output_files {

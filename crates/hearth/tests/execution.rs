@@ -323,7 +323,7 @@ async fn missing_inputs_are_failed_precondition_with_violations() {
     assert_eq!(err.code(), Code::FailedPrecondition);
 }
 
-async fn run_tree(c: &tonic::transport::Channel, root: Directory) -> tonic::Status {
+async fn run_tree(c: &Channel, root: Directory) -> tonic::Status {
     let root_d = upload_msg(c, &root).await;
     let cmd = upload_msg(
         c,

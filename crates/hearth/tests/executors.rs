@@ -8,14 +8,12 @@ mod common;
 use std::process::{Child, Command as Proc, Stdio};
 use std::time::{Duration, Instant};
 
+use common::worker::FakeExecutor;
 use common::*;
 use hearth_proto::worker::{
-    server_message, worker_message, worker_service_client::WorkerServiceClient, Finished, Hello,
-    ServerMessage, StatusRequest, StatusResponse, WorkerMessage,
+    worker_service_client::WorkerServiceClient, StatusRequest, StatusResponse,
 };
 use hearth_scheduler::{affinity_key, Platform};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::Code;
 
 struct Executor(Child);
@@ -25,14 +23,6 @@ impl Drop for Executor {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn server(extra: &[&str]) -> Hearth {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data").to_str().unwrap().to_string();
-    let mut args = vec!["server", "--listen", "127.0.0.1:0", "--data-dir", &data];
-    args.extend_from_slice(extra);
-    spawn_listening(&args, dir)
 }
 
 fn executor(h: &Hearth, id: &str) -> Executor {
@@ -58,7 +48,7 @@ fn executor(h: &Hearth, id: &str) -> Executor {
     Executor(child)
 }
 
-async fn status(c: &tonic::transport::Channel) -> StatusResponse {
+async fn status(c: &Channel) -> StatusResponse {
     WorkerServiceClient::new(c.clone())
         .status(StatusRequest {})
         .await
@@ -67,7 +57,7 @@ async fn status(c: &tonic::transport::Channel) -> StatusResponse {
 }
 
 async fn wait_for(
-    c: &tonic::transport::Channel,
+    c: &Channel,
     what: &str,
     cond: impl Fn(&StatusResponse) -> bool,
 ) -> StatusResponse {
@@ -253,55 +243,6 @@ async fn status_says_why_an_executor_offers_no_microvms() {
         err.message().contains(&want),
         "the error says why no executor has VMs: {err:?}"
     );
-}
-
-/// An executor played by the test over the protocol itself.
-struct FakeExecutor {
-    tx: mpsc::UnboundedSender<WorkerMessage>,
-    inbound: tonic::Streaming<ServerMessage>,
-}
-
-impl FakeExecutor {
-    async fn connect(c: &tonic::transport::Channel, id: &str, warm_keys: Vec<String>) -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let hello = Hello {
-            executor_id: id.into(),
-            isolation_types: vec!["none".into()],
-            capacity: 2,
-            warm_keys,
-            ..Default::default()
-        };
-        tx.send(WorkerMessage {
-            kind: Some(worker_message::Kind::Hello(hello)),
-        })
-        .unwrap();
-        let inbound = WorkerServiceClient::new(c.clone())
-            .session(UnboundedReceiverStream::new(rx))
-            .await
-            .unwrap()
-            .into_inner();
-        FakeExecutor { tx, inbound }
-    }
-
-    async fn assignment(&mut self) -> String {
-        match self.inbound.message().await.unwrap().and_then(|m| m.kind) {
-            Some(server_message::Kind::Assign(a)) => a.operation_name,
-            other => panic!("expected an assignment, got {other:?}"),
-        }
-    }
-
-    fn finish(&self, op: String, warm_keys: Vec<String>) {
-        let f = Finished {
-            operation_name: op,
-            warm_keys,
-            ..Default::default()
-        };
-        self.tx
-            .send(WorkerMessage {
-                kind: Some(worker_message::Kind::Finished(f)),
-            })
-            .unwrap();
-    }
 }
 
 fn warm_runners(s: &StatusResponse, id: &str) -> Option<u32> {

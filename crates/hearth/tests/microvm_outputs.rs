@@ -26,7 +26,7 @@ struct Outputs<'a> {
 }
 
 async fn run(
-    c: &tonic::transport::Channel,
+    c: &Channel,
     script: &str,
     out: Outputs<'_>,
     props: &[(&str, &str)],
@@ -67,7 +67,7 @@ async fn run(
 
 /// Every blob an ActionResult refers to: logs, files, trees and the files
 /// in them.
-async fn blobs(c: &tonic::transport::Channel, r: &ActionResult) -> Vec<Bytes> {
+async fn blobs(c: &Channel, r: &ActionResult) -> Vec<Bytes> {
     let mut digests: Vec<reapi::Digest> = r
         .output_files
         .iter()
@@ -92,11 +92,7 @@ async fn blobs(c: &tonic::transport::Channel, r: &ActionResult) -> Vec<Bytes> {
 
 /// The action must fail with FAILED_PRECONDITION naming `name`, or succeed
 /// without any of the host's /etc/shadow in what it returns.
-async fn assert_host_shadow_not_returned(
-    c: &tonic::transport::Channel,
-    resp: ExecuteResponse,
-    name: &str,
-) {
+async fn assert_host_shadow_not_returned(c: &Channel, resp: ExecuteResponse, name: &str) {
     let status = resp.status.clone().unwrap_or_default();
     if status.code != 0 {
         assert_eq!(

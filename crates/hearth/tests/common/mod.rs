@@ -7,6 +7,7 @@ use std::process::{Child, Command as Proc, Stdio};
 use std::time::Duration;
 
 use bytes::Bytes;
+use hearth_executor::client::ApiKey;
 use hearth_proto::longrunning::{operation, Operation};
 use hearth_proto::reapi::{
     self, batch_update_blobs_request,
@@ -16,9 +17,14 @@ use hearth_proto::reapi::{
 };
 use hearth_storage::Digest;
 use prost::Message;
-use tonic::transport::Channel;
+use tonic::service::interceptor::InterceptedService;
+
+/// A connection to the server under test that sends an API key (or none)
+/// with every call.
+pub type Channel = InterceptedService<tonic::transport::Channel, ApiKey>;
 
 pub mod vm;
+pub mod worker;
 
 /// A running `hearth` process, killed when dropped.
 pub struct Hearth {
@@ -97,14 +103,33 @@ pub fn up_in(dir: tempfile::TempDir, extra: &[&str]) -> Hearth {
     spawn_listening(&args, dir)
 }
 
+/// `hearth server` (no executor of its own) on a free port.
+pub fn server(extra: &[&str]) -> Hearth {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir
+        .path()
+        .join("data")
+        .to_str()
+        .expect("utf-8 path")
+        .to_string();
+    let mut args = vec!["server", "--listen", "127.0.0.1:0", "--data-dir", &data];
+    args.extend_from_slice(extra);
+    spawn_listening(&args, dir)
+}
+
 pub async fn channel(h: &Hearth) -> Channel {
+    channel_with_key(h, None).await
+}
+
+/// A connection that presents `key` as `x-hearth-api-key`.
+pub async fn channel_with_key(h: &Hearth, key: Option<&str>) -> Channel {
     for _ in 0..50 {
-        if let Ok(c) = Channel::from_shared(h.addr.clone())
+        if let Ok(c) = tonic::transport::Channel::from_shared(h.addr.clone())
             .expect("url")
             .connect()
             .await
         {
-            return c;
+            return InterceptedService::new(c, ApiKey::new(key).expect("a header-safe key"));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

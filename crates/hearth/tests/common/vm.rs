@@ -20,7 +20,7 @@ pub fn up_vm() -> Hearth {
     up(&["--vm", &accel])
 }
 
-pub async fn wait_for_vm_executor(c: &tonic::transport::Channel) {
+pub async fn wait_for_vm_executor(c: &Channel) {
     use hearth_proto::worker::{worker_service_client::WorkerServiceClient, StatusRequest};
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -67,7 +67,7 @@ pub fn qemu_pids(dir: &std::path::Path) -> String {
 }
 
 pub async fn run_script(
-    c: &tonic::transport::Channel,
+    c: &Channel,
     script: &str,
     platform: &[(&str, &str)],
 ) -> (i32, String, Duration) {
