@@ -18,52 +18,10 @@ use hearth_storage::Digest;
 use prost::Message;
 use tonic::Code;
 
-/// Plain keys (the file may hold them for tests and small setups) and one
-/// hashed, as operators' tooling writes them.
-fn keys() -> String {
-    let admin = hearth_api::auth::key_hash("key-admin");
-    format!(
-        r#"
-[[key]]
-key = "key-a"
-tenant = "team-a"
-capabilities = ["cas-read", "cas-write", "ac-write", "execute"]
-
-[[key]]
-key = "key-b"
-tenant = "team-b"
-capabilities = ["cas-read", "cas-write", "ac-write", "execute"]
-
-[[key]]
-key = "key-a-read"
-tenant = "team-a"
-capabilities = ["cas-read"]
-
-[[key]]
-key = "key-exec"
-tenant = "fleet"
-capabilities = ["executor"]
-
-[[key]]
-key = "key-exec-2"
-tenant = "fleet"
-capabilities = ["executor"]
-
-[[key]]
-sha256 = "{}"
-tenant = "ops"
-capabilities = ["admin"]
-"#,
-        admin.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    )
-}
-
-/// `hearth up` or `hearth server` (`cmd`) with the keys above.
+/// `hearth up` or `hearth server` (`cmd`) with the test keys.
 fn with_keys(cmd: &str) -> Hearth {
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("keys.toml");
-    std::fs::write(&file, keys()).unwrap();
-    let file = file.to_str().unwrap().to_string();
+    let file = keys_file(dir.path());
     match cmd {
         "up" => up_in(dir, &["--auth-keys", &file]),
         _ => {

@@ -23,6 +23,7 @@ use tonic::service::interceptor::InterceptedService;
 /// with every call.
 pub type Channel = InterceptedService<tonic::transport::Channel, ApiKey>;
 
+pub mod tls;
 pub mod vm;
 pub mod worker;
 
@@ -101,6 +102,53 @@ pub fn up_in(dir: tempfile::TempDir, extra: &[&str]) -> Hearth {
     }
     args.extend_from_slice(extra);
     spawn_listening(&args, dir)
+}
+
+/// Plain keys (the file may hold them for tests and small setups) and one
+/// hashed, as operators' tooling writes them.
+pub fn test_keys() -> String {
+    let admin = hearth_api::auth::key_hash("key-admin");
+    format!(
+        r#"
+[[key]]
+key = "key-a"
+tenant = "team-a"
+capabilities = ["cas-read", "cas-write", "ac-write", "execute"]
+
+[[key]]
+key = "key-b"
+tenant = "team-b"
+capabilities = ["cas-read", "cas-write", "ac-write", "execute"]
+
+[[key]]
+key = "key-a-read"
+tenant = "team-a"
+capabilities = ["cas-read"]
+
+[[key]]
+key = "key-exec"
+tenant = "fleet"
+capabilities = ["executor"]
+
+[[key]]
+key = "key-exec-2"
+tenant = "fleet"
+capabilities = ["executor"]
+
+[[key]]
+sha256 = "{}"
+tenant = "ops"
+capabilities = ["admin"]
+"#,
+        admin.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    )
+}
+
+/// Writes [`test_keys`] to `dir/keys.toml`; its path.
+pub fn keys_file(dir: &std::path::Path) -> String {
+    let file = dir.join("keys.toml");
+    std::fs::write(&file, test_keys()).expect("writing keys.toml");
+    file.to_str().expect("utf-8 path").to_string()
 }
 
 /// `hearth server` (no executor of its own) on a free port.
