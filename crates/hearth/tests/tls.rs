@@ -167,7 +167,7 @@ async fn a_remote_executor_and_status_over_grpcs_with_keys() {
 
 #[tokio::test]
 async fn a_server_requiring_client_certificates_takes_only_its_cas() {
-    let (h, certs) = tls_hearth("server", true);
+    let (h, certs) = tls_hearth("up", true);
     let with = |cert: Option<&Certs>| {
         connect(&ServerAddress {
             url: grpcs(&h),
@@ -190,5 +190,18 @@ async fn a_server_requiring_client_certificates_takes_only_its_cas() {
     assert!(
         find_missing_ok(&with(Some(&stranger))).await.is_err(),
         "a certificate of another CA"
+    );
+    // With no key, the certificate's subject (CN=team-a-ci) stands for one.
+    let by_cert = connect(&ServerAddress {
+        url: grpcs(&h),
+        tls_ca: Some(certs.ca.clone()),
+        tls_client_cert: Some(certs.client_cert.clone()),
+        tls_client_key: Some(certs.client_key.clone()),
+        api_key: None,
+    })
+    .unwrap();
+    assert_eq!(
+        run_echo(&by_cert, "by-certificate").await,
+        "by-certificate\n"
     );
 }

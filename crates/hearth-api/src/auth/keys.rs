@@ -7,6 +7,10 @@
 //! tenant = "team-a"
 //! capabilities = ["cas-read", "cas-write", "execute"]
 //! ```
+//!
+//! With `--tls-client-ca`, an entry may name a client certificate's subject
+//! instead (`client_cert_subject = "CN=team-a-ci"`): a call on a connection
+//! that presented that certificate, and no key, is that entry's.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
@@ -29,6 +33,7 @@ struct File {
 struct Entry {
     sha256: Option<String>,
     key: Option<String>,
+    client_cert_subject: Option<String>,
     tenant: String,
     capabilities: Vec<String>,
 }
@@ -42,6 +47,8 @@ pub fn key_hash(key: &str) -> [u8; 32] {
 #[derive(Debug, Default, Clone)]
 pub struct KeySet {
     by_hash: HashMap<[u8; 32], Arc<Principal>>,
+    /// Client certificate subjects (as RFC 4514 strings) standing for keys.
+    by_subject: HashMap<String, Arc<Principal>>,
 }
 
 impl KeySet {
@@ -56,17 +63,21 @@ impl KeySet {
         let mut set = KeySet::default();
         for (i, entry) in file.key.into_iter().enumerate() {
             let which = format!("key #{}", i + 1);
-            let hash = match (&entry.sha256, &entry.key) {
-                (Some(hex), None) => {
-                    let bytes = hex::decode(hex.trim())
-                        .ok()
-                        .and_then(|b| <[u8; 32]>::try_from(b).ok())
-                        .ok_or_else(|| format!("{which}: sha256 is not 64 hex digits"))?;
-                    bytes
+            let hash = match (&entry.sha256, &entry.key, &entry.client_cert_subject) {
+                (Some(hex), None, None) => hex::decode(hex.trim())
+                    .ok()
+                    .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                    .ok_or_else(|| format!("{which}: sha256 is not 64 hex digits"))?,
+                (None, Some(key), None) if !key.is_empty() => key_hash(key),
+                (None, Some(_), None) => return Err(format!("{which}: key is empty")),
+                (None, None, Some(subject)) if !subject.trim().is_empty() => {
+                    key_hash(&format!("client certificate {}", subject.trim()))
                 }
-                (None, Some(key)) if !key.is_empty() => key_hash(key),
-                (None, Some(_)) => return Err(format!("{which}: key is empty")),
-                _ => return Err(format!("{which}: give exactly one of sha256 and key")),
+                _ => {
+                    return Err(format!(
+                        "{which}: give exactly one of sha256, key and client_cert_subject"
+                    ))
+                }
             };
             if entry.tenant.trim().is_empty() {
                 return Err(format!("{which}: tenant is empty"));
@@ -83,8 +94,15 @@ impl KeySet {
                     })
                 })
                 .collect::<Result<BTreeSet<_>, _>>()?;
-            let principal = Principal::new(entry.tenant.trim(), capabilities, &hash);
-            if set.by_hash.insert(hash, Arc::new(principal)).is_some() {
+            let principal = Arc::new(Principal::new(entry.tenant.trim(), capabilities, &hash));
+            let duplicate = match &entry.client_cert_subject {
+                Some(subject) => set
+                    .by_subject
+                    .insert(subject.trim().to_string(), principal)
+                    .is_some(),
+                None => set.by_hash.insert(hash, principal).is_some(),
+            };
+            if duplicate {
                 return Err(format!("{which}: the same key appears twice"));
             }
         }
@@ -102,12 +120,17 @@ impl KeySet {
         self.by_hash.get(&key_hash(key)).cloned()
     }
 
+    /// The entry a client certificate with this subject stands for.
+    pub fn for_subject(&self, subject: &str) -> Option<Arc<Principal>> {
+        self.by_subject.get(subject).cloned()
+    }
+
     pub fn len(&self) -> usize {
-        self.by_hash.len()
+        self.by_hash.len() + self.by_subject.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_hash.is_empty()
+        self.len() == 0
     }
 }
 
@@ -139,6 +162,22 @@ mod tests {
         assert!(!a.has(Capability::AcWrite));
         assert_eq!(set.get("plain").unwrap().tenant, "team-b");
         assert!(set.get("other").is_none());
+    }
+
+    #[test]
+    fn a_client_certificate_subject_may_stand_for_a_key() {
+        let set = KeySet::parse(
+            r#"
+            [[key]]
+            client_cert_subject = "CN=team-a-ci"
+            tenant = "team-a"
+            capabilities = ["execute"]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(set.for_subject("CN=team-a-ci").unwrap().tenant, "team-a");
+        assert!(set.for_subject("CN=team-b-ci").is_none());
+        assert!(set.get("CN=team-a-ci").is_none(), "a subject is not a key");
     }
 
     #[test]

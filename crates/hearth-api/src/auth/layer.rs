@@ -7,7 +7,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use super::{Auth, Principal};
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+
+use super::{Auth, Presented, Principal};
 
 #[derive(Clone)]
 pub struct AuthLayer {
@@ -37,6 +39,16 @@ pub struct AuthService<S> {
     auth: Auth,
 }
 
+/// The subject of the client certificate the connection presented, if any
+/// (only a server with --tls-client-ca asks for one, and rustls has
+/// verified it against that CA).
+fn peer_subject<B>(req: &http::Request<B>) -> Option<String> {
+    let info = req.extensions().get::<TlsConnectInfo<TcpConnectInfo>>()?;
+    let certs = info.peer_certs()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(certs.first()?.as_ref()).ok()?;
+    Some(cert.subject().to_string())
+}
+
 type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
 
 impl<S, B, R> tower_service::Service<http::Request<B>> for AuthService<S>
@@ -55,7 +67,21 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        match self.auth.check(req.uri().path(), req.headers()) {
+        let checked = {
+            let presented = Presented {
+                headers: req.headers(),
+                // `grpc://KEY@host:port`: Bazel 2.1 sends it in :authority
+                // (and ignores --remote_header), as BuildBuddy users write it.
+                userinfo: req
+                    .uri()
+                    .authority()
+                    .and_then(|a| a.as_str().rsplit_once('@'))
+                    .map(|(user, _)| user),
+                subject: peer_subject(&req),
+            };
+            self.auth.check(req.uri().path(), &presented)
+        };
+        match checked {
             Ok(principal) => {
                 req.extensions_mut().insert::<Arc<Principal>>(principal);
                 Box::pin(self.inner.call(req))

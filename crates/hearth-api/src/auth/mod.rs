@@ -157,9 +157,12 @@ fn required(path: &str) -> &'static [Capability] {
     }
 }
 
-/// Methods any caller may use without a key (health checks).
+/// Methods any caller may use without a key: health checks, and what the
+/// server supports (it names no tenant's data; Bazel 2.1 asks for it
+/// without the headers of `--remote_header`).
 fn open(path: &str) -> bool {
     path.starts_with("/grpc.health.v1.Health/")
+        || path == "/build.bazel.remote.execution.v2.Capabilities/GetCapabilities"
 }
 
 /// The keys in force (none: single-tenant, anonymous), reloadable.
@@ -177,6 +180,15 @@ struct Keys {
 }
 
 const KEY_HEADERS: [&str; 2] = ["x-hearth-api-key", "x-buildbuddy-api-key"];
+
+/// What a call presents to prove who it is.
+pub struct Presented<'a> {
+    pub headers: &'a http::HeaderMap,
+    /// The user part of the URL's authority (`grpc://KEY@host:port`).
+    pub userinfo: Option<&'a str>,
+    /// The subject of the client certificate the connection presented.
+    pub subject: Option<String>,
+}
 
 fn read(lock: &RwLock<Arc<KeySet>>) -> Arc<KeySet> {
     lock.read().unwrap_or_else(|e| e.into_inner()).clone()
@@ -240,8 +252,8 @@ impl Auth {
         }
     }
 
-    /// Who is calling `path` with these headers, if they may.
-    pub fn check(&self, path: &str, headers: &http::HeaderMap) -> Result<Arc<Principal>, Status> {
+    /// Who is calling `path` with these credentials, if they may.
+    pub fn check(&self, path: &str, creds: &Presented<'_>) -> Result<Arc<Principal>, Status> {
         let Some(keys) = &self.inner else {
             return Ok(Arc::new(Principal::anonymous()));
         };
@@ -252,23 +264,36 @@ impl Auth {
                 key_id: "none".into(),
             }));
         }
-        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let header = |name: &str| creds.headers.get(name).and_then(|v| v.to_str().ok());
         let presented = KEY_HEADERS
             .iter()
             .find_map(|h| header(h))
             .or_else(|| header("authorization").and_then(|v| v.trim().strip_prefix("Bearer ")))
+            .or(creds.userinfo)
             .map(str::trim)
             .filter(|k| !k.is_empty());
-        let Some(key) = presented else {
-            return Err(Status::unauthenticated(
-                "this server requires an API key: send it in the x-hearth-api-key or \
-                 x-buildbuddy-api-key header (Bazel: --remote_header=x-buildbuddy-api-key=KEY)",
-            ));
+        let principal = match (presented, creds.subject.as_deref()) {
+            (Some(key), _) => read(&keys.from_file)
+                .get(key)
+                .or_else(|| read(&keys.internal).get(key))
+                .ok_or_else(|| {
+                    Status::unauthenticated("the API key is not valid on this server")
+                })?,
+            (None, Some(subject)) => {
+                read(&keys.from_file).for_subject(subject).ok_or_else(|| {
+                    Status::unauthenticated(format!(
+                    "no API key was sent, and the client certificate {subject:?} stands for none"
+                ))
+                })?
+            }
+            (None, None) => {
+                return Err(Status::unauthenticated(
+                    "this server requires an API key: send it in the x-hearth-api-key or \
+                     x-buildbuddy-api-key header (Bazel: --remote_header=x-buildbuddy-api-key=KEY), \
+                     or in the server URL (grpc://KEY@host:port)",
+                ))
+            }
         };
-        let principal = read(&keys.from_file)
-            .get(key)
-            .or_else(|| read(&keys.internal).get(key))
-            .ok_or_else(|| Status::unauthenticated("the API key is not valid on this server"))?;
         match required(path) {
             [] => Ok(principal),
             needs if needs.iter().any(|c| principal.has(*c)) => Ok(principal),

@@ -121,6 +121,11 @@ tenant = "team-b"
 capabilities = ["cas-read", "cas-write", "ac-write", "execute"]
 
 [[key]]
+client_cert_subject = "CN=team-a-ci"
+tenant = "team-a"
+capabilities = ["cas-read", "cas-write", "execute"]
+
+[[key]]
 key = "key-a-read"
 tenant = "team-a"
 capabilities = ["cas-read"]
