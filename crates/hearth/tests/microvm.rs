@@ -594,3 +594,27 @@ async fn vms_work_under_a_data_dir_deeper_than_a_socket_address() {
         "the restored VM reaches the registry: {out}"
     );
 }
+
+/// The attack: team-b sends the same recycle-runner platform (and instance
+/// name) as team-a, hoping for team-a's warm VM with its files and
+/// processes. It gets a fresh VM; team-a's stays warm for team-a.
+#[tokio::test]
+async fn a_warm_runner_never_crosses_tenants() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = keys_file(dir.path());
+    let accel = std::env::var("HEARTH_TEST_VM").unwrap_or_else(|_| "auto".into());
+    let h = up_in(dir, &["--vm", &accel, "--auth-keys", &keys]);
+    let a = channel_with_key(&h, Some("key-a")).await;
+    let b = channel_with_key(&h, Some("key-b")).await;
+    wait_for_vm_executor(&a).await;
+    let warm = [FC, ("recycle-runner", "true")];
+    let (code, out, _) = run_script(&a, "echo team-a-was-here > /tmp/state", &warm).await;
+    assert_eq!(code, 0, "{out}");
+    let (_, out, _) = run_script(&b, "cat /tmp/state 2>/dev/null || echo fresh", &warm).await;
+    assert!(out.contains("fresh") && !out.contains("team-a"), "{out}");
+    let (_, out, _) = run_script(&a, "cat /tmp/state 2>/dev/null || echo fresh", &warm).await;
+    assert!(
+        out.contains("team-a-was-here"),
+        "team-a's VM is still its own: {out}"
+    );
+}

@@ -508,3 +508,46 @@ async fn status_shows_a_tenants_own_queue_and_an_admin_all() {
     assert_eq!(queued("key-a").await, 1);
     assert_eq!(queued("key-b").await, 0);
 }
+
+#[tokio::test]
+async fn keys_reload_on_sighup_and_a_broken_file_keeps_the_old_ones() {
+    let h = with_keys("server");
+    let file = h.dir.path().join("keys.toml");
+    let hup = || {
+        let sent = std::process::Command::new("kill")
+            .args(["-HUP", &h.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    };
+    let works = |key: &'static str| {
+        let h = &h;
+        async move {
+            let c = channel_with_key(h, Some(key)).await;
+            find_missing(&c, Digest::of(b"x")).await.is_ok()
+        }
+    };
+    let eventually = |key: &'static str, want: bool| async move {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while works(key).await != want {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{key} never became {want}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    };
+    assert!(!works("key-new").await);
+    let mut text = test_keys().replace("key = \"key-b\"", "key = \"key-new\"");
+    std::fs::write(&file, &text).unwrap();
+    hup();
+    eventually("key-new", true).await;
+    eventually("key-b", false).await;
+    assert!(works("key-a").await);
+    // A file that does not parse changes nothing.
+    text.push_str("[[key]]\nkey = \"x\"\n");
+    std::fs::write(&file, &text).unwrap();
+    hup();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(works("key-new").await && works("key-a").await);
+}
