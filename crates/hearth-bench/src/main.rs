@@ -18,7 +18,8 @@ use hearth_proto::reapi::{
 };
 use hearth_storage::Digest;
 use prost::Message;
-use tonic::transport::Channel;
+/// A channel that sends `--api-key` with every call (grpc:// or grpcs://).
+type Channel = hearth_executor::client::ServerChannel;
 
 #[derive(Parser)]
 struct Args {
@@ -37,6 +38,12 @@ struct Args {
     /// `--vm-pool-size 1` so each action restores its VM from disk).
     #[arg(long, default_value = "cold")]
     vm_start: String,
+    /// API key to send (a server with --auth-keys).
+    #[arg(long)]
+    api_key: Option<String>,
+    /// PEM CA certificate of a grpcs:// server.
+    #[arg(long)]
+    tls_ca: Option<std::path::PathBuf>,
 }
 
 fn cas(c: &Channel) -> ContentAddressableStorageClient<Channel> {
@@ -331,12 +338,14 @@ async fn noop_actions(c: &Channel, n: usize) -> Result<()> {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    let url = args.server.replacen("grpc://", "http://", 1);
-    let c = tonic::transport::Endpoint::from_shared(url.clone())?
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .with_context(|| format!("connecting to {url}"))?;
+    let c = hearth_executor::client::connect(&hearth_executor::client::ServerAddress {
+        url: args.server.clone(),
+        tls_ca: args.tls_ca.clone(),
+        api_key: args.api_key.clone(),
+        ..Default::default()
+    })
+    .map_err(anyhow::Error::msg)
+    .with_context(|| format!("connecting to {}", args.server))?;
     println!(
         "| benchmark against {:<40} | {:>22} |",
         args.server, "result"

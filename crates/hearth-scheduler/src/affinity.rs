@@ -22,7 +22,13 @@ pub fn affinity_key(tenant: &str, instance_name: &str, platform: &Platform) -> S
     };
     put(tenant);
     put(instance_name);
-    for (name, value) in platform.iter() {
+    // Not the registry password: runner keys are reported and compared, and
+    // need not carry even a hash of it. Access to the image is checked with
+    // each action's own credentials before any runner is chosen.
+    for (name, value) in platform
+        .iter()
+        .filter(|(n, _)| *n != "container-registry-password")
+    {
         put(name);
         put(value);
     }
@@ -65,6 +71,21 @@ mod tests {
         for k in others {
             assert_ne!(base, k);
         }
+    }
+
+    #[test]
+    fn leaves_the_registry_password_out() {
+        let with = |p: &str| {
+            key(
+                "",
+                &[
+                    ("recycle-runner", "true"),
+                    ("container-registry-username", "u"),
+                    ("container-registry-password", p),
+                ],
+            )
+        };
+        assert_eq!(with("hunter2"), with("other"));
     }
 
     #[test]
