@@ -12,8 +12,9 @@ use tracing::info;
 
 use crate::convert;
 use crate::decompress;
+use crate::key::{hex_of, CacheKey};
 use crate::manifest::{self, Descriptor, ImageRuntimeConfig};
-use crate::store::{hex_of, Inner, OwnedRepo, Record, INSTANCE};
+use crate::store::{Inner, OwnedRepo, Record, INSTANCE};
 use crate::unpack::{self, UnpackError};
 use crate::{DiskImage, ImageError};
 
@@ -157,18 +158,24 @@ impl Inner {
             download_wait_ms = waited.as_millis() as u64, unpack_ms = unpacked.as_millis() as u64, mkfs_ms = mkfs_started.elapsed().as_millis() as u64,
             "built ext4 image"
         );
+        // Keyed by where it was pulled from: the digest alone would hand it to any
+        // request naming that digest anywhere (see `key.rs`).
+        let key = CacheKey::new(&repo.reference, digest);
+        let stem = key.stem();
         let record = Record {
-            manifest_digest: digest.to_string(),
+            manifest_digest: key.digest,
+            registry: key.registry,
+            repository: key.repository,
             reference: repo.reference.to_string(),
             config,
         };
         let json = serde_json::to_vec_pretty(&record).expect("serializable");
-        write_atomic(work, &self.record_path(digest), &json)
+        write_atomic(work, &self.record_path(&stem), &json)
             .map_err(|e| internal("writing image record", e))?;
-        let path = self.image_path(digest);
+        let path = self.image_path(&stem);
         fs::rename(&tmp_image, &path).map_err(|e| internal("moving image into the cache", e))?;
         let meta = fs::metadata(&path).map_err(|e| internal("reading image size", e))?;
-        Ok(self.register(digest, &record, &meta))
+        Ok(self.register(&record, &meta))
     }
 }
 

@@ -1,4 +1,5 @@
-//! The image store: reference → manifest digest → cached ext4 disk image.
+//! The image store: reference → manifest digest → cached ext4 disk image, cached per
+//! (registry, repository, digest) ([`crate::key`]).
 
 use std::collections::HashMap;
 use std::fs;
@@ -10,15 +11,16 @@ use serde::{Deserialize, Serialize};
 
 use crate::build::write_atomic;
 use crate::cache::CacheIndex;
+use crate::key::{is_unkeyed_cache_file, CacheKey};
 use crate::manifest::{self, ImageRuntimeConfig, Parsed};
 use crate::registry::{RegistryClient, Repo};
 use crate::{Credentials, DiskImage, ImageConfig, ImageError, Reference};
 
 pub(crate) static INSTANCE: AtomicU64 = AtomicU64::new(0);
 
-/// Pulls images and keeps their ext4 conversions in `cache_dir`, one per manifest
-/// digest. Cheap to clone; clones share the cache, the token cache and the
-/// convert-once bookkeeping.
+/// Pulls images and keeps their ext4 conversions in `cache_dir`, one per registry,
+/// repository and manifest digest. Cheap to clone; clones share the cache, the token
+/// cache and the convert-once bookkeeping.
 #[derive(Clone)]
 pub struct ImageStore {
     inner: Arc<Inner>,
@@ -53,12 +55,27 @@ impl OwnedRepo {
     }
 }
 
-/// `cache_dir/<hex>.json`: written before the `.ext4` is renamed into place.
+/// `cache_dir/<stem>.json`: written before the `.ext4` is renamed into place. Records
+/// of older versions (no registry, repository) do not parse: they are never reused.
 #[derive(Serialize, Deserialize)]
 pub(crate) struct Record {
     pub(crate) manifest_digest: String,
+    /// Where the image was pulled from: with the digest, the entry's [`CacheKey`].
+    pub(crate) registry: String,
+    pub(crate) repository: String,
+    /// The reference as first resolved (normalized), for people reading the directory.
     pub(crate) reference: String,
     pub(crate) config: ImageRuntimeConfig,
+}
+
+impl Record {
+    pub(crate) fn key(&self) -> CacheKey {
+        CacheKey {
+            registry: self.registry.clone(),
+            repository: self.repository.clone(),
+            digest: self.manifest_digest.clone(),
+        }
+    }
 }
 
 impl ImageStore {
@@ -69,6 +86,7 @@ impl ImageStore {
         fs::create_dir_all(&tmp_root)
             .map_err(|e| ImageError::internal(&shown, format!("creating cache dir: {e}")))?;
         remove_dead_work_dirs(&tmp_root);
+        remove_unkeyed_entries(&cache_dir);
         let tmp_dir = tmp_root.join(format!(
             "{}-{}",
             std::process::id(),
@@ -103,9 +121,17 @@ impl ImageStore {
         self.inner.conversions.load(Ordering::Relaxed)
     }
 
-    /// Resolves `reference` to its manifest digest (asking the registry every time) and
-    /// returns the ext4 image for it, pulling and converting it the first time only.
-    /// Concurrent calls for one digest convert once; the others wait for it.
+    /// Resolves `reference` to its manifest digest (asking the registry every time, with
+    /// `credentials` or anonymously) and returns the ext4 image for it, pulling and
+    /// converting it the first time this registry and repository serve that digest.
+    /// Concurrent calls for one (registry, repository, digest) convert once; the others
+    /// wait for it.
+    ///
+    /// The registry's answer is the access check: nothing is taken from the cache before
+    /// the `HEAD` (or `GET`) of the manifest with this request's credentials succeeded,
+    /// and only entries converted from this same registry and repository are looked at,
+    /// so a registry claiming a digest it cannot serve, or a repository the caller may
+    /// read holding a digest of one they may not, gets no one else's conversion.
     pub async fn resolve(
         &self,
         reference: &str,
@@ -124,6 +150,9 @@ impl ImageStore {
         let inner = &self.inner;
         let client = &inner.client;
         let bad = |e: String| ImageError::bad_image(reference, e);
+        let key = |digest: &str| CacheKey::new(&parsed, digest);
+        // First the registry, every time; an error here returns, never falls through to
+        // the cache.
         let (head_digest, mut fetched) = match client.head_manifest(&repo, parsed.target()).await {
             Ok(digest) => (digest, None),
             // A HEAD answer has no body; a GET says whether the repository or the tag is missing.
@@ -147,10 +176,15 @@ impl ImageStore {
                 return Err(bad(format!("registry answered digest {top} for {pinned}")));
             }
         }
-        if let Some(img) = inner.cached(&top) {
+        if let Some(img) = inner.cached(&key(&top)) {
             return Ok(img);
         }
-        if let Some(img) = inner.index_target(&top).and_then(|d| inner.cached(&d)) {
+        // (The index and its entries are in this repository, so the registry letting
+        // this request read the index lets it read the entry it points to.)
+        if let Some(img) = inner
+            .index_target(&key(&top))
+            .and_then(|d| inner.cached(&key(&d)))
+        {
             return Ok(img);
         }
         let f = match fetched {
@@ -164,8 +198,8 @@ impl ImageStore {
                     .map_err(bad)?
                     .digest
                     .clone();
-                inner.set_index_target(&top, &d);
-                if let Some(img) = inner.cached(&d) {
+                inner.set_index_target(&key(&top), &d);
+                if let Some(img) = inner.cached(&key(&d)) {
                     return Ok(img);
                 }
                 let f = client.get_manifest(&repo, &d).await?;
@@ -177,9 +211,9 @@ impl ImageStore {
                 }
             }
         };
-        let lock = inner.lock_for(&digest);
+        let lock = inner.lock_for(&key(&digest).stem());
         let guard = lock.lock_owned().await;
-        if let Some(img) = inner.cached(&digest) {
+        if let Some(img) = inner.cached(&key(&digest)) {
             return Ok(img);
         }
         let owned = OwnedRepo {
@@ -198,45 +232,63 @@ impl ImageStore {
     }
 }
 
-pub(crate) fn hex_of(digest: &str) -> &str {
-    digest.strip_prefix("sha256:").unwrap_or(digest)
-}
-
 impl Inner {
-    pub(crate) fn image_path(&self, digest: &str) -> PathBuf {
-        self.cache_dir.join(format!("{}.ext4", hex_of(digest)))
+    /// `cache_dir/<stem>.ext4`, `stem` from [`CacheKey::stem`].
+    pub(crate) fn image_path(&self, stem: &str) -> PathBuf {
+        self.cache_dir.join(format!("{stem}.ext4"))
     }
 
-    pub(crate) fn record_path(&self, digest: &str) -> PathBuf {
-        self.cache_dir.join(format!("{}.json", hex_of(digest)))
+    pub(crate) fn record_path(&self, stem: &str) -> PathBuf {
+        self.cache_dir.join(format!("{stem}.json"))
     }
 
-    /// `cache_dir/<index hex>.index` holds the linux/amd64 manifest digest of an index.
-    fn index_target(&self, index_digest: &str) -> Option<String> {
-        let s = fs::read_to_string(
-            self.cache_dir
-                .join(format!("{}.index", hex_of(index_digest))),
-        )
-        .ok()?;
+    /// `cache_dir/<index stem>.index` holds the linux/amd64 manifest digest an index
+    /// resolved to. Keyed by source like the images: the mapping is only ever used to
+    /// find an entry of the same registry and repository anyway.
+    fn index_target(&self, index: &CacheKey) -> Option<String> {
+        let path = self.cache_dir.join(format!("{}.index", index.stem()));
+        let s = fs::read_to_string(path).ok()?;
         Some(s.trim().to_string()).filter(|d| d.starts_with("sha256:") && d.len() == 71)
     }
 
-    fn set_index_target(&self, index_digest: &str, digest: &str) {
-        let path = self
-            .cache_dir
-            .join(format!("{}.index", hex_of(index_digest)));
+    fn set_index_target(&self, index: &CacheKey, digest: &str) {
+        let path = self.cache_dir.join(format!("{}.index", index.stem()));
         let _ = write_atomic(&self.tmp_dir, &path, digest.as_bytes());
     }
 
-    fn lock_for(&self, digest: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut locks = self.locks.lock().unwrap();
-        if let Some(l) = locks.get(digest).and_then(Weak::upgrade) {
+    /// The convert-once lock of one cache entry (by its stem).
+    fn lock_for(&self, stem: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(l) = locks.get(stem).and_then(Weak::upgrade) {
             return l;
         }
         locks.retain(|_, w| w.strong_count() > 0);
         let l = Arc::new(tokio::sync::Mutex::new(()));
-        locks.insert(digest.to_string(), Arc::downgrade(&l));
+        locks.insert(stem.to_string(), Arc::downgrade(&l));
         l
+    }
+}
+
+/// Deletes the cache files of versions that keyed images by digest alone (see
+/// [`is_unkeyed_cache_file`]): they cannot be reused safely, and left in place they
+/// would take disk the bound does not count.
+fn remove_unkeyed_entries(cache_dir: &Path) {
+    let Ok(list) = fs::read_dir(cache_dir) else {
+        return;
+    };
+    let mut removed = 0;
+    for entry in list.flatten() {
+        if is_unkeyed_cache_file(&entry.file_name().to_string_lossy())
+            && fs::remove_file(entry.path()).is_ok()
+        {
+            removed += 1;
+        }
+    }
+    if removed > 0 {
+        tracing::info!(
+            dir = %cache_dir.display(), files = removed,
+            "removed image cache files of an older version (not keyed by registry and repository; converted again when next used)"
+        );
     }
 }
 

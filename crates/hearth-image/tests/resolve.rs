@@ -48,9 +48,12 @@ async fn two_layer_image_with_whiteouts_links_and_owners() {
     let reference = format!("{}/library/layered:v1", reg.host);
     let img = images.resolve(&reference, None).await.unwrap();
     assert_eq!(img.manifest_digest, digest);
-    assert_eq!(
-        img.path,
-        cache.path().join(format!("{}.ext4", &digest[7..]))
+    // `<digest hex>-<source id>.ext4`: cached per registry and repository.
+    let name = img.path.file_name().unwrap().to_string_lossy().into_owned();
+    assert_eq!(img.path.parent(), Some(cache.path()));
+    assert!(
+        name.starts_with(&format!("{}-", &digest[7..])) && name.ends_with(".ext4"),
+        "{name}"
     );
     assert_eq!(img.size_bytes, std::fs::metadata(&img.path).unwrap().len());
     assert!(img.size_bytes >= 64 << 20, "{}", img.size_bytes);
@@ -63,13 +66,15 @@ async fn two_layer_image_with_whiteouts_links_and_owners() {
         ("/work", "1000:1000")
     );
     assert_eq!(img.config.cmd, vec!["/bin/sh"]);
-    let record: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(cache.path().join(format!("{}.json", &digest[7..]))).unwrap(),
-    )
-    .unwrap();
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(img.path.with_extension("json")).unwrap()).unwrap();
     assert_eq!(
         record["config"]["env"][0],
         "PATH=/usr/local/bin:/usr/bin:/bin"
+    );
+    assert_eq!(
+        (&record["registry"], &record["repository"]),
+        (&reg.host.clone().into(), &"library/layered".into())
     );
 
     // Contents, whiteouts, opaque directory.

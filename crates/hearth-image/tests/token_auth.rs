@@ -216,6 +216,12 @@ async fn bearer_token_flow_anonymous_and_with_credentials() {
         matches!(err, ImageError::PermissionDenied { .. }) && err.to_string().contains("\"bob\""),
         "{err}"
     );
+    // The error names the user, never a password (neither the one tried nor the real one).
+    let shown = format!("{err} {err:?} {}", err.to_status());
+    assert!(
+        !shown.contains("nope") && !shown.contains("hunter2"),
+        "{shown}"
+    );
     let bob = Credentials {
         username: "bob".into(),
         password: "hunter2".into(),
