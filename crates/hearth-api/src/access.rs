@@ -1,7 +1,6 @@
 //! What a caller may see: the principal the auth layer found, and the
 //! blobs its tenant may read (see `hearth_storage::Owners`).
 
-use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -56,12 +55,15 @@ struct TenantView {
 #[async_trait::async_trait]
 impl BlobStore for TenantView {
     async fn find_missing(&self, digests: &[Digest]) -> StoreResult<Vec<Digest>> {
-        let mut missing = self.inner.find_missing(digests).await?;
-        let hidden = self.owners.not_owned(&self.tenant, digests);
-        if !hidden.is_empty() {
-            let known: HashSet<Digest> = missing.iter().copied().collect();
-            missing.extend(hidden.into_iter().filter(|d| !known.contains(d)));
-        }
+        // Only the caller's own digests need the store's answer; the rest
+        // are missing to it whatever the store holds.
+        let (owned, hidden) = self.owners.partition(&self.tenant, digests);
+        let mut missing = if owned.is_empty() {
+            Vec::new()
+        } else {
+            self.inner.find_missing(&owned).await?
+        };
+        missing.extend(hidden);
         Ok(missing)
     }
 

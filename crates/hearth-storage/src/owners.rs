@@ -129,6 +129,16 @@ impl Owners {
             .collect()
     }
 
+    /// `digests` split into those `tenant` may read and those it may not,
+    /// in one pass under the lock.
+    pub fn partition(&self, tenant: &str, digests: &[Digest]) -> (Vec<Digest>, Vec<Digest>) {
+        let sets = self.lock();
+        let set = sets.get(tenant);
+        digests
+            .iter()
+            .partition(|d| **d == Digest::empty() || set.is_some_and(|s| s.contains(d)))
+    }
+
     /// Lets `tenant` read `digests` from now on.
     pub fn grant(&self, tenant: &str, digests: &[Digest]) {
         let fresh: Vec<Digest> = {
@@ -214,6 +224,7 @@ mod tests {
             assert!(!owners.owns("team-a", &b));
             assert!(owners.owns("team-x", &Digest::empty()));
             assert_eq!(owners.not_owned("team-b", &[a, b]), vec![a]);
+            assert_eq!(owners.partition("team-b", &[a, b]), (vec![b], vec![a]));
             owners.flush();
         }
         let owners = Owners::open(dir.path()).unwrap();
