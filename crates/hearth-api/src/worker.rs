@@ -79,7 +79,11 @@ async fn finished(ctx: &Context, executor: &str, session: u64, mut f: wp::Finish
     ctx.scheduler
         .report_warm(executor, session, std::mem::take(&mut f.warm_keys));
     let Some(job) = ctx.scheduler.finish(executor, session, &f.operation_name) else {
-        tracing::warn!(executor, operation = %f.operation_name, "result for an operation this executor does not hold; ignored");
+        if f.status_code == tonic::Code::Cancelled as i32 {
+            tracing::debug!(executor, operation = %f.operation_name, "cancelled action confirmed gone");
+        } else {
+            tracing::warn!(executor, operation = %f.operation_name, "result for an operation this executor does not hold, or that already ended; ignored");
+        }
         return;
     };
     let mut status = rpc::Status {

@@ -122,11 +122,13 @@ async fn one_session(
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .remove(&op);
-                    if !token.is_cancelled() {
-                        let _ = tx.send(WorkerMessage {
-                            kind: Some(worker_message::Kind::Finished(finished)),
-                        });
-                    }
+                    // Also for cancelled work: the server keeps the slot
+                    // taken until this says the action (its VM, its
+                    // processes) is really gone. After the session ended
+                    // the send fails, and the new session starts empty.
+                    let _ = tx.send(WorkerMessage {
+                        kind: Some(worker_message::Kind::Finished(finished)),
+                    });
                 });
             }
             server_message::Kind::Cancel(c) => {

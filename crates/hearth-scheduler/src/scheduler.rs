@@ -327,6 +327,8 @@ impl Scheduler {
                 complete_locked(st, &op, error_response(rpc_code::UNAVAILABLE, &msg));
             } else {
                 tracing::info!(operation = %op, attempt = js.attempts, "re-queueing action of lost executor");
+                // The queue timeout counts from this enqueue, not the first.
+                js.enqueued = Instant::now();
                 st.queue.push_front(op.clone());
                 publish_stage(st, &op, Stage::Queued);
             }
@@ -348,6 +350,8 @@ impl Scheduler {
 
     /// An executor reports it finished `op`. Frees its slot and returns the
     /// job so the caller can store the result and then call [`Self::complete`].
+    /// Returns None (after freeing the slot) for an operation that already
+    /// ended, e.g. one cancelled while it ran.
     pub fn finish(&self, executor_id: &str, session: u64, op: &str) -> Option<RunningJob> {
         let mut st = self.lock();
         let exec = st
@@ -357,16 +361,16 @@ impl Scheduler {
         if !exec.running.remove(op) {
             return None;
         }
-        let js = st.jobs.get(op)?;
-        let job = RunningJob {
+        // Every freed slot may take the next job.
+        let job = st.jobs.get(op).map(|js| RunningJob {
             operation_name: op.to_string(),
             tenant: js.job.tenant.clone(),
             instance_name: js.job.instance_name.clone(),
             action_digest: js.job.action_digest,
             do_not_cache: js.job.do_not_cache,
-        };
+        });
         dispatch(&mut st);
-        Some(job)
+        job
     }
 
     /// Publishes the final response of an operation.
@@ -477,11 +481,12 @@ fn publish_stage(st: &State, op: &str, stage: Stage) {
     }
 }
 
+/// Publishes `op`'s final response and forgets the job. The executor slot
+/// it may hold stays taken until the executor confirms the end (its
+/// `Finished`, also sent for cancelled work) or goes away: until then the
+/// work may still be running there (a cancelled VM shutting down).
 fn complete_locked(st: &mut State, op: &str, response: ExecuteResponse) {
     let Some(js) = st.jobs.remove(op) else { return };
-    if let Some(exec) = js.executor.as_ref().and_then(|id| st.executors.get_mut(id)) {
-        exec.running.remove(op);
-    }
     let key = shared_key(&js.job);
     if st.shared.get(&key).map(String::as_str) == Some(op) {
         st.shared.remove(&key);

@@ -277,3 +277,53 @@ async fn identical_actions_of_two_tenants_do_not_share_one_run() {
     let (a, b) = (s.submit(a).unwrap(), s.submit(b).unwrap());
     assert_ne!(a.borrow().name, b.borrow().name);
 }
+
+/// Cancelling a running action keeps its slot until the executor confirms
+/// the action is gone; that confirmation dispatches the next job at once.
+#[tokio::test]
+async fn a_cancelled_slot_is_freed_by_the_executors_confirmation_and_dispatches() {
+    let s = Scheduler::new(SchedulerConfig::default());
+    let (session, mut rx) = s.connect(info("e1", 1), vec![], "").unwrap();
+    let first = s.submit(job("a", Platform::default())).unwrap();
+    let name = assigned(&mut rx).expect("the first job runs");
+    let second = s.submit(job("b", Platform::default())).unwrap();
+    assert!(s.cancel(&name, None));
+    assert_eq!(first.borrow().stage, Stage::Completed);
+    assert!(
+        assigned(&mut rx).is_none(),
+        "the cancelled action may still be running"
+    );
+    assert_eq!(second.borrow().stage, Stage::Queued);
+    assert!(s.finish("e1", session, &name).is_none(), "it already ended");
+    let next = assigned(&mut rx).expect("the confirmation dispatched the next job");
+    assert_eq!(next, second.borrow().name);
+    assert_eq!(second.borrow().stage, Stage::Executing);
+}
+
+/// A job re-queued after its executor died counts the queue timeout from
+/// the re-queue, not from its first enqueue.
+#[tokio::test]
+async fn a_requeued_job_gets_a_fresh_queue_timeout() {
+    let s = Scheduler::new(SchedulerConfig {
+        queue_timeout: Duration::from_millis(200),
+        ..SchedulerConfig::default()
+    });
+    let (session, mut rx) = s.connect(info("e1", 1), vec![], "").unwrap();
+    let op = s.submit(job("a", Platform::default())).unwrap();
+    assert!(assigned(&mut rx).is_some());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.disconnect("e1", session);
+    assert_eq!(op.borrow().stage, Stage::Queued);
+    s.sweep(Instant::now());
+    assert_eq!(
+        op.borrow().stage,
+        Stage::Queued,
+        "not failed as a queue timeout"
+    );
+    s.sweep(Instant::now() + Duration::from_millis(300));
+    assert_eq!(
+        op.borrow().stage,
+        Stage::Completed,
+        "the new enqueue times out"
+    );
+}

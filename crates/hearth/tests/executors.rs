@@ -286,3 +286,47 @@ async fn recycled_action_goes_to_the_executor_reporting_its_warm_key() {
     .await;
     assert_eq!(s.running_actions, 0);
 }
+
+/// Cancelling a running action frees its slot as soon as the executor has
+/// killed it, and the queued action behind it starts at once (it used to
+/// wait for an unrelated event or the queue timeout).
+#[tokio::test]
+async fn cancelling_a_running_action_starts_the_next_at_once() {
+    use hearth_proto::longrunning::{operations_client::OperationsClient, CancelOperationRequest};
+    let h = up(&["--capacity", "1"]);
+    let c = channel(&h).await;
+    let mut long = ActionSpec::new("sleep 120");
+    long.do_not_cache = true;
+    let long = make_action(&c, &long).await;
+    let mut stream = exec(&c)
+        .execute(hearth_proto::reapi::ExecuteRequest {
+            action_digest: Some(long.to_proto()),
+            skip_cache_lookup: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let name = loop {
+        let op = stream.message().await.unwrap().expect("an update");
+        if stage_of(&op) == hearth_proto::reapi::execution_stage::Value::Executing as i32 {
+            break op.name;
+        }
+    };
+    let next = make_action(&c, &ActionSpec::new("echo next")).await;
+    let c2 = c.clone();
+    let run = tokio::spawn(async move { execute(&c2, next, true).await.unwrap().1 });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!run.is_finished(), "one slot: the second action waits");
+    OperationsClient::new(c.clone())
+        .cancel_operation(CancelOperationRequest { name })
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let response = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("the queued action ran after the cancel")
+        .unwrap();
+    assert_eq!(response.result.unwrap().exit_code, 0);
+    eprintln!("next action done {:?} after the cancel", started.elapsed());
+}
