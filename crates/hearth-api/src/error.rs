@@ -18,6 +18,7 @@ pub fn store_status(err: StoreError, what: &str) -> Status {
             Status::resource_exhausted(msg)
         }
         StoreError::Io { .. } => Status::internal(msg),
+        StoreError::Remote { code, .. } => Status::new(Code::from_i32(*code), msg),
     }
 }
 
@@ -37,6 +38,16 @@ pub fn ok_status() -> rpc::Status {
 /// FAILED_PRECONDITION with a `PreconditionFailure` listing each missing
 /// blob as REAPI asks, so clients know what to upload.
 pub fn missing_blobs_status(context: &str, missing: &[Digest]) -> Status {
+    let status = missing_blobs_rpc(context, missing);
+    Status::with_details(
+        Code::FailedPrecondition,
+        status.message.clone(),
+        status.encode_to_vec().into(),
+    )
+}
+
+/// The same as a google.rpc.Status, for an ExecuteResponse.
+pub fn missing_blobs_rpc(context: &str, missing: &[Digest]) -> rpc::Status {
     let failure = PreconditionFailure {
         violations: missing
             .iter()
@@ -54,17 +65,12 @@ pub fn missing_blobs_status(context: &str, missing: &[Digest]) -> Status {
         shown.join(", "),
         if missing.len() > 3 { ", …" } else { "" }
     );
-    let status = rpc::Status {
+    rpc::Status {
         code: Code::FailedPrecondition as i32,
-        message: message.clone(),
+        message,
         details: vec![protobuf::Any {
             type_url: PRECONDITION_FAILURE_TYPE_URL.into(),
             value: failure.encode_to_vec(),
         }],
-    };
-    Status::with_details(
-        Code::FailedPrecondition,
-        message,
-        status.encode_to_vec().into(),
-    )
+    }
 }

@@ -16,6 +16,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::ac::referenced_blobs;
+use crate::error::missing_blobs_rpc;
 use crate::Context;
 
 pub struct WorkerService {
@@ -86,11 +87,25 @@ async fn finished(ctx: &Context, executor: &str, session: u64, mut f: wp::Finish
         }
         return;
     };
-    let mut status = rpc::Status {
-        code: f.status_code,
-        message: f.status_message,
-        details: vec![],
-    };
+    let missing: Vec<Digest> = f
+        .missing_blobs
+        .iter()
+        .filter_map(|d| Digest::parse(&d.hash, d.size_bytes).ok())
+        .collect();
+    let mut status =
+        if f.status_code == tonic::Code::FailedPrecondition as i32 && !missing.is_empty() {
+            // What Bazel acts on: it re-uploads these and retries.
+            missing_blobs_rpc(
+                &format!("executor {executor} could not fetch inputs of the action"),
+                &missing,
+            )
+        } else {
+            rpc::Status {
+                code: f.status_code,
+                message: f.status_message,
+                details: vec![],
+            }
+        };
     let result = if f.action_result.is_empty() {
         None
     } else {

@@ -15,6 +15,9 @@ pub enum ExecError {
     InvalidInput(String),
     #[error("{0}")]
     Precondition(String),
+    /// Inputs that are in neither the local cache nor the server's CAS.
+    #[error("{} input blob(s) missing from the CAS, e.g. {}", .0.len(), .0.first().map(|d| d.to_string()).unwrap_or_default())]
+    MissingInputs(Vec<hearth_storage::Digest>),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -57,7 +60,7 @@ impl ExecError {
                 ..
             }
             | ExecError::InvalidInput(_) => Code::InvalidArgument,
-            ExecError::Precondition(_) => Code::FailedPrecondition,
+            ExecError::Precondition(_) | ExecError::MissingInputs(_) => Code::FailedPrecondition,
             ExecError::Io { source, .. } if source.raw_os_error() == Some(28) => {
                 Code::ResourceExhausted
             }
@@ -65,9 +68,25 @@ impl ExecError {
                 source: StoreError::Io { source, .. },
                 ..
             } if source.raw_os_error() == Some(28) => Code::ResourceExhausted,
+            ExecError::Store {
+                source: StoreError::Remote { code, .. },
+                ..
+            } => Code::from_i32(*code),
             ExecError::Cancelled => Code::Cancelled,
             ExecError::Coded { code, .. } => *code,
             _ => Code::Internal,
+        }
+    }
+
+    /// The blobs whose absence stopped the action, if that is what did.
+    pub fn missing_blobs(&self) -> Vec<hearth_storage::Digest> {
+        match self {
+            ExecError::MissingInputs(all) => all.clone(),
+            ExecError::Store {
+                source: StoreError::NotFound(d),
+                ..
+            } => vec![*d],
+            _ => vec![],
         }
     }
 }

@@ -157,6 +157,7 @@ impl Executor {
                     status_code: code as i32,
                     status_message: message,
                     warm_keys: self.warm_keys(),
+                    missing_blobs: vec![],
                 }
             }
             Err(e) => {
@@ -167,6 +168,14 @@ impl Executor {
                     status_code: e.code() as i32,
                     status_message: e.to_string(),
                     warm_keys: self.warm_keys(),
+                    missing_blobs: e
+                        .missing_blobs()
+                        .iter()
+                        .map(|d| hearth_proto::worker::Digest {
+                            hash: d.hash_hex(),
+                            size_bytes: d.size() as i64,
+                        })
+                        .collect(),
                 }
             }
         }
@@ -325,5 +334,52 @@ mod tests {
         let f = exec.execute(bad, CancellationToken::new()).await;
         assert_ne!(f.status_code, 0, "the undecodable action fails");
         assert_eq!(f.warm_keys, ["k1", "k2", "k2"]);
+    }
+
+    /// An input that is not in the CAS (evicted, or never uploaded) comes
+    /// back named, so the server can tell the client what to upload.
+    #[tokio::test]
+    async fn a_missing_input_is_reported_by_digest() {
+        use hearth_proto::reapi::{Action, Command as ReCommand};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(DiskStore::open(&dir.path().join("cas"), 0).unwrap());
+        let config = ExecutorConfig {
+            id: "e".into(),
+            work_dir: dir.path().join("work"),
+            default_timeout: Duration::from_secs(10),
+            max_timeout: Duration::from_secs(10),
+            action_owner: None,
+        };
+        let runners: Vec<Arc<dyn Runner>> = vec![Arc::new(Warm("none", vec![]))];
+        let exec = Executor::new(config, LocalCas::shared(store), runners).unwrap();
+        let root = Digest::of(b"a Directory nobody uploaded");
+        let action = Action {
+            input_root_digest: Some(root.to_proto()),
+            ..Default::default()
+        };
+        let command = ReCommand {
+            arguments: vec!["true".into()],
+            ..Default::default()
+        };
+        let a = Assignment {
+            operation_name: "op".into(),
+            action: action.encode_to_vec(),
+            command: command.encode_to_vec(),
+            ..Default::default()
+        };
+        let f = exec.execute(a, CancellationToken::new()).await;
+        assert_eq!(
+            f.status_code,
+            Code::FailedPrecondition as i32,
+            "{}",
+            f.status_message
+        );
+        assert_eq!(
+            f.missing_blobs,
+            [hearth_proto::worker::Digest {
+                hash: root.hash_hex(),
+                size_bytes: root.size() as i64
+            }]
+        );
     }
 }

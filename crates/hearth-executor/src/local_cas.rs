@@ -63,14 +63,10 @@ impl LocalCas {
             return Ok(());
         }
         let Some(upstream) = &self.upstream else {
-            return Err(ExecError::Precondition(format!(
-                "{} input blob(s) missing from the CAS, e.g. {}",
-                missing.len(),
-                missing[0]
-            )));
+            return Err(ExecError::MissingInputs(missing));
         };
         let batches: Vec<Vec<Digest>> = missing.chunks(64).map(<[Digest]>::to_vec).collect();
-        stream::iter(batches)
+        let fetched = stream::iter(batches)
             .map(|batch| async move {
                 let blobs = upstream
                     .read_many(&batch)
@@ -86,8 +82,20 @@ impl LocalCas {
             })
             .buffer_unordered(FETCH_PARALLELISM)
             .try_collect::<Vec<()>>()
-            .await?;
-        Ok(())
+            .await;
+        match fetched {
+            Ok(_) => Ok(()),
+            // The server lacks some: name them all, for the client to upload.
+            Err(e) if !e.missing_blobs().is_empty() => {
+                let gone = upstream.find_missing(&missing).await.unwrap_or_default();
+                Err(if gone.is_empty() {
+                    e
+                } else {
+                    ExecError::MissingInputs(gone)
+                })
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Reads a (small) blob, fetching it first if needed.

@@ -28,21 +28,25 @@ pub struct GrpcStore {
     max_message: usize,
 }
 
+/// A remote CAS error keeps its status code (UNAVAILABLE stays UNAVAILABLE,
+/// so the action can be retried, not failed as INTERNAL).
 fn remote_err(what: &str, s: tonic::Status) -> StoreError {
-    StoreError::io(
-        format!("remote CAS {what}"),
-        std::io::Error::other(format!("{:?}: {}", s.code(), s.message())),
-    )
+    StoreError::Remote {
+        context: format!("remote CAS {what}"),
+        code: s.code() as i32,
+        message: s.message().to_string(),
+    }
 }
 
 fn rpc_err(what: &str, d: &Digest, s: &hearth_proto::rpc::Status) -> StoreError {
     if s.code == tonic::Code::NotFound as i32 {
         return StoreError::NotFound(*d);
     }
-    StoreError::io(
-        format!("remote CAS {what} {d}"),
-        std::io::Error::other(s.message.clone()),
-    )
+    StoreError::Remote {
+        context: format!("remote CAS {what} {d}"),
+        code: s.code,
+        message: s.message.clone(),
+    }
 }
 
 impl GrpcStore {

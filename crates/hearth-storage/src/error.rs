@@ -23,6 +23,14 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    /// A remote store answered with a gRPC status (its google.rpc.Code is
+    /// kept, so callers can pass it on).
+    #[error("{context}: the server answered code {code}: {message}")]
+    Remote {
+        context: String,
+        code: i32,
+        message: String,
+    },
 }
 
 impl StoreError {

@@ -330,3 +330,48 @@ async fn cancelling_a_running_action_starts_the_next_at_once() {
     assert_eq!(response.result.unwrap().exit_code, 0);
     eprintln!("next action done {:?} after the cancel", started.elapsed());
 }
+
+/// An input an executor could not fetch comes back to the client as REAPI
+/// says: FAILED_PRECONDITION with a PreconditionFailure naming the blob, so
+/// Bazel re-uploads it and retries.
+#[tokio::test]
+async fn inputs_an_executor_misses_come_back_as_precondition_failures() {
+    use hearth_proto::worker::Finished;
+    use prost::Message;
+    let h = server(&[]);
+    let c = channel(&h).await;
+    let mut e = FakeExecutor::connect(&c, "e1", vec![]).await;
+    let action = make_action(&c, &ActionSpec::new("true")).await;
+    let c2 = c.clone();
+    let run = tokio::spawn(async move { execute(&c2, action, true).await.unwrap().1 });
+    let op = e.assignment().await;
+    let gone = hearth_storage::Digest::of(b"evicted input");
+    e.send(Finished {
+        operation_name: op,
+        status_code: Code::FailedPrecondition as i32,
+        status_message: "1 input blob(s) missing from the CAS".into(),
+        missing_blobs: vec![hearth_proto::worker::Digest {
+            hash: gone.hash_hex(),
+            size_bytes: gone.size() as i64,
+        }],
+        ..Default::default()
+    });
+    let status = run.await.unwrap().status.unwrap_or_default();
+    assert_eq!(status.code, Code::FailedPrecondition as i32);
+    let violations: Vec<_> = status
+        .details
+        .iter()
+        .filter(|a| a.type_url == hearth_proto::PRECONDITION_FAILURE_TYPE_URL)
+        .flat_map(|a| {
+            hearth_proto::PreconditionFailure::decode(a.value.as_slice())
+                .unwrap()
+                .violations
+        })
+        .collect();
+    assert_eq!(violations.len(), 1, "{status:?}");
+    assert_eq!(violations[0].r#type, "MISSING");
+    assert_eq!(
+        violations[0].subject,
+        format!("blobs/{}/{}", gone.hash_hex(), gone.size())
+    );
+}
