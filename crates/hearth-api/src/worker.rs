@@ -79,6 +79,11 @@ async fn stored_outputs(ctx: &Context, result: &ActionResult) -> Result<Vec<Dige
 async fn finished(ctx: &Context, executor: &str, session: u64, mut f: wp::Finished) {
     ctx.scheduler
         .report_warm(executor, session, std::mem::take(&mut f.warm_keys));
+    if f.refused {
+        tracing::warn!(executor, operation = %f.operation_name, reason = %f.status_message, "executor refused an assignment; re-queued");
+        ctx.scheduler.refused(executor, session, &f.operation_name);
+        return;
+    }
     let Some(job) = ctx.scheduler.finish(executor, session, &f.operation_name) else {
         if f.status_code == tonic::Code::Cancelled as i32 {
             tracing::debug!(executor, operation = %f.operation_name, "cancelled action confirmed gone");

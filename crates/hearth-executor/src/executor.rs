@@ -158,6 +158,7 @@ impl Executor {
                     status_message: message,
                     warm_keys: self.warm_keys(),
                     missing_blobs: vec![],
+                    refused: false,
                 }
             }
             Err(e) => {
@@ -176,6 +177,7 @@ impl Executor {
                             size_bytes: d.size() as i64,
                         })
                         .collect(),
+                    refused: false,
                 }
             }
         }

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use crate::client::ServerChannel;
 use hearth_proto::worker::{
-    server_message, worker_message, worker_service_client::WorkerServiceClient, Hello, Property,
-    ServerMessage, WorkerMessage,
+    server_message, worker_message, worker_service_client::WorkerServiceClient, Finished, Hello,
+    Property, ServerMessage, WorkerMessage,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -108,10 +108,31 @@ async fn one_session(
             server_message::Kind::Assign(a) => {
                 let token = session_cancel.child_token();
                 let op = a.operation_name.clone();
-                running
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(op.clone(), token.clone());
+                let busy = {
+                    let mut running = running.lock().unwrap_or_else(|p| p.into_inner());
+                    let busy = running.len() >= config.capacity as usize;
+                    if !busy {
+                        running.insert(op.clone(), token.clone());
+                    }
+                    busy.then_some(running.len())
+                };
+                if let Some(n) = busy {
+                    // The server's count and ours disagree: never overcommit.
+                    tracing::warn!(operation = %op, running = n, "refusing an assignment beyond capacity");
+                    let _ = tx.send(WorkerMessage {
+                        kind: Some(worker_message::Kind::Finished(Finished {
+                            operation_name: op,
+                            status_code: tonic::Code::ResourceExhausted as i32,
+                            status_message: format!(
+                                "executor {} is running {n} actions, its capacity",
+                                executor.id()
+                            ),
+                            refused: true,
+                            ..Default::default()
+                        })),
+                    });
+                    continue;
+                }
                 let executor = executor.clone();
                 let tx = tx.clone();
                 let running = running.clone();
@@ -143,3 +164,7 @@ async fn one_session(
         }
     }
 }
+
+#[cfg(test)]
+#[path = "session_tests.rs"]
+mod tests;

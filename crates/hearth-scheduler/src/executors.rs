@@ -63,6 +63,9 @@ pub(crate) struct Executor {
     pub info: ExecutorInfo,
     /// The key it authenticated with (empty without API keys).
     pub owner: String,
+    /// It refused an assignment as over its capacity: it gets nothing more
+    /// until one of its actions ends.
+    pub saturated: bool,
     pub session: u64,
     pub running: HashSet<String>,
     pub connected_at: Instant,
@@ -74,6 +77,9 @@ pub(crate) struct Executor {
 
 impl Executor {
     pub fn free_slots(&self) -> u32 {
+        if self.saturated {
+            return 0;
+        }
         self.info.capacity.saturating_sub(self.running.len() as u32)
     }
 

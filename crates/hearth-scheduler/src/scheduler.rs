@@ -282,6 +282,7 @@ impl Scheduler {
         let mut exec = Executor {
             info,
             owner: owner.to_string(),
+            saturated: false,
             session,
             running: Default::default(),
             connected_at: Instant::now(),
@@ -361,6 +362,7 @@ impl Scheduler {
         if !exec.running.remove(op) {
             return None;
         }
+        exec.saturated = false;
         // Every freed slot may take the next job.
         let job = st.jobs.get(op).map(|js| RunningJob {
             operation_name: op.to_string(),
@@ -371,6 +373,31 @@ impl Scheduler {
         });
         dispatch(&mut st);
         job
+    }
+
+    /// An executor refused `op` as over its capacity: the job goes back to
+    /// the front of the queue (the attempt not counted) and the executor
+    /// gets nothing more until one of its actions ends.
+    pub fn refused(&self, executor_id: &str, session: u64, op: &str) {
+        let mut st = self.lock();
+        let Some(exec) = st
+            .executors
+            .get_mut(executor_id)
+            .filter(|e| e.session == session)
+        else {
+            return;
+        };
+        if !exec.running.remove(op) {
+            return;
+        }
+        exec.saturated = true;
+        if let Some(js) = st.jobs.get_mut(op) {
+            js.executor = None;
+            js.attempts = js.attempts.saturating_sub(1);
+            st.queue.push_front(op.to_string());
+            publish_stage(&st, op, Stage::Queued);
+        }
+        dispatch(&mut st);
     }
 
     /// Publishes the final response of an operation.

@@ -327,3 +327,27 @@ async fn a_requeued_job_gets_a_fresh_queue_timeout() {
         "the new enqueue times out"
     );
 }
+
+/// An executor that refuses an assignment as over its capacity gets the
+/// job taken back (queued first, the attempt not counted) and nothing more
+/// until one of its actions ends; another executor may take it meanwhile.
+#[tokio::test]
+async fn a_refused_assignment_is_requeued_and_the_executor_left_alone() {
+    let s = Scheduler::new(SchedulerConfig::default());
+    let (s1, mut e1) = s.connect(info("e1", 2), vec![], "").unwrap();
+    let a = s.submit(job("a", Platform::default())).unwrap();
+    let b = s.submit(job("b", Platform::default())).unwrap();
+    let first = assigned(&mut e1).unwrap();
+    let second = assigned(&mut e1).unwrap();
+    s.refused("e1", s1, &second);
+    assert_eq!(s.stats(None).queued, 1);
+    assert!(assigned(&mut e1).is_none(), "not sent straight back");
+    let (_, mut e2) = s.connect(info("e2", 1), vec![], "").unwrap();
+    assert_eq!(assigned(&mut e2).as_deref(), Some(second.as_str()));
+    let _ = (a, b);
+    // Once e1 finishes something, it takes work again.
+    let c = s.submit(job("c", Platform::default())).unwrap();
+    assert!(assigned(&mut e1).is_none());
+    s.finish("e1", s1, &first);
+    assert_eq!(assigned(&mut e1).as_deref(), Some(c.borrow().name.as_str()));
+}
