@@ -3,6 +3,7 @@
 //! layer feeds it jobs and executor events and publishes what it decides.
 
 mod affinity;
+mod dispatch;
 mod executors;
 mod operation;
 pub mod paths;

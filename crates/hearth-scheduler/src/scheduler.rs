@@ -13,6 +13,7 @@ use hearth_proto::worker::{self, server_message};
 use hearth_storage::{Digest, PinGuard};
 use tokio::sync::{mpsc, watch};
 
+use crate::dispatch::dispatch;
 use crate::executors::{Executor, ExecutorInfo, ExecutorSnapshot};
 use crate::{affinity_key, OpSnapshot, Platform, Stage};
 
@@ -88,32 +89,32 @@ pub struct SchedulerStats {
     pub executors: Vec<ExecutorSnapshot>,
 }
 
-struct JobState {
-    job: Job,
-    attempts: u32,
-    enqueued: Instant,
-    queued_at: SystemTime,
-    executor: Option<String>,
+pub(crate) struct JobState {
+    pub(crate) job: Job,
+    pub(crate) attempts: u32,
+    pub(crate) enqueued: Instant,
+    pub(crate) queued_at: SystemTime,
+    pub(crate) executor: Option<String>,
     /// With `recycle-runner=true`: the key of the warm runners it could reuse.
-    affinity: Option<String>,
+    pub(crate) affinity: Option<String>,
 }
 
-struct OpEntry {
+pub(crate) struct OpEntry {
     tenant: String,
     tx: watch::Sender<OpSnapshot>,
     finished_at: Option<Instant>,
 }
 
 #[derive(Default)]
-struct State {
-    ops: HashMap<String, OpEntry>,
-    jobs: HashMap<String, JobState>,
-    queue: VecDeque<String>,
-    executors: HashMap<String, Executor>,
+pub(crate) struct State {
+    pub(crate) ops: HashMap<String, OpEntry>,
+    pub(crate) jobs: HashMap<String, JobState>,
+    pub(crate) queue: VecDeque<String>,
+    pub(crate) executors: HashMap<String, Executor>,
     /// (tenant, instance, action) → the shareable operation running it.
-    shared: HashMap<(String, String, Digest), String>,
-    next_session: u64,
-    completed: u64,
+    pub(crate) shared: HashMap<(String, String, Digest), String>,
+    pub(crate) next_session: u64,
+    pub(crate) completed: u64,
 }
 
 pub struct Scheduler {
@@ -502,7 +503,7 @@ fn error_response(code: i32, message: &str) -> ExecuteResponse {
     }
 }
 
-fn publish_stage(st: &State, op: &str, stage: Stage) {
+pub(crate) fn publish_stage(st: &State, op: &str, stage: Stage) {
     if let Some(e) = st.ops.get(op) {
         e.tx.send_modify(|s| s.stage = stage);
     }
@@ -528,77 +529,6 @@ fn complete_locked(st: &mut State, op: &str, response: ExecuteResponse) {
     }
     // Dropping the job releases its input pins.
     drop(js);
-}
-
-/// Hands queued jobs to executors with free slots, oldest job first; each
-/// goes to the matching executor with the most free slots, except that a job
-/// with an affinity key prefers, among those, one holding a warm runner with
-/// that key. It never waits for a warm executor that has no free slot.
-fn dispatch(st: &mut State) {
-    let mut i = 0;
-    while i < st.queue.len() {
-        let op = st.queue[i].clone();
-        let Some(js) = st.jobs.get(&op) else {
-            st.queue.remove(i);
-            continue;
-        };
-        let affinity = js.affinity.as_deref();
-        let target = st
-            .executors
-            .values()
-            .filter(|e| e.free_slots() > 0 && e.info.mismatch(&js.job.platform).is_none())
-            .max_by_key(|e| (affinity.is_some_and(|k| e.holds_warm(k)), e.free_slots()))
-            .map(|e| e.info.id.clone());
-        let Some(exec_id) = target else {
-            i += 1;
-            continue;
-        };
-        st.queue.remove(i);
-        let queued_at = js
-            .queued_at
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default();
-        let msg = worker::ServerMessage {
-            kind: Some(server_message::Kind::Assign(worker::Assignment {
-                operation_name: op.clone(),
-                tenant: js.job.tenant.clone(),
-                instance_name: js.job.instance_name.clone(),
-                action_digest: Some(worker::Digest {
-                    hash: js.job.action_digest.hash_hex(),
-                    size_bytes: js.job.action_digest.size() as i64,
-                }),
-                action: js.job.action.clone(),
-                command: js.job.command.clone(),
-                queued_at: Some(worker::Timestamp {
-                    seconds: queued_at.as_secs() as i64,
-                    nanos: queued_at.subsec_nanos() as i32,
-                }),
-            })),
-        };
-        let Some(exec) = st.executors.get_mut(&exec_id) else {
-            continue;
-        };
-        if exec.sender.send(msg).is_err() {
-            // The session is going away; its disconnect will follow.
-            st.queue.insert(i, op);
-            i += 1;
-            continue;
-        }
-        exec.running.insert(op.clone());
-        if let Some(key) = affinity {
-            if exec.holds_warm(key) {
-                tracing::debug!(operation = %op, executor = %exec_id, "sent to an executor holding a warm runner");
-                // Taken now: the next job with this key must not count on it.
-                // The executor's next report says what it really holds.
-                exec.take_warm(key);
-            }
-        }
-        if let Some(js) = st.jobs.get_mut(&op) {
-            js.executor = Some(exec_id);
-            js.attempts += 1;
-        }
-        publish_stage(st, &op, Stage::Executing);
-    }
 }
 
 #[cfg(test)]
