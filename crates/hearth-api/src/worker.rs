@@ -111,7 +111,7 @@ async fn finished(ctx: &Context, executor: &str, session: u64, mut f: wp::Finish
                 details: vec![],
             }
         };
-    let result = if f.action_result.is_empty() {
+    let mut result = if f.action_result.is_empty() {
         None
     } else {
         match ActionResult::decode(f.action_result.as_slice()) {
@@ -126,7 +126,6 @@ async fn finished(ctx: &Context, executor: &str, session: u64, mut f: wp::Finish
             }
         }
     };
-    let mut result = result;
     if let Some(r) = &result {
         // An executor's word is checked: every blob the result points at
         // must be in the store before anyone is told of it.

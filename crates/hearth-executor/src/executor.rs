@@ -308,6 +308,16 @@ mod tests {
         }
     }
 
+    fn test_config(dir: &std::path::Path) -> ExecutorConfig {
+        ExecutorConfig {
+            id: "e".into(),
+            work_dir: dir.join("work"),
+            default_timeout: Duration::from_secs(10),
+            max_timeout: Duration::from_secs(10),
+            action_owner: None,
+        }
+    }
+
     #[tokio::test]
     async fn finished_reports_the_warm_keys_of_every_runner() {
         let dir = tempfile::tempdir().unwrap();
@@ -319,13 +329,7 @@ mod tests {
                 vec!["k2".into(), "k1".into(), "k2".into()],
             )),
         ];
-        let config = ExecutorConfig {
-            id: "e".into(),
-            work_dir: dir.path().join("work"),
-            default_timeout: Duration::from_secs(10),
-            max_timeout: Duration::from_secs(10),
-            action_owner: None,
-        };
+        let config = test_config(dir.path());
         let exec = Executor::new(config, LocalCas::shared(store), runners).unwrap();
         assert_eq!(exec.warm_keys(), ["k1", "k2", "k2"]);
         let bad = Assignment {
@@ -345,13 +349,7 @@ mod tests {
         use hearth_proto::reapi::{Action, Command as ReCommand};
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(DiskStore::open(&dir.path().join("cas"), 0).unwrap());
-        let config = ExecutorConfig {
-            id: "e".into(),
-            work_dir: dir.path().join("work"),
-            default_timeout: Duration::from_secs(10),
-            max_timeout: Duration::from_secs(10),
-            action_owner: None,
-        };
+        let config = test_config(dir.path());
         let runners: Vec<Arc<dyn Runner>> = vec![Arc::new(Warm("none", vec![]))];
         let exec = Executor::new(config, LocalCas::shared(store), runners).unwrap();
         let root = Digest::of(b"a Directory nobody uploaded");

@@ -66,6 +66,11 @@ fn read_log(path: &Path) -> StoreResult<HashSet<Digest>> {
         .collect())
 }
 
+/// The one rule: a tenant reads the empty blob and what its set holds.
+fn readable(set: Option<&HashSet<Digest>>, d: &Digest) -> bool {
+    *d == Digest::empty() || set.is_some_and(|s| s.contains(d))
+}
+
 impl Owners {
     /// Loads (and compacts) the logs under `dir/owners`. Each log starts
     /// with its tenant's name on one line.
@@ -115,18 +120,7 @@ impl Owners {
 
     /// Whether `tenant` may read `d` (everyone may read the empty blob).
     pub fn owns(&self, tenant: &str, d: &Digest) -> bool {
-        *d == Digest::empty() || self.lock().get(tenant).is_some_and(|s| s.contains(d))
-    }
-
-    /// Those of `digests` that `tenant` may not read.
-    pub fn not_owned(&self, tenant: &str, digests: &[Digest]) -> Vec<Digest> {
-        let sets = self.lock();
-        let set = sets.get(tenant);
-        digests
-            .iter()
-            .filter(|d| **d != Digest::empty() && !set.is_some_and(|s| s.contains(d)))
-            .copied()
-            .collect()
+        readable(self.lock().get(tenant), d)
     }
 
     /// `digests` split into those `tenant` may read and those it may not,
@@ -134,9 +128,7 @@ impl Owners {
     pub fn partition(&self, tenant: &str, digests: &[Digest]) -> (Vec<Digest>, Vec<Digest>) {
         let sets = self.lock();
         let set = sets.get(tenant);
-        digests
-            .iter()
-            .partition(|d| **d == Digest::empty() || set.is_some_and(|s| s.contains(d)))
+        digests.iter().partition(|d| readable(set, d))
     }
 
     /// Lets `tenant` read `digests` from now on.
@@ -223,7 +215,6 @@ mod tests {
             assert!(owners.owns("team-a", &a));
             assert!(!owners.owns("team-a", &b));
             assert!(owners.owns("team-x", &Digest::empty()));
-            assert_eq!(owners.not_owned("team-b", &[a, b]), vec![a]);
             assert_eq!(owners.partition("team-b", &[a, b]), (vec![b], vec![a]));
             owners.flush();
         }
