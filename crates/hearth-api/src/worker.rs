@@ -9,7 +9,7 @@ use hearth_proto::worker::{
     self as wp, worker_message, worker_service_server::WorkerService as WorkerApi, ServerMessage,
     StatusRequest, StatusResponse, WorkerMessage,
 };
-use hearth_scheduler::ExecutorInfo;
+use hearth_scheduler::{ExecutorInfo, ExecutorReport};
 use hearth_storage::{action_key, Digest};
 use prost::Message;
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -75,16 +75,33 @@ async fn stored_outputs(ctx: &Context, result: &ActionResult) -> Result<Vec<Dige
     }
 }
 
+fn executor_report(state: Option<wp::ExecutorState>) -> Option<ExecutorReport> {
+    state.map(|s| ExecutorReport {
+        running: s.running_operations,
+        assignments_received: s.assignments_received,
+    })
+}
+
 /// Stores an executor's result and completes the operation.
 async fn finished(ctx: &Context, executor: &str, session: u64, mut f: wp::Finished) {
     ctx.scheduler
         .report_warm(executor, session, std::mem::take(&mut f.warm_keys));
+    let report = executor_report(f.state.take());
     if f.refused {
         tracing::warn!(executor, operation = %f.operation_name, reason = %f.status_message, "executor refused an assignment; re-queued");
         ctx.scheduler.refused(executor, session, &f.operation_name);
+    }
+    let job = (!f.refused)
+        .then(|| ctx.scheduler.finish(executor, session, &f.operation_name))
+        .flatten();
+    // Reconciled only after the end it reports is taken in.
+    if let Some(report) = &report {
+        ctx.scheduler.report(executor, session, report);
+    }
+    if f.refused {
         return;
     }
-    let Some(job) = ctx.scheduler.finish(executor, session, &f.operation_name) else {
+    let Some(job) = job else {
         if f.status_code == tonic::Code::Cancelled as i32 {
             tracing::debug!(executor, operation = %f.operation_name, "cancelled action confirmed gone");
         } else {
@@ -184,12 +201,13 @@ impl WorkerApi for WorkerService {
             }
         };
         let warm_keys = std::mem::take(&mut hello.warm_keys);
+        let holding = std::mem::take(&mut hello.running_operations);
         let info = executor_info(hello)?;
         let id = info.id.clone();
         let (session, rx) = self
             .ctx
             .scheduler
-            .connect(info, warm_keys, &who.key_id)
+            .reconnect(info, warm_keys, &holding, &who.key_id)
             .map_err(|e| Status::already_exists(e.to_string()))?;
         let ctx = self.ctx.clone();
         tokio::spawn(async move {
@@ -198,6 +216,14 @@ impl WorkerApi for WorkerService {
                     Ok(Some(WorkerMessage {
                         kind: Some(worker_message::Kind::Finished(f)),
                     })) => finished(&ctx, &id, session, f).await,
+                    Ok(Some(WorkerMessage {
+                        kind: Some(worker_message::Kind::Report(r)),
+                    })) => {
+                        ctx.scheduler.report_warm(&id, session, r.warm_keys);
+                        if let Some(report) = executor_report(r.state) {
+                            ctx.scheduler.report(&id, session, &report);
+                        }
+                    }
                     Ok(Some(_)) => {
                         tracing::warn!(executor = %id, "unexpected message from executor; ignored")
                     }
@@ -242,8 +268,30 @@ impl WorkerApi for WorkerService {
                     connected_seconds: e.connected_seconds,
                     warm_runners: e.warm_runners,
                     vm_unavailable: e.info.vm_unavailable,
+                    reconnecting: e.reconnecting,
                 })
                 .collect(),
+            operations: stats
+                .jobs
+                .into_iter()
+                .map(|j| wp::OperationStatus {
+                    operation_name: j.operation_name,
+                    action_digest: Some(wp::Digest {
+                        hash: j.action_digest.hash_hex(),
+                        size_bytes: j.action_digest.size() as i64,
+                    }),
+                    stage: if j.executor.is_some() {
+                        "executing"
+                    } else {
+                        "queued"
+                    }
+                    .into(),
+                    executor_id: j.executor.unwrap_or_default(),
+                    attempts: j.attempts,
+                    queued_seconds: j.queued_for.as_secs(),
+                })
+                .collect(),
+            requeued_actions: stats.requeued,
             queued_actions: stats.queued,
             running_actions: stats.running,
             cas_bytes: cas.bytes,

@@ -143,6 +143,16 @@ impl Executor {
                 nanos: t.nanos,
             }),
             worker_start_timestamp: timestamp(SystemTime::now()),
+            // Which attempt produced this result (queued_timestamp is its
+            // enqueue, not the first one's).
+            auxiliary_metadata: vec![hearth_proto::protobuf::Any {
+                type_url: hearth_proto::ATTEMPT_TYPE_URL.into(),
+                value: hearth_proto::worker::Attempt {
+                    number: a.attempt,
+                    executor_id: self.config.id.clone(),
+                }
+                .encode_to_vec(),
+            }],
             ..Default::default()
         };
         let outcome = self.run(&a, &mut meta, cancel).await;
@@ -157,8 +167,7 @@ impl Executor {
                     status_code: code as i32,
                     status_message: message,
                     warm_keys: self.warm_keys(),
-                    missing_blobs: vec![],
-                    refused: false,
+                    ..Default::default()
                 }
             }
             Err(e) => {
@@ -177,7 +186,7 @@ impl Executor {
                             size_bytes: d.size() as i64,
                         })
                         .collect(),
-                    refused: false,
+                    ..Default::default()
                 }
             }
         }

@@ -20,6 +20,7 @@ mod runner;
 mod sandbox;
 pub mod session;
 mod static_bin;
+mod tracker;
 
 pub use error::ExecError;
 pub use executor::{Executor, ExecutorConfig};

@@ -1,10 +1,9 @@
 //! Keeps an executor connected to the scheduler: hello, receive assignments,
-//! run them concurrently, report results; reconnect with backoff when the
-//! stream breaks. Actions of a broken session are cancelled (the server
-//! re-queues them).
+//! run them concurrently, report results and, every few seconds, what runs;
+//! reconnect with backoff when the stream breaks. Actions outlive a broken
+//! session: the next one's Hello lists them, and the server reconciles.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::client::ServerChannel;
@@ -16,6 +15,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::tracker::{Refusal, Tracker};
 use crate::Executor;
 
 #[derive(Debug, Clone)]
@@ -28,7 +28,13 @@ pub struct SessionConfig {
     /// Why microVMs are not offered (see `Hello.vm_unavailable`); empty
     /// when they are.
     pub vm_unavailable: String,
+    /// How often it tells the server what it runs (also a sign of life:
+    /// keep it well under the server's executor silence limit).
+    pub report_interval: Duration,
 }
+
+/// How often executors report what they run by default.
+pub const REPORT_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Runs sessions until `shutdown` fires.
 pub async fn run(
@@ -37,15 +43,17 @@ pub async fn run(
     channel: ServerChannel,
     shutdown: CancellationToken,
 ) {
+    let tracker = Arc::new(Tracker::new(shutdown.clone()));
     let mut backoff = Duration::from_millis(100);
     loop {
         let started = tokio::time::Instant::now();
-        match one_session(&executor, &config, channel.clone(), &shutdown).await {
+        match one_session(&executor, &config, channel.clone(), &tracker, &shutdown).await {
             Ok(()) => tracing::info!("session with the server ended"),
             Err(e) => {
-                tracing::warn!(server = %config.server, error = %e, "session with the server failed")
+                tracing::warn!(server = %config.server, error = %e, running = tracker.running(), "session with the server failed; running actions go on")
             }
         }
+        tracker.detach();
         if shutdown.is_cancelled() {
             return;
         }
@@ -64,10 +72,11 @@ async fn one_session(
     executor: &Arc<Executor>,
     config: &SessionConfig,
     channel: ServerChannel,
+    tracker: &Arc<Tracker>,
     shutdown: &CancellationToken,
 ) -> Result<(), tonic::Status> {
     let (tx, rx) = mpsc::unbounded_channel();
-    let hello = Hello {
+    let hello = tracker.hello(Hello {
         executor_id: executor.id().to_string(),
         properties: config
             .properties
@@ -83,7 +92,7 @@ async fn one_session(
         running_operations: vec![],
         warm_keys: executor.warm_keys(),
         vm_unavailable: config.vm_unavailable.clone(),
-    };
+    });
     let _ = tx.send(WorkerMessage {
         kind: Some(worker_message::Kind::Hello(hello)),
     });
@@ -92,13 +101,17 @@ async fn one_session(
         .session(UnboundedReceiverStream::new(rx))
         .await?
         .into_inner();
-    tracing::info!(server = %config.server, "connected to the server");
-    let session_cancel = shutdown.child_token();
-    let _cancel_on_exit = session_cancel.clone().drop_guard();
-    let running: Arc<Mutex<HashMap<String, CancellationToken>>> = Arc::default();
+    tracing::info!(server = %config.server, holding = tracker.running(), "connected to the server");
+    tracker.attach(tx);
+    let mut reports = tokio::time::interval(config.report_interval);
+    reports.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let msg = tokio::select! {
             m = inbound.message() => m?,
+            _ = reports.tick() => {
+                tracker.report(executor.warm_keys());
+                continue;
+            }
             _ = shutdown.cancelled() => return Ok(()),
         };
         let Some(ServerMessage { kind: Some(kind) }) = msg else {
@@ -106,21 +119,17 @@ async fn one_session(
         };
         match kind {
             server_message::Kind::Assign(a) => {
-                let token = session_cancel.child_token();
                 let op = a.operation_name.clone();
-                let busy = {
-                    let mut running = running.lock().unwrap_or_else(|p| p.into_inner());
-                    let busy = running.len() >= config.capacity as usize;
-                    if !busy {
-                        running.insert(op.clone(), token.clone());
+                let token = match tracker.accept(&op, a.sequence, config.capacity) {
+                    Ok(token) => token,
+                    Err(Refusal::Duplicate) => {
+                        tracing::warn!(operation = %op, "assigned an operation it already runs; ignored");
+                        continue;
                     }
-                    busy.then_some(running.len())
-                };
-                if let Some(n) = busy {
-                    // The server's count and ours disagree: never overcommit.
-                    tracing::warn!(operation = %op, running = n, "refusing an assignment beyond capacity");
-                    let _ = tx.send(WorkerMessage {
-                        kind: Some(worker_message::Kind::Finished(Finished {
+                    Err(Refusal::Full(n)) => {
+                        // The server's count and ours disagree: never overcommit.
+                        tracing::warn!(operation = %op, running = n, "refusing an assignment beyond capacity");
+                        tracker.finished(Finished {
                             operation_name: op,
                             status_code: tonic::Code::ResourceExhausted as i32,
                             status_message: format!(
@@ -129,38 +138,23 @@ async fn one_session(
                             ),
                             refused: true,
                             ..Default::default()
-                        })),
-                    });
-                    continue;
-                }
+                        });
+                        continue;
+                    }
+                };
                 let executor = executor.clone();
-                let tx = tx.clone();
-                let running = running.clone();
+                let tracker = tracker.clone();
                 tokio::spawn(async move {
                     tracing::debug!(operation = %op, "running action");
-                    let finished = executor.execute(a, token.clone()).await;
-                    running
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&op);
+                    let finished = executor.execute(a, token).await;
                     // Also for cancelled work: the server keeps the slot
                     // taken until this says the action (its VM, its
-                    // processes) is really gone. After the session ended
-                    // the send fails, and the new session starts empty.
-                    let _ = tx.send(WorkerMessage {
-                        kind: Some(worker_message::Kind::Finished(finished)),
-                    });
+                    // processes) is really gone. Without a session it waits
+                    // for the next one.
+                    tracker.finished(finished);
                 });
             }
-            server_message::Kind::Cancel(c) => {
-                if let Some(t) = running
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get(&c.operation_name)
-                {
-                    t.cancel();
-                }
-            }
+            server_message::Kind::Cancel(c) => tracker.cancel(&c.operation_name),
         }
     }
 }

@@ -112,6 +112,7 @@ async fn assignments_beyond_capacity_are_refused() {
         capacity: 2,
         description: String::new(),
         vm_unavailable: String::new(),
+        report_interval: REPORT_INTERVAL,
     };
     tokio::spawn(run(executor, session, channel, shutdown.clone()));
     let f = tokio::time::timeout(Duration::from_secs(20), finished.recv())

@@ -36,3 +36,6 @@ pub mod precondition_failure {
 /// Type URL for [`PreconditionFailure`] inside a `google.protobuf.Any`.
 pub const PRECONDITION_FAILURE_TYPE_URL: &str =
     "type.googleapis.com/google.rpc.PreconditionFailure";
+
+/// Type URL for [`worker::Attempt`] in `ExecutedActionMetadata.auxiliary_metadata`.
+pub const ATTEMPT_TYPE_URL: &str = "type.googleapis.com/hearth.worker.v1.Attempt";

@@ -32,7 +32,12 @@ pub(crate) fn dispatch(st: &mut State) {
             i += 1;
             continue;
         };
+        let Some(exec) = st.executors.get_mut(&exec_id) else {
+            i += 1;
+            continue;
+        };
         st.queue.remove(i);
+        let sequence = exec.sequence + 1;
         let queued_at = js
             .queued_at
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -52,10 +57,9 @@ pub(crate) fn dispatch(st: &mut State) {
                     seconds: queued_at.as_secs() as i64,
                     nanos: queued_at.subsec_nanos() as i32,
                 }),
+                attempt: js.attempts + 1,
+                sequence,
             })),
-        };
-        let Some(exec) = st.executors.get_mut(&exec_id) else {
-            continue;
         };
         if exec.sender.send(msg).is_err() {
             // The session is going away; its disconnect will follow.
@@ -63,7 +67,8 @@ pub(crate) fn dispatch(st: &mut State) {
             i += 1;
             continue;
         }
-        exec.running.insert(op.clone());
+        exec.sequence = sequence;
+        exec.running.insert(op.clone(), sequence);
         if let Some(key) = affinity {
             if exec.holds_warm(key) {
                 tracing::debug!(operation = %op, executor = %exec_id, "sent to an executor holding a warm runner");

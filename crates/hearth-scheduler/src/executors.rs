@@ -1,7 +1,7 @@
 //! What the scheduler knows about one connected executor, and matching an
 //! action's platform against it.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
 use crate::platform::{Platform, ARCH, ISOLATION, OS_FAMILY, POOL};
@@ -67,8 +67,22 @@ pub(crate) struct Executor {
     /// until one of its actions ends.
     pub saturated: bool,
     pub session: u64,
-    pub running: HashSet<String>,
+    /// Operations it runs for a live job → the sequence number of their
+    /// assignment (0 once the executor itself has reported them).
+    pub running: HashMap<String, u64>,
+    /// Operations it still runs whose job is gone (cancelled, or given to
+    /// another executor while this one was away) → sequence as above. They
+    /// hold their slots until the executor confirms they ended; their
+    /// results are ignored.
+    pub draining: HashMap<String, u64>,
+    /// The last assignment sequence number of this session.
+    pub sequence: u64,
     pub connected_at: Instant,
+    /// When it last sent anything.
+    pub last_heard: Instant,
+    /// Its session broke at this time: it gets no work, and its running
+    /// jobs wait out the reconnect grace period before they are re-queued.
+    pub disconnected_at: Option<Instant>,
     pub sender: tokio::sync::mpsc::UnboundedSender<hearth_proto::worker::ServerMessage>,
     /// Affinity keys of its warm runners → how many it holds, as of its
     /// last report, less those the scheduler has since sent work to.
@@ -76,11 +90,39 @@ pub(crate) struct Executor {
 }
 
 impl Executor {
+    pub fn new(
+        info: ExecutorInfo,
+        owner: &str,
+        session: u64,
+        sender: tokio::sync::mpsc::UnboundedSender<hearth_proto::worker::ServerMessage>,
+    ) -> Self {
+        let now = Instant::now();
+        Executor {
+            info,
+            owner: owner.to_string(),
+            saturated: false,
+            session,
+            running: HashMap::new(),
+            draining: HashMap::new(),
+            sequence: 0,
+            connected_at: now,
+            last_heard: now,
+            disconnected_at: None,
+            sender,
+            warm: HashMap::new(),
+        }
+    }
+
+    /// Slots taken: by live jobs and by work still draining.
+    pub fn busy(&self) -> u32 {
+        (self.running.len() + self.draining.len()) as u32
+    }
+
     pub fn free_slots(&self) -> u32 {
-        if self.saturated {
+        if self.saturated || self.disconnected_at.is_some() {
             return 0;
         }
-        self.info.capacity.saturating_sub(self.running.len() as u32)
+        self.info.capacity.saturating_sub(self.busy())
     }
 
     /// Replaces the warm set with a report (one entry per warm runner).
@@ -118,6 +160,8 @@ pub struct ExecutorSnapshot {
     pub connected_seconds: u64,
     /// Warm runners it holds, as the scheduler believes.
     pub warm_runners: u32,
+    /// Its session broke; the scheduler waits for it to come back.
+    pub reconnecting: bool,
 }
 
 #[cfg(test)]

@@ -9,11 +9,14 @@ mod operation;
 pub mod paths;
 pub mod platform;
 mod scheduler;
+mod sessions;
 
 pub use affinity::affinity_key;
 pub use executors::{ExecutorInfo, ExecutorSnapshot};
 pub use operation::{OpSnapshot, Stage};
 pub use platform::{Platform, PlatformError};
 pub use scheduler::{
-    ConnectError, Job, RunningJob, Scheduler, SchedulerConfig, SchedulerStats, SubmitError,
+    ConnectError, Job, JobSnapshot, RunningJob, Scheduler, SchedulerConfig, SchedulerStats,
+    SubmitError, MAX_LISTED_JOBS,
 };
+pub use sessions::ExecutorReport;

@@ -11,10 +11,10 @@ use hearth_proto::reapi::ExecuteResponse;
 use hearth_proto::rpc;
 use hearth_proto::worker::{self, server_message};
 use hearth_storage::{Digest, PinGuard};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use crate::dispatch::dispatch;
-use crate::executors::{Executor, ExecutorInfo, ExecutorSnapshot};
+use crate::executors::{Executor, ExecutorSnapshot};
 use crate::{affinity_key, OpSnapshot, Platform, Stage};
 
 #[derive(Debug, Clone)]
@@ -25,6 +25,14 @@ pub struct SchedulerConfig {
     pub max_attempts: u32,
     /// How long a finished operation stays visible to WaitExecution.
     pub retention: Duration,
+    /// How long an executor whose session broke may take to come back and
+    /// keep its running actions; after that they are re-queued. Zero
+    /// re-queues at once.
+    pub reconnect_grace: Duration,
+    /// An executor heard nothing from for this long is taken as gone (its
+    /// session is closed and the grace period starts). Executors report
+    /// every few seconds even when idle.
+    pub executor_silence: Duration,
 }
 
 impl Default for SchedulerConfig {
@@ -33,6 +41,8 @@ impl Default for SchedulerConfig {
             queue_timeout: Duration::from_secs(600),
             max_attempts: 3,
             retention: Duration::from_secs(600),
+            reconnect_grace: Duration::from_secs(10),
+            executor_silence: Duration::from_secs(60),
         }
     }
 }
@@ -86,7 +96,28 @@ pub struct SchedulerStats {
     pub running: u32,
     pub completed: u64,
     pub cache_hits: u64,
+    /// Times an action went back to the queue because its executor went
+    /// away or no longer ran it.
+    pub requeued: u64,
     pub executors: Vec<ExecutorSnapshot>,
+    /// The oldest actions in flight, at most [`MAX_LISTED_JOBS`].
+    pub jobs: Vec<JobSnapshot>,
+}
+
+/// How many in-flight actions `stats` lists.
+pub const MAX_LISTED_JOBS: usize = 50;
+
+/// An action in flight, for `hearth status`.
+#[derive(Debug, Clone)]
+pub struct JobSnapshot {
+    pub operation_name: String,
+    pub action_digest: Digest,
+    /// Where it runs; None while queued.
+    pub executor: Option<String>,
+    /// Attempts so far (0 while first queued).
+    pub attempts: u32,
+    /// Since its latest enqueue.
+    pub queued_for: Duration,
 }
 
 pub(crate) struct JobState {
@@ -115,10 +146,11 @@ pub(crate) struct State {
     pub(crate) shared: HashMap<(String, String, Digest), String>,
     pub(crate) next_session: u64,
     pub(crate) completed: u64,
+    pub(crate) requeued: u64,
 }
 
 pub struct Scheduler {
-    config: SchedulerConfig,
+    pub(crate) config: SchedulerConfig,
     state: Mutex<State>,
     cache_hits: AtomicU64,
 }
@@ -148,7 +180,7 @@ impl Scheduler {
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -240,12 +272,14 @@ impl Scheduler {
         let Some(js) = st.jobs.get(name) else {
             return true;
         };
-        if let Some(exec) = js.executor.as_ref().and_then(|id| st.executors.get(id)) {
-            let _ = exec.sender.send(worker::ServerMessage {
-                kind: Some(server_message::Kind::Cancel(worker::Cancel {
-                    operation_name: name.to_string(),
-                })),
-            });
+        if let Some(id) = js.executor.clone() {
+            if let Some(exec) = st.executors.get_mut(&id) {
+                // Its slot stays taken until the executor confirms the end.
+                if let Some(seq) = exec.running.remove(name) {
+                    exec.draining.insert(name.to_string(), seq);
+                }
+                send_cancel(exec, name);
+            }
         }
         st.queue.retain(|q| q != name);
         complete_locked(
@@ -254,151 +288,6 @@ impl Scheduler {
             error_response(rpc_code::CANCELLED, "cancelled by the client"),
         );
         true
-    }
-
-    /// Registers an executor with the affinity keys of the warm runners it
-    /// holds; returns its session number and the channel on which it receives
-    /// work. `owner` names the key it authenticated with: a reconnect under
-    /// the same id and owner replaces the old session (whose work is
-    /// re-queued); another owner cannot take a live id over.
-    pub fn connect(
-        &self,
-        info: ExecutorInfo,
-        warm_keys: Vec<String>,
-        owner: &str,
-    ) -> Result<(u64, mpsc::UnboundedReceiver<worker::ServerMessage>), ConnectError> {
-        let mut st = self.lock();
-        if let Some(old) = st.executors.get(&info.id) {
-            if old.owner != owner {
-                tracing::warn!(executor = %info.id, "refused a session taking over a live executor id");
-                return Err(ConnectError::IdInUse(info.id));
-            }
-            let old = old.session;
-            self.disconnect_locked(&mut st, &info.id, old);
-        }
-        st.next_session += 1;
-        let session = st.next_session;
-        let (tx, rx) = mpsc::unbounded_channel();
-        tracing::info!(executor = %info.id, capacity = info.capacity, isolation = ?info.isolation_types, warm = warm_keys.len(), "executor connected");
-        let mut exec = Executor {
-            info,
-            owner: owner.to_string(),
-            saturated: false,
-            session,
-            running: Default::default(),
-            connected_at: Instant::now(),
-            sender: tx,
-            warm: Default::default(),
-        };
-        exec.set_warm(warm_keys);
-        st.executors.insert(exec.info.id.clone(), exec);
-        dispatch(&mut st);
-        Ok((session, rx))
-    }
-
-    /// An executor's session ended; its running actions go back to the queue
-    /// (at the front) or fail once they have used their attempts.
-    pub fn disconnect(&self, executor_id: &str, session: u64) {
-        let mut st = self.lock();
-        self.disconnect_locked(&mut st, executor_id, session);
-        dispatch(&mut st);
-    }
-
-    fn disconnect_locked(&self, st: &mut State, executor_id: &str, session: u64) {
-        if st.executors.get(executor_id).map(|e| e.session) != Some(session) {
-            return;
-        }
-        let Some(exec) = st.executors.remove(executor_id) else {
-            return;
-        };
-        tracing::warn!(
-            executor = executor_id,
-            running = exec.running.len(),
-            "executor disconnected"
-        );
-        for op in exec.running {
-            let Some(js) = st.jobs.get_mut(&op) else {
-                continue;
-            };
-            js.executor = None;
-            if js.attempts >= self.config.max_attempts {
-                let msg = format!(
-                    "the executor running this action went away {} times; giving up",
-                    js.attempts
-                );
-                complete_locked(st, &op, error_response(rpc_code::UNAVAILABLE, &msg));
-            } else {
-                tracing::info!(operation = %op, attempt = js.attempts, "re-queueing action of lost executor");
-                // The queue timeout counts from this enqueue, not the first.
-                js.enqueued = Instant::now();
-                st.queue.push_front(op.clone());
-                publish_stage(st, &op, Stage::Queued);
-            }
-        }
-    }
-
-    /// An executor reports the affinity keys of the warm runners it holds now
-    /// (one entry per runner); they replace what it reported before.
-    pub fn report_warm(&self, executor_id: &str, session: u64, warm_keys: Vec<String>) {
-        let mut st = self.lock();
-        if let Some(exec) = st
-            .executors
-            .get_mut(executor_id)
-            .filter(|e| e.session == session)
-        {
-            exec.set_warm(warm_keys);
-        }
-    }
-
-    /// An executor reports it finished `op`. Frees its slot and returns the
-    /// job so the caller can store the result and then call [`Self::complete`].
-    /// Returns None (after freeing the slot) for an operation that already
-    /// ended, e.g. one cancelled while it ran.
-    pub fn finish(&self, executor_id: &str, session: u64, op: &str) -> Option<RunningJob> {
-        let mut st = self.lock();
-        let exec = st
-            .executors
-            .get_mut(executor_id)
-            .filter(|e| e.session == session)?;
-        if !exec.running.remove(op) {
-            return None;
-        }
-        exec.saturated = false;
-        // Every freed slot may take the next job.
-        let job = st.jobs.get(op).map(|js| RunningJob {
-            operation_name: op.to_string(),
-            tenant: js.job.tenant.clone(),
-            instance_name: js.job.instance_name.clone(),
-            action_digest: js.job.action_digest,
-            do_not_cache: js.job.do_not_cache,
-        });
-        dispatch(&mut st);
-        job
-    }
-
-    /// An executor refused `op` as over its capacity: the job goes back to
-    /// the front of the queue (the attempt not counted) and the executor
-    /// gets nothing more until one of its actions ends.
-    pub fn refused(&self, executor_id: &str, session: u64, op: &str) {
-        let mut st = self.lock();
-        let Some(exec) = st
-            .executors
-            .get_mut(executor_id)
-            .filter(|e| e.session == session)
-        else {
-            return;
-        };
-        if !exec.running.remove(op) {
-            return;
-        }
-        exec.saturated = true;
-        if let Some(js) = st.jobs.get_mut(op) {
-            js.executor = None;
-            js.attempts = js.attempts.saturating_sub(1);
-            st.queue.push_front(op.to_string());
-            publish_stage(&st, op, Stage::Queued);
-        }
-        dispatch(&mut st);
     }
 
     /// Publishes the final response of an operation.
@@ -433,24 +322,42 @@ impl Scheduler {
             .values()
             .map(|e| ExecutorSnapshot {
                 info: e.info.clone(),
-                running: e.running.len() as u32,
+                running: e.busy(),
                 connected_seconds: e.connected_at.elapsed().as_secs(),
                 warm_runners: e.warm_runners(),
+                reconnecting: e.disconnected_at.is_some(),
             })
             .collect();
         executors.sort_by(|a, b| a.info.id.cmp(&b.info.id));
+        let mut jobs: Vec<JobSnapshot> = st
+            .jobs
+            .iter()
+            .filter(|(_, js)| mine(js))
+            .map(|(name, js)| JobSnapshot {
+                operation_name: name.clone(),
+                action_digest: js.job.action_digest,
+                executor: js.executor.clone(),
+                attempts: js.attempts,
+                queued_for: js.enqueued.elapsed(),
+            })
+            .collect();
+        jobs.sort_by_key(|j| std::cmp::Reverse(j.queued_for));
+        jobs.truncate(MAX_LISTED_JOBS);
         SchedulerStats {
             queued,
             running,
             completed: st.completed,
             cache_hits: self.cache_hits.load(Ordering::Relaxed),
+            requeued: st.requeued,
             executors,
+            jobs,
         }
     }
 
     /// Fails actions that waited too long and forgets old finished operations.
     pub fn sweep(&self, now: Instant) {
         let mut st = self.lock();
+        self.sweep_executors(&mut st, now);
         let timeout = self.config.queue_timeout;
         let expired: Vec<String> = st
             .queue
@@ -475,6 +382,7 @@ impl Scheduler {
             e.finished_at
                 .is_none_or(|t| now.duration_since(t) < retention)
         });
+        dispatch(&mut st);
     }
 }
 
@@ -482,6 +390,15 @@ impl Scheduler {
 pub(crate) mod rpc_code {
     pub const CANCELLED: i32 = 1;
     pub const UNAVAILABLE: i32 = 14;
+}
+
+pub(crate) fn send_cancel(exec: &Executor, op: &str) {
+    // A broken session cannot take it; the reconnect reconciles.
+    let _ = exec.sender.send(worker::ServerMessage {
+        kind: Some(server_message::Kind::Cancel(worker::Cancel {
+            operation_name: op.to_string(),
+        })),
+    });
 }
 
 fn shared_key(job: &Job) -> (String, String, Digest) {
@@ -492,7 +409,7 @@ fn shared_key(job: &Job) -> (String, String, Digest) {
     )
 }
 
-fn error_response(code: i32, message: &str) -> ExecuteResponse {
+pub(crate) fn error_response(code: i32, message: &str) -> ExecuteResponse {
     ExecuteResponse {
         status: Some(rpc::Status {
             code,
@@ -513,7 +430,7 @@ pub(crate) fn publish_stage(st: &State, op: &str, stage: Stage) {
 /// it may hold stays taken until the executor confirms the end (its
 /// `Finished`, also sent for cancelled work) or goes away: until then the
 /// work may still be running there (a cancelled VM shutting down).
-fn complete_locked(st: &mut State, op: &str, response: ExecuteResponse) {
+pub(crate) fn complete_locked(st: &mut State, op: &str, response: ExecuteResponse) {
     let Some(js) = st.jobs.remove(op) else { return };
     let key = shared_key(&js.job);
     if st.shared.get(&key).map(String::as_str) == Some(op) {

@@ -1,6 +1,8 @@
 //! Unit tests of the queue and dispatch, warm-runner affinity included.
 
 use super::*;
+use crate::ExecutorInfo;
+use tokio::sync::mpsc;
 
 fn job(tag: &str, platform: Platform) -> Job {
     Job {
@@ -93,6 +95,7 @@ async fn identical_actions_share_one_execution() {
 async fn lost_executor_requeues_then_gives_up() {
     let s = Scheduler::new(SchedulerConfig {
         max_attempts: 2,
+        reconnect_grace: Duration::ZERO,
         ..Default::default()
     });
     let op = s.submit(job("a", Platform::default())).unwrap();
@@ -306,6 +309,7 @@ async fn a_cancelled_slot_is_freed_by_the_executors_confirmation_and_dispatches(
 async fn a_requeued_job_gets_a_fresh_queue_timeout() {
     let s = Scheduler::new(SchedulerConfig {
         queue_timeout: Duration::from_millis(200),
+        reconnect_grace: Duration::ZERO,
         ..SchedulerConfig::default()
     });
     let (session, mut rx) = s.connect(info("e1", 1), vec![], "").unwrap();

@@ -57,6 +57,14 @@ pub struct ServerArgs {
     /// How many times an action is retried when its executor disconnects.
     #[arg(long, default_value_t = 3)]
     pub max_attempts: u32,
+    /// Seconds an executor whose session broke may take to reconnect and
+    /// keep its running actions; then they are re-queued (0 = at once).
+    #[arg(long, default_value_t = 10)]
+    pub executor_grace_secs: u64,
+    /// Seconds without a word from an executor (they report every 5 s)
+    /// after which it is taken as gone.
+    #[arg(long, default_value_t = 60)]
+    pub executor_silence_secs: u64,
     /// Largest Action, Command or Directory blob the server reads (before
     /// Execute, in GetTree); bigger ones are INVALID_ARGUMENT.
     #[arg(long, default_value = "16MiB", value_parser = parse_size)]

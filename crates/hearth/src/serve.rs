@@ -88,6 +88,7 @@ fn session_config(
             std::env::consts::OS
         ),
         vm_unavailable,
+        report_interval: session::REPORT_INTERVAL,
     }
 }
 

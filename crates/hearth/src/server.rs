@@ -100,6 +100,8 @@ pub async fn build_server(args: &ServerArgs) -> Result<Server> {
     let scheduler = Scheduler::new(SchedulerConfig {
         queue_timeout: Duration::from_secs(args.queue_timeout_secs),
         max_attempts: args.max_attempts,
+        reconnect_grace: Duration::from_secs(args.executor_grace_secs),
+        executor_silence: Duration::from_secs(args.executor_silence_secs),
         ..Default::default()
     });
     scheduler.spawn_sweeper();
