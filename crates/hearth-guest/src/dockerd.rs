@@ -62,7 +62,7 @@ pub fn ensure_running(args: &[String], timeout: Duration) -> Result<(), String> 
         if answers() {
             return Ok(());
         }
-        if let Some(status) = crate::exec::try_exit(pid as i32) {
+        if let Some(status) = hearth_guest::exec::try_exit(pid as i32) {
             return Err(format!(
                 "dockerd exited (code {}) before it answered: {}",
                 status.exit_code,

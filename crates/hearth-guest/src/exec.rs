@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use hearth_guest::protocol::{ExecRequest, ExitStatus};
+use crate::protocol::{ExecRequest, ExitStatus};
 
 #[derive(Default)]
 struct Exits {
