@@ -7,4 +7,5 @@
 
 pub mod exec;
 pub mod protocol;
+pub mod reap;
 mod user;

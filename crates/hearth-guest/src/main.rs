@@ -127,7 +127,10 @@ fn main() {
         eprintln!("hearth-guest is the init of a Hearth microVM; it must run as PID 1");
         std::process::exit(2);
     }
-    hearth_guest::exec::spawn_reaper();
+    // Every spawn starts it too; starting it here reports a failure early.
+    if let Err(e) = hearth_guest::reap::start() {
+        log(&e.to_string());
+    }
     match init::boot() {
         Ok(opts) => {
             for port in opts.forwards {
