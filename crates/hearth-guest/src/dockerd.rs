@@ -8,6 +8,8 @@ use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use hearth_guest::reap;
+
 const SOCKET: &str = "/var/run/docker.sock";
 const DATA_ROOT: &str = "/.hearth/scratch/docker";
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -43,26 +45,26 @@ pub fn ensure_running(args: &[String], timeout: Duration) -> Result<(), String> 
     let log = fs::File::create("/run/dockerd.log")
         .map_err(|e| format!("creating /run/dockerd.log: {e}"))?;
     let log2 = log.try_clone().map_err(|e| e.to_string())?;
-    let child = Command::new(&dockerd)
-        .arg("--data-root")
-        .arg(DATA_ROOT)
-        .args(args)
-        .env_clear()
-        .env("PATH", PATH)
-        .stdin(Stdio::null())
-        .stdout(log)
-        .stderr(log2)
-        .spawn()
-        .map_err(|e| format!("starting {dockerd}: {e}"))?;
-    let pid = child.id();
-    // The reaper thread owns waiting for it.
-    std::mem::forget(child);
+    // Once `child` is dropped the reaper drops dockerd's exit status: it
+    // outlives this request, and a later one finds it by its socket.
+    let child = reap::spawn(
+        Command::new(&dockerd)
+            .arg("--data-root")
+            .arg(DATA_ROOT)
+            .args(args)
+            .env_clear()
+            .env("PATH", PATH)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2),
+    )
+    .map_err(|e| format!("starting {dockerd}: {e}"))?;
     let deadline = Instant::now() + timeout;
     loop {
         if answers() {
             return Ok(());
         }
-        if let Some(status) = crate::exec::try_exit(pid as i32) {
+        if let Some(status) = child.try_exit() {
             return Err(format!(
                 "dockerd exited (code {}) before it answered: {}",
                 status.exit_code,
@@ -70,8 +72,7 @@ pub fn ensure_running(args: &[String], timeout: Duration) -> Result<(), String> 
             ));
         }
         if Instant::now() > deadline {
-            // SAFETY: kill(2) on our own child.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            child.kill(false);
             return Err(format!(
                 "dockerd did not answer within {}s: {}",
                 timeout.as_secs(),

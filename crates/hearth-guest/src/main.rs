@@ -3,12 +3,10 @@
 //! `hearth.agent` (see protocol.rs), one request at a time.
 
 mod dockerd;
-mod exec;
 mod forward;
 mod init;
 mod pack;
 mod sys;
-mod user;
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
@@ -78,7 +76,7 @@ fn handle(req: Request) -> Response {
                     log(&format!("setting the clock: {err}"));
                 }
             }
-            exec::run(&e).map(Response::Exited)
+            hearth_guest::exec::run(&e).map(Response::Exited)
         }
         Request::PackOutputs {
             root,
@@ -129,7 +127,10 @@ fn main() {
         eprintln!("hearth-guest is the init of a Hearth microVM; it must run as PID 1");
         std::process::exit(2);
     }
-    exec::spawn_reaper();
+    // Every spawn starts it too; starting it here reports a failure early.
+    if let Err(e) = hearth_guest::reap::start() {
+        log(&e.to_string());
+    }
     match init::boot() {
         Ok(opts) => {
             for port in opts.forwards {
