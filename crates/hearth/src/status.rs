@@ -67,8 +67,13 @@ pub fn render(s: &StatusResponse) -> String {
         } else {
             String::new()
         };
+        let away = if e.reconnecting {
+            "  (session lost; waiting for it to reconnect)"
+        } else {
+            ""
+        };
         out.push_str(&format!(
-            "  {:<28} {}/{} busy{warm}  isolation={}  {}  up {}s\n",
+            "  {:<28} {}/{} busy{warm}  isolation={}  {}  up {}s{away}\n",
             e.executor_id,
             e.running,
             e.capacity,
@@ -82,6 +87,31 @@ pub fn render(s: &StatusResponse) -> String {
                 "", e.vm_unavailable
             ));
         }
+    }
+    if s.requeued_actions > 0 {
+        out.push_str(&format!(
+            "retries    {} re-queued after their executor went away\n",
+            s.requeued_actions
+        ));
+    }
+    if !s.operations.is_empty() {
+        out.push_str("in flight  (oldest first)\n");
+    }
+    for op in &s.operations {
+        let place = if op.executor_id.is_empty() {
+            op.stage.clone()
+        } else {
+            format!("{} on {}", op.stage, op.executor_id)
+        };
+        let action = op
+            .action_digest
+            .as_ref()
+            .map(|d| format!("{}/{}", d.hash.get(..12).unwrap_or(&d.hash), d.size_bytes))
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "  {}  {place}  attempt {}  {}s since queued  action {action}\n",
+            op.operation_name, op.attempts, op.queued_seconds
+        ));
     }
     out
 }
@@ -137,6 +167,41 @@ mod tests {
         assert!(
             line.ends_with(
                 "microVMs unavailable: no guest kernel in /k (run scripts/install-vm.sh)"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn shows_attempts_and_executors_away() {
+        let s = StatusResponse {
+            executors: vec![ExecutorStatus {
+                executor_id: "box-1".into(),
+                capacity: 1,
+                running: 1,
+                reconnecting: true,
+                ..Default::default()
+            }],
+            operations: vec![hearth_proto::worker::OperationStatus {
+                operation_name: "operations/abc".into(),
+                stage: "executing".into(),
+                executor_id: "box-1".into(),
+                attempts: 2,
+                queued_seconds: 7,
+                action_digest: Some(hearth_proto::worker::Digest {
+                    hash: "0123456789abcdef".into(),
+                    size_bytes: 140,
+                }),
+            }],
+            requeued_actions: 1,
+            ..Default::default()
+        };
+        let text = render(&s);
+        assert!(text.contains("waiting for it to reconnect"), "{text}");
+        assert!(text.contains("retries    1 re-queued"), "{text}");
+        assert!(
+            text.contains(
+                "operations/abc  executing on box-1  attempt 2  7s since queued  action 0123456789ab/140"
             ),
             "{text}"
         );

@@ -5,75 +5,15 @@
 
 mod common;
 
-use std::process::{Child, Command as Proc, Stdio};
+use std::process::Command as Proc;
 use std::time::{Duration, Instant};
 
+use common::remote::{executor, status, wait_for};
 use common::worker::FakeExecutor;
 use common::*;
-use hearth_proto::worker::{
-    worker_service_client::WorkerServiceClient, StatusRequest, StatusResponse,
-};
+use hearth_proto::worker::StatusResponse;
 use hearth_scheduler::{affinity_key, Platform};
 use tonic::Code;
-
-struct Executor(Child);
-
-impl Drop for Executor {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn executor(h: &Hearth, id: &str) -> Executor {
-    let work = h.dir.path().join(format!("exec-{id}"));
-    let child = Proc::new(bin())
-        .args([
-            "executor",
-            "--server",
-            &h.addr.replace("http://", "grpc://"),
-            "--capacity",
-            "1",
-            "--executor-id",
-            id,
-            "--vm",
-            "off",
-        ])
-        .arg("--work-dir")
-        .arg(&work)
-        .env("HEARTH_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("starting executor");
-    Executor(child)
-}
-
-async fn status(c: &Channel) -> StatusResponse {
-    WorkerServiceClient::new(c.clone())
-        .status(StatusRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-}
-
-async fn wait_for(
-    c: &Channel,
-    what: &str,
-    cond: impl Fn(&StatusResponse) -> bool,
-) -> StatusResponse {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let s = status(c).await;
-        if cond(&s) {
-            return s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {s:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 #[tokio::test]
 async fn remote_executor_fetches_inputs_and_uploads_outputs() {
@@ -118,7 +58,8 @@ async fn actions_fail_after_the_queue_timeout_without_executors() {
 
 #[tokio::test]
 async fn killed_executor_mid_action_is_retried_elsewhere() {
-    let h = server(&[]);
+    // It never comes back: after the grace period its action runs elsewhere.
+    let h = server(&["--executor-grace-secs", "1"]);
     let c = channel(&h).await;
     let e1 = executor(&h, "victim-a");
     let e2 = executor(&h, "victim-b");

@@ -23,6 +23,7 @@ use tonic::service::interceptor::InterceptedService;
 /// with every call.
 pub type Channel = InterceptedService<tonic::transport::Channel, ApiKey>;
 
+pub mod remote;
 pub mod tls;
 pub mod vm;
 pub mod worker;

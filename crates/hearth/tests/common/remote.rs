@@ -1,0 +1,78 @@
+//! Separate `hearth executor` processes for the integration tests, and
+//! polling the server's status.
+
+use std::process::{Child, Command as Proc, Stdio};
+use std::time::{Duration, Instant};
+
+use hearth_proto::worker::{
+    worker_service_client::WorkerServiceClient, StatusRequest, StatusResponse,
+};
+
+use super::{bin, Channel, Hearth};
+
+/// A `hearth executor` process, killed when dropped.
+pub struct Executor(pub Child);
+
+impl Drop for Executor {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `hearth executor` (host runner, capacity 1) with `id`, connected to `h`.
+pub fn executor(h: &Hearth, id: &str) -> Executor {
+    executor_at(h, &h.addr, id)
+}
+
+/// The same, connected to `addr` (a proxy in front of `h`, say).
+pub fn executor_at(h: &Hearth, addr: &str, id: &str) -> Executor {
+    let work = h.dir.path().join(format!("exec-{id}"));
+    let child = Proc::new(bin())
+        .args([
+            "executor",
+            "--server",
+            &addr.replace("http://", "grpc://"),
+            "--capacity",
+            "1",
+            "--executor-id",
+            id,
+            "--vm",
+            "off",
+        ])
+        .arg("--work-dir")
+        .arg(&work)
+        .env("HEARTH_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("starting executor");
+    Executor(child)
+}
+
+pub async fn status(c: &Channel) -> StatusResponse {
+    WorkerServiceClient::new(c.clone())
+        .status(StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Polls `hearth status` until `cond` holds (20 s at most).
+pub async fn wait_for(
+    c: &Channel,
+    what: &str,
+    cond: impl Fn(&StatusResponse) -> bool,
+) -> StatusResponse {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = status(c).await;
+        if cond(&s) {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
