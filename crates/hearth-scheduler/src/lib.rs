@@ -5,6 +5,8 @@
 mod affinity;
 mod dispatch;
 mod executors;
+#[cfg(test)]
+mod invariants;
 mod operation;
 pub mod paths;
 pub mod platform;
