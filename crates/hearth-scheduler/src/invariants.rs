@@ -129,7 +129,7 @@ fn job(tag: u8, shareable: bool, gpu: bool) -> Job {
 fn result_of(op: &str) -> ExecuteResponse {
     ExecuteResponse {
         result: Some(ActionResult {
-            stdout_raw: op.as_bytes().to_vec().into(),
+            stdout_raw: op.as_bytes().to_vec(),
             ..Default::default()
         }),
         ..Default::default()
