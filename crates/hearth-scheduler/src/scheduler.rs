@@ -33,6 +33,12 @@ pub struct SchedulerConfig {
     /// session is closed and the grace period starts). Executors report
     /// every few seconds even when idle.
     pub executor_silence: Duration,
+    /// An operation in flight that no client has watched for this long is
+    /// abandoned (Bazel interrupted, say): cancelled on its executor and
+    /// forgotten, so a client that comes back with WaitExecution gets
+    /// NOT_FOUND and executes again. Bazel re-attaches within a second of
+    /// a broken stream.
+    pub abandon_unwatched: Duration,
 }
 
 impl Default for SchedulerConfig {
@@ -43,6 +49,7 @@ impl Default for SchedulerConfig {
             retention: Duration::from_secs(600),
             reconnect_grace: Duration::from_secs(10),
             executor_silence: Duration::from_secs(60),
+            abandon_unwatched: Duration::from_secs(3),
         }
     }
 }
@@ -134,6 +141,8 @@ pub(crate) struct OpEntry {
     tenant: String,
     tx: watch::Sender<OpSnapshot>,
     finished_at: Option<Instant>,
+    /// Since when no client watches it (while in flight).
+    unwatched_since: Option<Instant>,
 }
 
 #[derive(Default)]
@@ -225,6 +234,7 @@ impl Scheduler {
                 tenant: job.tenant.clone(),
                 tx,
                 finished_at: None,
+                unwatched_since: None,
             },
         );
         let affinity = job
@@ -269,24 +279,7 @@ impl Scheduler {
             Some(e) if tenant.is_none_or(|t| e.tenant == t) => {}
             _ => return false,
         }
-        let Some(js) = st.jobs.get(name) else {
-            return true;
-        };
-        if let Some(id) = js.executor.clone() {
-            if let Some(exec) = st.executors.get_mut(&id) {
-                // Its slot stays taken until the executor confirms the end.
-                if let Some(seq) = exec.running.remove(name) {
-                    exec.draining.insert(name.to_string(), seq);
-                }
-                send_cancel(exec, name);
-            }
-        }
-        st.queue.retain(|q| q != name);
-        complete_locked(
-            &mut st,
-            name,
-            error_response(rpc_code::CANCELLED, "cancelled by the client"),
-        );
+        cancel_locked(&mut st, name, "cancelled by the client");
         true
     }
 
@@ -377,6 +370,23 @@ impl Scheduler {
             );
             complete_locked(&mut st, &op, error_response(rpc_code::UNAVAILABLE, &msg));
         }
+        let abandon = self.config.abandon_unwatched;
+        let mut abandoned = vec![];
+        for (name, e) in st.ops.iter_mut() {
+            if e.finished_at.is_some() || e.tx.receiver_count() > 0 {
+                e.unwatched_since = None;
+                continue;
+            }
+            let since = *e.unwatched_since.get_or_insert(now);
+            if now.saturating_duration_since(since) >= abandon {
+                abandoned.push(name.clone());
+            }
+        }
+        for name in abandoned {
+            tracing::info!(operation = %name, "no client watches it any more; cancelling it");
+            cancel_locked(&mut st, &name, "abandoned: no client was waiting for it");
+            st.ops.remove(&name);
+        }
         let retention = self.config.retention;
         st.ops.retain(|_, e| {
             e.finished_at
@@ -390,6 +400,22 @@ impl Scheduler {
 pub(crate) mod rpc_code {
     pub const CANCELLED: i32 = 1;
     pub const UNAVAILABLE: i32 = 14;
+}
+
+/// Ends `name` as CANCELLED; its executor (if any) is told to stop, and
+/// its slot stays taken until the executor confirms the end.
+fn cancel_locked(st: &mut State, name: &str, why: &str) {
+    let Some(js) = st.jobs.get(name) else {
+        return;
+    };
+    if let Some(exec) = js.executor.as_ref().and_then(|id| st.executors.get_mut(id)) {
+        if let Some(seq) = exec.running.remove(name) {
+            exec.draining.insert(name.to_string(), seq);
+        }
+        send_cancel(exec, name);
+    }
+    st.queue.retain(|q| q != name);
+    complete_locked(st, name, error_response(rpc_code::CANCELLED, why));
 }
 
 pub(crate) fn send_cancel(exec: &Executor, op: &str) {

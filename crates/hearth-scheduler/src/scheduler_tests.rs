@@ -355,3 +355,36 @@ async fn a_refused_assignment_is_requeued_and_the_executor_left_alone() {
     s.finish("e1", s1, &first);
     assert_eq!(assigned(&mut e1).as_deref(), Some(c.borrow().name.as_str()));
 }
+
+/// Bazel interrupted: its Execute stream is gone, nobody watches the
+/// operation. After a short while it is cancelled on its executor and
+/// forgotten (a client coming back gets NOT_FOUND and executes again).
+#[tokio::test]
+async fn an_operation_nobody_watches_is_abandoned_and_its_executor_told() {
+    let s = Scheduler::new(SchedulerConfig {
+        abandon_unwatched: Duration::from_secs(3),
+        ..SchedulerConfig::default()
+    });
+    let (session, mut rx) = s.connect(info("e1", 1), vec![], "").unwrap();
+    let watched = s.submit(job("kept", Platform::default())).unwrap();
+    let kept = assigned(&mut rx).unwrap();
+    s.finish("e1", session, &kept);
+    let name = {
+        let op = s.submit(job("dropped", Platform::default())).unwrap();
+        let name = op.borrow().name.clone();
+        name
+    };
+    assert_eq!(assigned(&mut rx).as_deref(), Some(name.as_str()));
+    let now = Instant::now();
+    s.sweep(now);
+    s.sweep(now + Duration::from_secs(2));
+    assert!(s.subscribe(&name, None).is_some(), "not yet");
+    s.sweep(now + Duration::from_secs(4));
+    assert!(s.subscribe(&name, None).is_none(), "forgotten");
+    match rx.try_recv().unwrap().kind.unwrap() {
+        server_message::Kind::Cancel(c) => assert_eq!(c.operation_name, name),
+        other => panic!("expected a cancel: {other:?}"),
+    }
+    assert_eq!(s.stats(None).executors[0].running, 1, "until it confirms");
+    assert!(s.subscribe(&watched.borrow().name, None).is_some());
+}

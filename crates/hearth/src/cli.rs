@@ -65,6 +65,10 @@ pub struct ServerArgs {
     /// after which it is taken as gone.
     #[arg(long, default_value_t = 60)]
     pub executor_silence_secs: u64,
+    /// Seconds an action may run or wait with no client watching it (Bazel
+    /// interrupted) before it is cancelled and forgotten.
+    #[arg(long, default_value_t = 3)]
+    pub abandon_unwatched_secs: u64,
     /// Largest Action, Command or Directory blob the server reads (before
     /// Execute, in GetTree); bigger ones are INVALID_ARGUMENT.
     #[arg(long, default_value = "16MiB", value_parser = parse_size)]

@@ -102,6 +102,7 @@ pub async fn build_server(args: &ServerArgs) -> Result<Server> {
         max_attempts: args.max_attempts,
         reconnect_grace: Duration::from_secs(args.executor_grace_secs),
         executor_silence: Duration::from_secs(args.executor_silence_secs),
+        abandon_unwatched: Duration::from_secs(args.abandon_unwatched_secs),
         ..Default::default()
     });
     scheduler.spawn_sweeper();
