@@ -79,6 +79,7 @@ fn executor_report(state: Option<wp::ExecutorState>) -> Option<ExecutorReport> {
     state.map(|s| ExecutorReport {
         running: s.running_operations,
         assignments_received: s.assignments_received,
+        leaving: s.leaving,
     })
 }
 

@@ -36,6 +36,10 @@ pub struct SessionConfig {
 /// How often executors report what they run by default.
 pub const REPORT_INTERVAL: Duration = Duration::from_secs(5);
 
+/// How long a shutting-down executor waits for the server to take in that
+/// it holds nothing any more.
+const FAREWELL_WAIT: Duration = Duration::from_secs(2);
+
 /// Runs sessions until `shutdown` fires.
 pub async fn run(
     executor: Arc<Executor>,
@@ -112,7 +116,17 @@ async fn one_session(
                 tracker.report(executor.warm_keys());
                 continue;
             }
-            _ = shutdown.cancelled() => return Ok(()),
+            _ = shutdown.cancelled() => {
+                tracker.farewell();
+                // The server closes its side once it has taken the farewell
+                // in; waiting for that (briefly) keeps the process from
+                // exiting with the farewell unsent.
+                let _ = tokio::time::timeout(FAREWELL_WAIT, async {
+                    while let Ok(Some(_)) = inbound.message().await {}
+                })
+                .await;
+                return Ok(());
+            }
         };
         let Some(ServerMessage { kind: Some(kind) }) = msg else {
             return Ok(());

@@ -52,6 +52,7 @@ impl Inner {
         ExecutorState {
             running_operations: running,
             assignments_received: self.session.as_ref().map_or(0, |s| s.received),
+            leaving: false,
         }
     }
 
@@ -158,6 +159,26 @@ impl Tracker {
                 kind: Some(worker_message::Kind::Report(Report {
                     state: Some(inner.state()),
                     warm_keys,
+                })),
+            });
+        }
+    }
+
+    /// At shutdown: tells the server this executor holds nothing any more
+    /// (its actions are being cancelled), so the server re-queues them at
+    /// once rather than waiting out the reconnect grace period for it.
+    pub fn farewell(&self) {
+        let mut inner = self.lock();
+        let received = inner.session.as_ref().map_or(0, |s| s.received);
+        if let Some(s) = inner.session.take() {
+            let _ = s.tx.send(WorkerMessage {
+                kind: Some(worker_message::Kind::Report(Report {
+                    state: Some(ExecutorState {
+                        running_operations: vec![],
+                        assignments_received: received,
+                        leaving: true,
+                    }),
+                    warm_keys: vec![],
                 })),
             });
         }

@@ -66,6 +66,8 @@ pub(crate) struct Executor {
     /// It refused an assignment as over its capacity: it gets nothing more
     /// until one of its actions ends.
     pub saturated: bool,
+    /// It said it is shutting down.
+    pub leaving: bool,
     pub session: u64,
     /// Operations it runs for a live job → the sequence number of their
     /// assignment (0 once the executor itself has reported them).
@@ -101,6 +103,7 @@ impl Executor {
             info,
             owner: owner.to_string(),
             saturated: false,
+            leaving: false,
             session,
             running: HashMap::new(),
             draining: HashMap::new(),
@@ -119,7 +122,7 @@ impl Executor {
     }
 
     pub fn free_slots(&self) -> u32 {
-        if self.saturated || self.disconnected_at.is_some() {
+        if self.saturated || self.leaving || self.disconnected_at.is_some() {
             return 0;
         }
         self.info.capacity.saturating_sub(self.busy())

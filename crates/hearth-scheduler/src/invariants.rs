@@ -36,6 +36,9 @@ enum Step {
     Break(usize),
     /// The executor process dies and starts again, holding nothing.
     Restart(usize),
+    /// The executor shuts down gracefully: it says it holds nothing and
+    /// leaves (and may start again later).
+    Leave(usize),
     /// The executor reads what the server sent it.
     Deliver(usize),
     /// The executor ends one of its actions (with or without its state: the
@@ -55,6 +58,7 @@ fn step() -> impl Strategy<Value = Step> {
         2 => (0usize..3).prop_map(Step::Connect),
         1 => (0usize..3).prop_map(Step::Break),
         1 => (0usize..3).prop_map(Step::Restart),
+        1 => (0usize..3).prop_map(Step::Leave),
         4 => (0usize..3).prop_map(Step::Deliver),
         4 => (0usize..3, 0usize..4, any::<bool>()).prop_map(|(e, i, r)| Step::Finish(e, i, r)),
         1 => (0usize..3).prop_map(Step::Report),
@@ -95,6 +99,7 @@ impl SimExecutor {
         ExecutorReport {
             running: self.running.clone(),
             assignments_received: self.received,
+            leaving: false,
         }
     }
 }
@@ -191,6 +196,19 @@ impl World {
                     self.s.disconnect(&self.execs[e].id, session);
                 }
                 self.execs[e].running.clear();
+            }
+            Step::Leave(e) => {
+                let x = &mut self.execs[e];
+                if let Some((session, _)) = x.session.take() {
+                    let farewell = ExecutorReport {
+                        running: vec![],
+                        assignments_received: x.received,
+                        leaving: true,
+                    };
+                    self.s.report(&x.id, session, &farewell);
+                    self.s.disconnect(&x.id, session);
+                    x.running.clear();
+                }
             }
             Step::Deliver(e) => self.deliver(e),
             Step::Finish(e, i, with_state) => self.finish(e, i, with_state),

@@ -27,6 +27,8 @@ pub struct ExecutorReport {
     /// The highest assignment sequence number of this session it has seen;
     /// later assignments may still be on their way and are not judged.
     pub assignments_received: u64,
+    /// It is shutting down: it gets nothing more.
+    pub leaving: bool,
 }
 
 type Assignments = mpsc::UnboundedReceiver<worker::ServerMessage>;
@@ -195,6 +197,7 @@ impl Scheduler {
             return;
         };
         exec.last_heard = Instant::now();
+        exec.leaving |= report.leaving;
         let seen = report.assignments_received;
         let listed: HashSet<&str> = report.running.iter().map(String::as_str).collect();
         // Only assignments it has received can be missing from its list.

@@ -54,6 +54,7 @@ fn report(running: &[&str], received: u64) -> ExecutorReport {
     ExecutorReport {
         running: running.iter().map(|s| s.to_string()).collect(),
         assignments_received: received,
+        leaving: false,
     }
 }
 
@@ -242,4 +243,25 @@ async fn a_cancelled_action_on_an_executor_that_was_away_is_cancelled_again_on_r
         Some(("cancel", name, 0)),
         "the first cancel was lost with the session"
     );
+}
+
+#[tokio::test]
+async fn a_leaving_executor_hands_its_work_back_and_gets_no_more() {
+    let s = scheduler(Duration::from_secs(300));
+    let (session, mut rx) = s.connect(info("e1", 1), vec![], "k").unwrap();
+    let op = s.submit(job("a")).unwrap();
+    let (_, name, seq) = next(&mut rx).unwrap();
+    s.report(
+        "e1",
+        session,
+        &ExecutorReport {
+            running: vec![],
+            assignments_received: seq,
+            leaving: true,
+        },
+    );
+    assert_eq!(op.borrow().stage, Stage::Queued, "re-queued at once");
+    assert!(next(&mut rx).is_none(), "not sent back to the leaver");
+    let (_, mut rx2) = s.connect(info("e2", 1), vec![], "k").unwrap();
+    assert_eq!(next(&mut rx2).map(|m| m.1), Some(name));
 }

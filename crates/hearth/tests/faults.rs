@@ -157,3 +157,38 @@ async fn a_killed_executor_started_again_under_its_id_reruns_the_action_at_once(
     assert_eq!(s.requeued_actions, 1, "{s:?}");
     assert!(started.elapsed() < Duration::from_secs(60));
 }
+
+#[tokio::test]
+async fn an_executor_stopped_gracefully_hands_its_action_back_at_once() {
+    let h = server(&["--executor-grace-secs", "300"]);
+    let c = channel(&h).await;
+    let mut leaving = executor(&h, "leaving");
+    wait_for(&c, "the executor", |s| s.executors.len() == 1).await;
+    let run = start_action(&c, "sleep 3; echo done > out.txt").await;
+    wait_for(&c, "the action to start", |s| s.running_actions == 1).await;
+    let _staying = executor(&h, "staying");
+    wait_for(&c, "the second executor", |s| s.executors.len() == 2).await;
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &leaving.0.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(sent.success());
+    let _ = leaving.0.wait();
+    let resp = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("re-queued at once, not after the grace period")
+        .expect("the client");
+    assert_eq!(
+        resp.result.as_ref().map(|r| r.exit_code),
+        Some(0),
+        "{:?}",
+        resp.status
+    );
+    assert_eq!(
+        attempt_of(&resp),
+        Attempt {
+            number: 2,
+            executor_id: "staying".into()
+        }
+    );
+}
