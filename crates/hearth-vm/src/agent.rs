@@ -140,7 +140,10 @@ impl AgentClient {
                 .map_err(|e| VmError::Agent(format!("writing: {e}")))
         };
         bounded(
-            || format!("the guest agent did not take {}", kind(reqs[0])),
+            || {
+                let what = reqs.first().map_or_else(String::new, |r| kind(r));
+                format!("the guest agent did not take {what}")
+            },
             self.control,
             write,
         )
