@@ -1,3 +1,5 @@
+use std::time::Duration;
+
 /// Why a VM could not do what was asked.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -15,6 +17,10 @@ pub enum VmError {
     Version(u32, u32),
     #[error("{0}")]
     Setup(String),
+    /// A host-side deadline passed (see deadline.rs): the guest agent or
+    /// QEMU is wedged. Whoever gets this kills the VM.
+    #[error("{what} within {limit:?}")]
+    Timeout { what: String, limit: Duration },
 }
 
 impl VmError {

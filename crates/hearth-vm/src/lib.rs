@@ -6,9 +6,11 @@
 //! - [`initramfs`] assembles the guest's initramfs (the `hearth-guest` agent
 //!   as `/init` plus the kernel modules it needs), cached by content hash.
 //! - [`VmRunner`] implements the executor's `Runner` seam: one action, one VM.
+//! - [`deadline`]: every wait for a guest agent or QEMU is bounded.
 
 mod accel;
 mod agent;
+pub mod deadline;
 mod disks;
 mod error;
 pub mod forward;
@@ -25,6 +27,7 @@ mod warm;
 
 pub use accel::{detect_accel, host_tsc_khz, Accel};
 pub use agent::AgentClient;
+pub use deadline::{CONTROL_TIMEOUT, DOCKERD_TIMEOUT};
 pub use error::VmError;
 pub use images::{ImageHold, ImageSource, ResolvedImage, VmSize};
 pub use qemu::{file_identity, kill_stale, qemu_version, QemuVm, QemuVmm};

@@ -10,6 +10,7 @@ use async_trait::async_trait;
 use hearth_guest::protocol::{Response, PORT_NAME};
 use tokio::process::{Child, Command};
 
+use crate::deadline::{bounded, SAVE_TIMEOUT};
 use crate::qmp::Qmp;
 use crate::sockdir::{self, SocketDir};
 use crate::{Accel, AgentClient, BootFiles, VmError, VmSpec, Vmm};
@@ -21,6 +22,9 @@ pub struct QemuVmm {
     /// Passed as `tsc_early_khz` under TCG.
     pub tsc_khz: Option<u64>,
     pub boot_timeout: Duration,
+    /// The bound of each later control call to the agent and of each QMP
+    /// exchange ([`crate::deadline::CONTROL_TIMEOUT`] in production).
+    pub control_timeout: Duration,
     /// The `hearth` binary, whose `forward-unix` subcommand QEMU runs for
     /// each guest connection to a forwarded service.
     pub forward_exe: PathBuf,
@@ -68,14 +72,14 @@ pub async fn qemu_version(qemu: &Path) -> Result<String, VmError> {
 /// run directory, named through [`SocketDir`] so that their paths fit
 /// `sun_path` whatever the directory's.
 const AGENT_SOCK: &str = "agent.sock";
-const QMP_SOCK: &str = "qmp.sock";
+pub(crate) const QMP_SOCK: &str = "qmp.sock";
 
 /// Loads a VM saved by [`QemuVm::save`] into a QEMU started with
 /// `-incoming defer`, then resumes it (it was paused when saved, and stays
 /// paused after loading).
-async fn wake_restored(run: &SocketDir, state: &Path) -> Result<(), VmError> {
+async fn wake_restored(run: &SocketDir, state: &Path, control: Duration) -> Result<(), VmError> {
     let mut qmp = loop {
-        match Qmp::connect(run, QMP_SOCK).await {
+        match Qmp::connect(run, QMP_SOCK, control).await {
             Ok(q) => break q,
             Err(_) => tokio::time::sleep(Duration::from_millis(2)).await,
         }
@@ -111,6 +115,8 @@ pub struct QemuVm {
     run: SocketDir,
     /// Gives a networked VM's namespace its outbound connectivity.
     slirp: Option<Child>,
+    /// The bound of each QMP exchange.
+    control: Duration,
 }
 
 impl QemuVmm {
@@ -305,14 +311,19 @@ impl Vmm for QemuVmm {
             None
         };
         let console = spec.run_dir.join("console.log");
+        let control = self.control_timeout;
         let ready = async {
             match &spec.incoming {
-                None => AgentClient::connect(&run, AGENT_SOCK, self.boot_timeout).await,
+                None => AgentClient::connect(&run, AGENT_SOCK, self.boot_timeout, control).await,
                 Some(state) => {
-                    tokio::time::timeout(self.boot_timeout, wake_restored(&run, state))
-                        .await
-                        .map_err(|_| VmError::Agent("the restore did not finish".into()))??;
-                    let agent = AgentClient::attach(&run, AGENT_SOCK, self.boot_timeout).await?;
+                    bounded(
+                        || "QEMU did not finish the restore".into(),
+                        self.boot_timeout,
+                        wake_restored(&run, state, control),
+                    )
+                    .await?;
+                    let agent =
+                        AgentClient::attach(&run, AGENT_SOCK, self.boot_timeout, control).await?;
                     Ok((agent, Response::Pong))
                 }
             }
@@ -335,6 +346,7 @@ impl Vmm for QemuVmm {
                 hello,
                 run,
                 slirp,
+                control,
             }),
             Err(e) => {
                 let _ = child.start_kill();
@@ -371,6 +383,20 @@ impl Vmm for QemuVmm {
 }
 
 impl QemuVm {
+    /// A VM whose "QEMU" is `child`, with its QMP socket in `run`: for
+    /// tests that play QEMU and the agent.
+    #[cfg(test)]
+    pub(crate) fn fake(child: Child, agent: AgentClient, run: SocketDir) -> Self {
+        QemuVm {
+            control: agent.control(),
+            child,
+            agent,
+            hello: Response::Pong,
+            run,
+            slirp: None,
+        }
+    }
+
     pub fn agent(&mut self) -> &mut AgentClient {
         &mut self.agent
     }
@@ -389,13 +415,25 @@ impl QemuVm {
         tail(&self.run.real("console.log"), 30)
     }
 
-    /// Saves a paused VM's device state to `state` and stops it. The VM must
+    /// Saves a paused VM's device state to `state` (within
+    /// [`SAVE_TIMEOUT`]) and stops it, saved or not. The VM must
     /// have been booted with a shared `memory_file`: its RAM is already in
     /// that file, so only device state is written (tens of KB). Restore
     /// with the same spec plus `incoming`, the disks and memory file as they
     /// are now.
     pub async fn save(&mut self, state: &Path) -> Result<(), VmError> {
-        let mut qmp = Qmp::connect(&self.run, QMP_SOCK).await?;
+        let saved = bounded(
+            || "QEMU did not finish saving the VM".into(),
+            SAVE_TIMEOUT,
+            self.migrate_to(state),
+        )
+        .await;
+        self.kill().await;
+        saved
+    }
+
+    async fn migrate_to(&mut self, state: &Path) -> Result<(), VmError> {
+        let mut qmp = Qmp::connect(&self.run, QMP_SOCK, self.control).await?;
         qmp.execute("stop", serde_json::json!({})).await?;
         qmp.execute("migrate-set-capabilities", ignore_shared())
             .await?;
@@ -409,11 +447,10 @@ impl QemuVm {
             serde_json::json!({"uri": format!("exec:cat > {}", shell_quote(state))}),
         )
         .await?;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
             let info = qmp.execute("query-migrate", serde_json::json!({})).await?;
             match info.get("status").and_then(|s| s.as_str()) {
-                Some("completed") => break,
+                Some("completed") => return Ok(()),
                 Some(s @ ("failed" | "cancelled")) => {
                     let why = info
                         .get("error-desc")
@@ -423,19 +460,14 @@ impl QemuVm {
                         "saving the VM: migration {s}: {why}"
                     )));
                 }
-                _ if tokio::time::Instant::now() > deadline => {
-                    return Err(VmError::Setup("saving the VM took over 60 s".into()))
-                }
                 _ => tokio::time::sleep(Duration::from_millis(2)).await,
             }
         }
-        self.kill().await;
-        Ok(())
     }
 
-    /// Pauses or resumes the vCPUs through QMP.
+    /// Pauses or resumes the vCPUs through QMP, within the control bound.
     pub async fn set_running(&mut self, running: bool) -> Result<(), VmError> {
-        let mut qmp = Qmp::connect(&self.run, QMP_SOCK).await?;
+        let mut qmp = Qmp::connect(&self.run, QMP_SOCK, self.control).await?;
         qmp.execute(if running { "cont" } else { "stop" }, serde_json::json!({}))
             .await?;
         Ok(())
@@ -481,6 +513,7 @@ mod tests {
             accel: Accel::Tcg,
             tsc_khz: None,
             boot_timeout: Duration::from_secs(20),
+            control_timeout: crate::deadline::CONTROL_TIMEOUT,
             forward_exe: "hearth".into(),
             version: String::new(),
         };

@@ -48,6 +48,9 @@ pub struct VmRunnerConfig {
     /// snapshots are kept (oldest deleted first). None: not saved.
     pub snapshot_dir: Option<std::path::PathBuf>,
     pub snapshot_max: usize,
+    /// How long dockerd may take to start ([`crate::DOCKERD_TIMEOUT`] in
+    /// production).
+    pub dockerd_timeout: Duration,
 }
 
 pub struct VmRunner {
@@ -61,8 +64,6 @@ pub struct VmRunner {
 }
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-/// How long dockerd may take to answer (emulated boots are slow).
-const DOCKERD_TIMEOUT: Duration = Duration::from_secs(120);
 /// The agent enforces the action's timeout; the host kills the VM if it
 /// has not answered this long after that.
 const TIMEOUT_GRACE: Duration = Duration::from_secs(5);
@@ -81,14 +82,25 @@ struct Ran {
     packed: bool,
 }
 
+/// The action's error for a VM's. A timeout says that the VM was killed:
+/// every path that turns one into the action's error kills the VM (see
+/// `run`), so it is never pooled, saved or snapshotted.
 pub(crate) fn vm_error(e: VmError) -> ExecError {
     let code = match e {
-        VmError::Boot { .. } | VmError::Agent(_) | VmError::Version(..) => Code::Unavailable,
+        VmError::Boot { .. }
+        | VmError::Agent(_)
+        | VmError::Version(..)
+        | VmError::Timeout { .. } => Code::Unavailable,
         VmError::Io { .. } | VmError::Setup(_) => Code::Internal,
+    };
+    let killed = if matches!(e, VmError::Timeout { .. }) {
+        "; the VM was killed"
+    } else {
+        ""
     };
     ExecError::Coded {
         code,
-        message: format!("microVM: {e}"),
+        message: format!("microVM: {e}{killed}"),
     }
 }
 
@@ -284,7 +296,14 @@ impl VmRunner {
         })
     }
 
-    async fn start_dockerd(&self, vm: &mut QemuVm, image: &ResolvedImage) -> Result<(), ExecError> {
+    /// Has the agent start dockerd, waiting the agent's own bound plus a
+    /// control call's for its answer.
+    async fn start_dockerd(
+        &self,
+        vm: &mut QemuVm,
+        image: &ResolvedImage,
+        cancel: &CancellationToken,
+    ) -> Result<(), ExecError> {
         let mut args: Vec<String> = self
             .config
             .docker_mirrors
@@ -297,12 +316,20 @@ impl VmRunner {
                 .iter()
                 .map(|r| format!("--insecure-registry={r}")),
         );
+        let timeout = self.config.dockerd_timeout;
         let req = Request::StartDockerd {
             args,
-            timeout_secs: DOCKERD_TIMEOUT.as_secs(),
+            timeout_secs: timeout.as_secs().max(1),
         };
-        match vm.agent().call(&req).await {
+        let agent = vm.agent();
+        let limit = timeout + agent.control();
+        let started = tokio::select! {
+            r = agent.call_within(&req, limit) => r,
+            _ = cancel.cancelled() => return Err(ExecError::Cancelled),
+        };
+        match started {
             Ok(_) => Ok(()),
+            Err(e @ VmError::Timeout { .. }) => Err(vm_error(e)),
             Err(VmError::Agent(msg)) if msg.contains("has no dockerd") => Err(ExecError::Coded {
                 code: Code::FailedPrecondition,
                 message: format!("init-dockerd=true, but {} has no dockerd", image.name),
@@ -358,23 +385,38 @@ impl VmRunner {
             clock_unix_nanos: Some(now.as_nanos() as u64),
             timeout_millis: Some(spec.timeout.as_millis().min(u64::MAX as u128) as u64),
         });
-        let before = if mount_first {
-            vec![crate::warm::mount_request()]
-        } else {
-            vec![]
-        };
         let timed_out = || RunOutcome {
             exit_code: 137,
             timed_out: true,
         };
+        // The mount (of a recycled VM's fresh workspace) goes out with the
+        // command; its answer is a control call's, and the action's timeout
+        // counts from it.
+        let mount = crate::warm::mount_request();
+        let sent = async {
+            if mount_first {
+                agent.send(&[&mount, &req]).await?;
+                agent.answer(&mount, agent.control()).await?;
+            } else {
+                agent.send(&[&req]).await?;
+            }
+            Ok(())
+        };
+        tokio::select! {
+            r = sent => r.map_err(vm_error)?,
+            _ = cancel.cancelled() => return Err(ExecError::Cancelled),
+        }
         let exited = tokio::select! {
-            r = agent.call_after(&before, &req) => r.map_err(vm_error)?,
-            // The agent did not enforce the timeout: the VM goes, with no logs.
-            _ = tokio::time::sleep(spec.timeout.saturating_add(TIMEOUT_GRACE)) => return Ok(Ran {
-                outcome: timed_out(),
-                released: false,
-                packed: false,
-            }),
+            r = agent.answer(&req, spec.timeout.saturating_add(TIMEOUT_GRACE)) => match r {
+                // The agent did not enforce the timeout: the VM goes, with
+                // no logs.
+                Err(VmError::Timeout { .. }) => return Ok(Ran {
+                    outcome: timed_out(),
+                    released: false,
+                    packed: false,
+                }),
+                r => r.map_err(vm_error)?,
+            },
             _ = cancel.cancelled() => return Err(ExecError::Cancelled),
         };
         let Response::Exited(status) = exited else {
@@ -402,29 +444,23 @@ impl VmRunner {
             serial: OUT_SERIAL.into(),
         };
         let packed = tokio::select! {
-            r = tokio::time::timeout(PACK_TIMEOUT, agent.call(&pack)) => r,
+            r = agent.call_within(&pack, PACK_TIMEOUT) => r,
             _ = cancel.cancelled() => return Err(ExecError::Cancelled),
         };
         match packed {
-            Ok(Ok(Response::Packed { .. })) => {}
-            Ok(Ok(other)) => {
+            Ok(Response::Packed { .. }) => {}
+            Ok(other) => {
                 return Err(vm_error(VmError::Agent(format!(
                     "unexpected answer to packing the outputs: {other:?}"
                 ))))
             }
-            Ok(Err(VmError::Agent(msg))) if msg.contains("do not fit the output disk") => {
+            Err(VmError::Agent(msg)) if msg.contains("do not fit the output disk") => {
                 return Err(ExecError::Coded {
                     code: Code::ResourceExhausted,
                     message: format!("microVM: {msg}"),
                 })
             }
-            Ok(Err(e)) => return Err(vm_error(e)),
-            Err(_) => {
-                return Err(vm_error(VmError::Agent(format!(
-                    "the outputs were not packed within {}s",
-                    PACK_TIMEOUT.as_secs()
-                ))))
-            }
+            Err(e) => return Err(vm_error(e)),
         }
         if outcome.timed_out {
             // Not recycled: the workspace can stay mounted.
@@ -435,22 +471,22 @@ impl VmRunner {
             });
         }
         // Unmount the workspace so that a recycled VM gets a fresh one. If
-        // something the action left running still uses it, the VM is not
-        // recycled.
-        let released = match tokio::time::timeout(
-            Duration::from_secs(30),
-            agent.call(&Request::Unmount {
-                path: "/work".into(),
-            }),
-        )
-        .await
-        {
-            Ok(Ok(_)) => true,
-            Ok(Err(e)) => {
+        // something the action left running still uses it, or the agent
+        // does not answer, the VM is not recycled (but killed): the outputs
+        // are packed and synced, so that costs the VM, not the action.
+        let unmount = Request::Unmount {
+            path: "/work".into(),
+        };
+        let released = match agent.call(&unmount).await {
+            Ok(_) => true,
+            Err(e @ VmError::Timeout { .. }) => {
+                tracing::warn!(error = %e, "the VM will be killed, not recycled");
+                false
+            }
+            Err(e) => {
                 tracing::info!(error = %e, "workspace still in use after the action; the VM will not be recycled");
                 false
             }
-            Err(_) => false,
         };
         Ok(Ran {
             outcome,
@@ -513,7 +549,7 @@ impl Runner for VmRunner {
             },
         };
         if dockerd {
-            if let Err(e) = self.start_dockerd(&mut lease.vm, &image).await {
+            if let Err(e) = self.start_dockerd(&mut lease.vm, &image, &cancel).await {
                 lease.vm.kill().await;
                 return Err(e);
             }

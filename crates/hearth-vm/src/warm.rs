@@ -41,20 +41,17 @@ impl VmRunner {
     }
 
     /// Wakes a paused VM and gives it a fresh workspace and an empty output
-    /// disk.
+    /// disk. On failure (a wedged QEMU among them: QMP `cont` is bounded)
+    /// the VM is killed.
     async fn resume(&self, mut lease: Lease, ws_src: &Path) -> Result<Lease, VmError> {
         let t = Instant::now();
-        if let Err(e) = check_fits(ws_src, lease.work_size, "recycled") {
-            lease.vm.kill().await;
-            return Err(e);
-        }
-        // The guest unmounted the old workspace and dropped its cached
-        // blocks; rewrite the same file in place. The mount goes out with
-        // the command.
-        disks::mkfs(&lease.work_image, lease.work_size, Some(ws_src)).await?;
-        reset_disk(&lease.out_image, lease.out_size)?;
-        let mkfs_ms = t.elapsed().as_millis() as u64;
-        lease.vm.set_running(true).await?;
+        let mkfs_ms = match Self::wake(&mut lease, ws_src).await {
+            Ok(ms) => ms,
+            Err(e) => {
+                lease.vm.kill().await;
+                return Err(e);
+            }
+        };
         lease.mount_pending = true;
         tracing::debug!(
             mkfs_ms,
@@ -62,6 +59,20 @@ impl VmRunner {
             "recycled microVM resumed"
         );
         Ok(lease)
+    }
+
+    /// Returns how long the disks took, in milliseconds.
+    async fn wake(lease: &mut Lease, ws_src: &Path) -> Result<u64, VmError> {
+        let t = Instant::now();
+        check_fits(ws_src, lease.work_size, "recycled")?;
+        // The guest unmounted the old workspace and dropped its cached
+        // blocks; rewrite the same file in place. The mount goes out with
+        // the command.
+        disks::mkfs(&lease.work_image, lease.work_size, Some(ws_src)).await?;
+        reset_disk(&lease.out_image, lease.out_size)?;
+        let mkfs_ms = t.elapsed().as_millis() as u64;
+        lease.vm.set_running(true).await?;
+        Ok(mkfs_ms)
     }
 
     /// Restores the newest snapshot with this key, if there is one. The

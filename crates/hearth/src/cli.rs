@@ -185,6 +185,15 @@ pub struct VmOptions {
     /// more is INVALID_ARGUMENT.
     #[arg(long, default_value = "64GiB", value_parser = parse_size)]
     pub vm_max_disk_bytes: u64,
+    /// How long the host waits for a VM's agent to answer a control
+    /// request (mount, unmount, ping) and for QEMU to answer a QMP command
+    /// (pause, resume, snapshot), in seconds; a VM that does not is killed.
+    #[arg(long, default_value_t = hearth_vm::CONTROL_TIMEOUT.as_secs())]
+    pub vm_control_timeout_secs: u64,
+    /// How long dockerd may take to start in a VM (init-dockerd=true), in
+    /// seconds; the host waits this plus --vm-control-timeout-secs.
+    #[arg(long, default_value_t = hearth_vm::DOCKERD_TIMEOUT.as_secs())]
+    pub vm_dockerd_timeout_secs: u64,
     /// Upper bound of the converted container-image cache (bytes on disk);
     /// least recently used images not in use are deleted above it (0 = unbounded).
     #[arg(long, default_value = "50GiB", value_parser = parse_size)]

@@ -235,6 +235,7 @@ async fn setup(opts: &VmOptions, work_dir: &Path) -> Result<Arc<dyn Runner>> {
             // Emulated boots take ~2.5 s alone, much longer on a busy host.
             Accel::Tcg => Duration::from_secs(90),
         },
+        control_timeout: Duration::from_secs(opts.vm_control_timeout_secs.max(1)),
         forward_exe: std::env::current_exe().unwrap_or_else(|_| "hearth".into()),
     };
     let forced = match opts.mode.as_str() {
@@ -298,6 +299,7 @@ async fn setup(opts: &VmOptions, work_dir: &Path) -> Result<Arc<dyn Runner>> {
         pool_max_memory_mib: opts.vm_pool_memory_mib,
         snapshot_dir: (opts.vm_snapshots > 0).then(|| work_dir.join("vm-snapshots")),
         snapshot_max: opts.vm_snapshots,
+        dockerd_timeout: Duration::from_secs(opts.vm_dockerd_timeout_secs.max(1)),
     };
     let images = hearth_image::ImageStore::new(hearth_image::ImageConfig {
         cache_dir: work_dir.join("images"),
