@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use common::vm::*;
 use common::*;
-use tonic::Code;
 
 fn accel() -> String {
     std::env::var("HEARTH_TEST_VM").unwrap_or_else(|_| "auto".into())
@@ -76,13 +75,14 @@ async fn a_wedged_pooled_vm_is_killed_and_the_action_boots_a_fresh_one() {
     eprintln!("cold {cold:?}; past a wedged pooled VM (3 s bound) then cold {took:?}");
 }
 
-/// The first action leaves a process that answers dockerd's socket one
-/// byte a second, forever; the next action's `StartDockerd` then never
-/// returns in the guest (the agent's probe waits for the end of the
-/// answer). The host gives up after the dockerd bound plus the control
-/// bound: UNAVAILABLE naming the call, the VM killed, the slot free.
+/// The attack: the first action leaves a process squatting on dockerd's
+/// socket, answering one byte a second, forever. Before the agent's probe
+/// had an overall bound this wedged the next action's `StartDockerd` in the
+/// guest until the host's deadline (UNAVAILABLE after 65 s). Now the probe
+/// gives up on the squatter within 2 s, dockerd takes its socket back, and
+/// the next action runs.
 #[tokio::test]
-async fn a_wedged_guest_agent_fails_the_action_unavailable_and_frees_the_slot() {
+async fn a_process_squatting_on_the_docker_socket_cannot_wedge_the_next_action() {
     let h = up(&[
         "--vm",
         &accel(),
@@ -118,36 +118,23 @@ async fn a_wedged_guest_agent_fails_the_action_unavailable_and_frees_the_slot() 
     assert!(out.contains("dribbling"), "{out}");
     let pooled = only_qemu(&vms(&h));
 
-    let mut spec = ActionSpec::new("echo never");
-    spec.platform = docker.to_vec();
-    let action = make_action(&c, &spec).await;
     let t = Instant::now();
-    let (_, resp) = within(Duration::from_secs(300), execute(&c, action, true))
-        .await
-        .unwrap();
+    let (code, out, _) = within(
+        Duration::from_secs(300),
+        run_script(&c, "echo next", &docker),
+    )
+    .await;
     let took = t.elapsed();
-    let status = resp.status.unwrap_or_default();
-    assert_eq!(status.code, Code::Unavailable as i32, "{}", status.message);
-    assert!(
-        status
-            .message
-            .contains("the guest agent did not answer StartDockerd within 65s; the VM was killed"),
-        "{}",
-        status.message
-    );
-    assert!(took >= Duration::from_secs(65), "{took:?}");
-    assert!(
-        !Path::new(&format!("/proc/{pooled}")).exists(),
-        "the wedged VM's QEMU still runs"
-    );
-    assert_eq!(qemu_pids(&vms(&h)), "", "a VM outlived the action");
-
-    // The one slot is free again.
-    let (code, out, next) =
-        within(Duration::from_secs(300), run_script(&c, "echo next", &[FC])).await;
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("next"), "{out}");
-    eprintln!(
-        "boot and dockerd {first:?}; wedged StartDockerd detected after {took:?}; next action {next:?}"
+    assert!(
+        took < Duration::from_secs(65),
+        "held until the host deadline: {took:?}"
     );
+    assert_eq!(
+        qemu_pids(&vms(&h)),
+        pooled.to_string(),
+        "the same VM served it, recycled again"
+    );
+    eprintln!("boot and dockerd {first:?}; past the squatter {took:?}");
 }
