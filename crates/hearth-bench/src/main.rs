@@ -4,6 +4,8 @@
 // Command.platform is what Bazel 2.1 sends; the benchmark does the same.
 #![allow(deprecated)]
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -44,6 +46,15 @@ struct Args {
     /// PEM CA certificate of a grpcs:// server.
     #[arg(long)]
     tls_ca: Option<std::path::PathBuf>,
+    /// Instead of the full table, measure FindMissingBlobs and no-op
+    /// Executes while this many ByteStream uploads of fresh blobs run
+    /// without pause beside them (the load that shows blocking on the
+    /// server's runtime).
+    #[arg(long, default_value_t = 0)]
+    background_uploads: usize,
+    /// Size of each background upload, in bytes.
+    #[arg(long, default_value_t = 64 << 20)]
+    upload_size: usize,
 }
 
 fn cas(c: &Channel) -> ContentAddressableStorageClient<Channel> {
@@ -354,6 +365,9 @@ async fn main() -> Result<()> {
     if let Some(n) = args.vm_actions {
         return vm_actions(&c, n, &args.vm_start).await;
     }
+    if args.background_uploads > 0 {
+        return under_uploads(&c, &args).await;
+    }
     find_missing(&c).await?;
     batch_update(&c, 1024, 100, 50).await?;
     batch_update(&c, 100 * 1024, 30, 10).await?;
@@ -452,6 +466,96 @@ async fn vm_actions(c: &Channel, n: usize, mode: &str) -> Result<()> {
             percentile(&totals, 0.5),
             percentile(&totals, 1.0)
         ),
+    );
+    Ok(())
+}
+
+/// Uploads fresh `size`-byte blobs over ByteStream, one after another,
+/// until `stop`; counts the bytes the server accepted into `sent`.
+async fn upload_forever(
+    c: Channel,
+    size: usize,
+    salt: u64,
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+) -> Result<()> {
+    let mut data = unique_blob(size, salt);
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        // A new blob each time, or the server would answer "already stored".
+        n += 1;
+        data[..8].copy_from_slice(&n.to_le_bytes());
+        let blob = Arc::new(data);
+        // Hashing 64 MB takes tens of milliseconds: off the bench's own
+        // runtime, so it does not delay the calls being timed.
+        let d = {
+            let blob = blob.clone();
+            tokio::task::spawn_blocking(move || Digest::of(&blob)).await?
+        };
+        let resource = format!(
+            "uploads/{}/blobs/{}/{}",
+            uuid::Uuid::new_v4(),
+            d.hash_hex(),
+            d.size()
+        );
+        let chunk = 1 << 20;
+        let body = blob.clone();
+        let reqs = stream::iter((0..size).step_by(chunk)).map(move |start| {
+            let end = (start + chunk).min(size);
+            WriteRequest {
+                resource_name: if start == 0 {
+                    resource.clone()
+                } else {
+                    String::new()
+                },
+                write_offset: start as i64,
+                finish_write: end == size,
+                data: body[start..end].to_vec(),
+            }
+        });
+        bytestream(&c)
+            .write(reqs)
+            .await
+            .context("background ByteStream.Write")?;
+        sent.fetch_add(size as u64, Ordering::Relaxed);
+        data = Arc::try_unwrap(blob).unwrap_or_else(|b| (*b).clone());
+    }
+    Ok(())
+}
+
+/// FindMissingBlobs and no-op Executes, timed while uploads run.
+async fn under_uploads(c: &Channel, args: &Args) -> Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let uploaders: Vec<_> = (0..args.background_uploads)
+        .map(|i| {
+            tokio::spawn(upload_forever(
+                c.clone(),
+                args.upload_size,
+                i as u64,
+                stop.clone(),
+                sent.clone(),
+            ))
+        })
+        .collect();
+    // Let the uploads get going before anything is timed.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (start, before) = (Instant::now(), sent.load(Ordering::Relaxed));
+    find_missing(c).await?;
+    noop_actions(c, args.actions).await?;
+    let secs = start.elapsed().as_secs_f64();
+    let bytes = sent.load(Ordering::Relaxed) - before;
+    stop.store(true, Ordering::Relaxed);
+    for u in uploaders {
+        u.await??;
+    }
+    row(
+        &format!(
+            "  meanwhile: {} uploads of {:.0} MB at a time",
+            args.background_uploads,
+            args.upload_size as f64 / 1e6
+        ),
+        format!("{:.0} MB/s", bytes as f64 / secs / 1e6),
     );
     Ok(())
 }
