@@ -55,6 +55,11 @@ struct Args {
     /// Size of each background upload, in bytes.
     #[arg(long, default_value_t = 64 << 20)]
     upload_size: usize,
+    /// Instead of the full table, run one action that copies an input of
+    /// this many bytes to an output (for an executor's memory: compare its
+    /// peak RSS afterwards).
+    #[arg(long)]
+    big_action: Option<usize>,
 }
 
 fn cas(c: &Channel) -> ContentAddressableStorageClient<Channel> {
@@ -365,6 +370,9 @@ async fn main() -> Result<()> {
     if let Some(n) = args.vm_actions {
         return vm_actions(&c, n, &args.vm_start).await;
     }
+    if let Some(size) = args.big_action {
+        return big_action(&c, size).await;
+    }
     if args.background_uploads > 0 {
         return under_uploads(&c, &args).await;
     }
@@ -492,29 +500,7 @@ async fn upload_forever(
             let blob = blob.clone();
             tokio::task::spawn_blocking(move || Digest::of(&blob)).await?
         };
-        let resource = format!(
-            "uploads/{}/blobs/{}/{}",
-            uuid::Uuid::new_v4(),
-            d.hash_hex(),
-            d.size()
-        );
-        let chunk = 1 << 20;
-        let body = blob.clone();
-        let reqs = stream::iter((0..size).step_by(chunk)).map(move |start| {
-            let end = (start + chunk).min(size);
-            WriteRequest {
-                resource_name: if start == 0 {
-                    resource.clone()
-                } else {
-                    String::new()
-                },
-                write_offset: start as i64,
-                finish_write: end == size,
-                data: body[start..end].to_vec(),
-            }
-        });
-        bytestream(&c)
-            .write(reqs)
+        write_blob(&c, d, blob.clone())
             .await
             .context("background ByteStream.Write")?;
         sent.fetch_add(size as u64, Ordering::Relaxed);
@@ -556,6 +542,90 @@ async fn under_uploads(c: &Channel, args: &Args) -> Result<()> {
             args.upload_size as f64 / 1e6
         ),
         format!("{:.0} MB/s", bytes as f64 / secs / 1e6),
+    );
+    Ok(())
+}
+
+/// ByteStream.Write of `blob` (digest `d`) in 1 MiB requests, each copied
+/// as it is sent.
+async fn write_blob(c: &Channel, d: Digest, blob: Arc<Vec<u8>>) -> Result<()> {
+    let resource = format!(
+        "uploads/{}/blobs/{}/{}",
+        uuid::Uuid::new_v4(),
+        d.hash_hex(),
+        d.size()
+    );
+    let (chunk, size) = (1 << 20, blob.len());
+    let reqs = stream::iter((0..size).step_by(chunk)).map(move |start| {
+        let end = (start + chunk).min(size);
+        WriteRequest {
+            resource_name: if start == 0 {
+                resource.clone()
+            } else {
+                String::new()
+            },
+            write_offset: start as i64,
+            finish_write: end == size,
+            data: blob[start..end].to_vec(),
+        }
+    });
+    bytestream(c).write(reqs).await?;
+    Ok(())
+}
+
+/// One action copying a fresh `size`-byte input to its output.
+async fn big_action(c: &Channel, size: usize) -> Result<()> {
+    use hearth_proto::reapi::{ExecuteResponse, FileNode};
+    let blob = Arc::new(unique_blob(size, 11));
+    let d = Digest::of(&blob);
+    write_blob(c, d, blob)
+        .await
+        .context("uploading the input")?;
+    let root = upload_msg(
+        c,
+        &Directory {
+            files: vec![FileNode {
+                name: "in".into(),
+                digest: Some(d.to_proto()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        },
+    )
+    .await?;
+    let command = upload_msg(
+        c,
+        &Command {
+            arguments: vec!["/bin/cp".into(), "in".into(), "out".into()],
+            output_paths: vec!["out".into()],
+            ..Default::default()
+        },
+    )
+    .await?;
+    let action = upload_msg(
+        c,
+        &Action {
+            command_digest: Some(command.to_proto()),
+            input_root_digest: Some(root.to_proto()),
+            ..Default::default()
+        },
+    )
+    .await?;
+    let (took, op) = execute(c, action, true).await?;
+    let Some(hearth_proto::longrunning::operation::Result::Response(any)) = op.result else {
+        anyhow::bail!("operation without response");
+    };
+    let resp = ExecuteResponse::decode(any.value.as_slice())?;
+    let result = resp.result.context("no result")?;
+    anyhow::ensure!(result.exit_code == 0, "action failed: {:?}", resp.status);
+    let out = result.output_files.first().context("no output")?;
+    anyhow::ensure!(
+        out.digest == Some(d.to_proto()),
+        "the output is not the input"
+    );
+    row(
+        &format!("Copy action, {:.0} MB in and out", size as f64 / 1e6),
+        format!("{:.0} ms", took.as_secs_f64() * 1000.0),
     );
     Ok(())
 }
