@@ -18,6 +18,9 @@ use hearth_proto::reapi::{
 };
 use hearth_storage::Digest;
 use prost::Message;
+
+mod load;
+use load::{big_action, under_uploads};
 /// A channel that sends `--api-key` with every call (grpc:// or grpcs://).
 type Channel = hearth_executor::client::ServerChannel;
 
@@ -44,6 +47,20 @@ struct Args {
     /// PEM CA certificate of a grpcs:// server.
     #[arg(long)]
     tls_ca: Option<std::path::PathBuf>,
+    /// Instead of the full table, measure FindMissingBlobs and no-op
+    /// Executes while this many ByteStream uploads of fresh blobs run
+    /// without pause beside them (the load that shows blocking on the
+    /// server's runtime).
+    #[arg(long, default_value_t = 0)]
+    background_uploads: usize,
+    /// Size of each background upload, in bytes.
+    #[arg(long, default_value_t = 64 << 20)]
+    upload_size: usize,
+    /// Instead of the full table, run one action that copies an input of
+    /// this many bytes to an output (for an executor's memory: compare its
+    /// peak RSS afterwards).
+    #[arg(long)]
+    big_action: Option<usize>,
 }
 
 fn cas(c: &Channel) -> ContentAddressableStorageClient<Channel> {
@@ -353,6 +370,12 @@ async fn main() -> Result<()> {
     println!("|{:-<60}|{:->24}|", "", "");
     if let Some(n) = args.vm_actions {
         return vm_actions(&c, n, &args.vm_start).await;
+    }
+    if let Some(size) = args.big_action {
+        return big_action(&c, size).await;
+    }
+    if args.background_uploads > 0 {
+        return under_uploads(&c, &args).await;
     }
     find_missing(&c).await?;
     batch_update(&c, 1024, 100, 50).await?;

@@ -58,12 +58,33 @@ struct Workspace(PathBuf);
 impl Drop for Workspace {
     fn drop(&mut self) {
         let path = std::mem::take(&mut self.0);
-        // Inputs are read-only hardlinks; removal only needs the directories writable.
-        let _ = std::fs::remove_dir_all(&path).or_else(|_| {
-            make_dirs_writable(&path);
-            std::fs::remove_dir_all(&path)
-        });
+        // Deleting a big input tree takes long; on a runtime thread it would
+        // stall every task there (in `hearth up`, the server's too). So on a
+        // runtime it goes to the blocking pool; the next action need not
+        // wait for it, and a removal cut short by shutdown is redone by
+        // `Executor::new`, which clears the actions directory.
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(move || remove_workspace(&path))),
+            Err(_) => remove_workspace(&path),
+        }
     }
+}
+
+fn remove_workspace(path: &std::path::Path) {
+    // Inputs are read-only hardlinks; removal only needs the directories writable.
+    let _ = std::fs::remove_dir_all(path).or_else(|_| {
+        make_dirs_writable(path);
+        std::fs::remove_dir_all(path)
+    });
+}
+
+/// Runs file-system work on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> ExecResult<T> + Send + 'static,
+) -> ExecResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ExecError::Internal(format!("workspace thread: {e}")))?
 }
 
 fn make_dirs_writable(path: &std::path::Path) {
@@ -217,8 +238,11 @@ impl Executor {
 
         let ws = Workspace(self.actions_dir.join(uuid::Uuid::new_v4().to_string()));
         let input_root = ws.0.join("root");
-        std::fs::create_dir_all(&input_root)
-            .ctx(|| format!("creating {}", input_root.display()))?;
+        let root = input_root.clone();
+        blocking(move || {
+            std::fs::create_dir_all(&root).ctx(|| format!("creating {}", root.display()))
+        })
+        .await?;
 
         meta.input_fetch_start_timestamp = timestamp(SystemTime::now());
         materialize(
@@ -229,7 +253,12 @@ impl Executor {
             self.config.action_owner,
         )
         .await?;
-        outputs::prepare(&input_root, &command, self.config.action_owner)?;
+        let (root, cmd, owner) = (
+            input_root.clone(),
+            command.clone(),
+            self.config.action_owner,
+        );
+        blocking(move || outputs::prepare(&root, &cmd, owner)).await?;
         meta.input_fetch_completed_timestamp = timestamp(SystemTime::now());
 
         let timeout = action
@@ -349,6 +378,44 @@ mod tests {
         let f = exec.execute(bad, CancellationToken::new()).await;
         assert_ne!(f.status_code, 0, "the undecodable action fails");
         assert_eq!(f.warm_keys, ["k1", "k2", "k2"]);
+    }
+
+    fn workspace_with_read_only_inputs(dir: &std::path::Path) -> Workspace {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.join("ws");
+        std::fs::create_dir_all(path.join("root/sub")).unwrap();
+        std::fs::write(path.join("root/sub/input"), b"x").unwrap();
+        std::fs::set_permissions(
+            path.join("root/sub"),
+            std::fs::Permissions::from_mode(0o555),
+        )
+        .unwrap();
+        Workspace(path)
+    }
+
+    /// On a runtime, a dropped workspace is removed on the blocking pool,
+    /// read-only directories and all.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_dropped_workspace_is_removed_off_the_runtime() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ws");
+        drop(workspace_with_read_only_inputs(dir.path()));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while path.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "workspace not removed"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Outside a runtime (no blocking pool), it is removed at once.
+    #[test]
+    fn a_workspace_dropped_outside_a_runtime_is_removed_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(workspace_with_read_only_inputs(dir.path()));
+        assert!(!dir.path().join("ws").exists());
     }
 
     /// An input that is not in the CAS (evicted, or never uploaded) comes

@@ -9,7 +9,7 @@ use futures::stream::{self, StreamExt, TryStreamExt};
 use hearth_storage::{BlobStore, Digest, DiskStore, PinGuard};
 
 use crate::error::{ExecError, ExecResult};
-use crate::remote_cas::GrpcStore;
+use crate::remote_cas::{GrpcStore, BATCH_BLOB_LIMIT};
 
 /// Concurrent fetches from the server.
 const FETCH_PARALLELISM: usize = 8;
@@ -65,9 +65,25 @@ impl LocalCas {
         let Some(upstream) = &self.upstream else {
             return Err(ExecError::MissingInputs(missing));
         };
-        let batches: Vec<Vec<Digest>> = missing.chunks(64).map(<[Digest]>::to_vec).collect();
+        // Small blobs in batches, in memory; big ones one by one, streamed
+        // into the local store (never whole in memory).
+        let (small, large): (Vec<Digest>, Vec<Digest>) =
+            missing.iter().partition(|d| d.size() <= BATCH_BLOB_LIMIT);
+        let batches: Vec<Vec<Digest>> = small
+            .chunks(64)
+            .map(<[Digest]>::to_vec)
+            .chain(large.into_iter().map(|d| vec![d]))
+            .collect();
         let fetched = stream::iter(batches)
             .map(|batch| async move {
+                if let [d] = batch[..] {
+                    if d.size() > BATCH_BLOB_LIMIT {
+                        return upstream
+                            .download_into(&d, &self.local)
+                            .await
+                            .map_err(|e| ExecError::store("fetching an input from the server", e));
+                    }
+                }
                 let blobs = upstream
                     .read_many(&batch)
                     .await
@@ -127,6 +143,13 @@ impl LocalCas {
             .map_err(|e| ExecError::store("asking the server which outputs it lacks", e))?;
         stream::iter(missing)
             .map(|d| async move {
+                if d.size() > BATCH_BLOB_LIMIT {
+                    // Streamed from the file, never whole in memory.
+                    return upstream
+                        .upload_from(&d, &self.local)
+                        .await
+                        .map_err(|e| ExecError::store("uploading an output", e));
+                }
                 let data = self
                     .local
                     .read(&d, 0, None)

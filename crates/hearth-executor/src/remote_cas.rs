@@ -1,23 +1,38 @@
 //! A [`BlobStore`] backed by a remote REAPI CAS: what a remote executor uses
 //! to fetch inputs and upload outputs.
+//!
+//! Big blobs never sit whole in memory: [`GrpcStore::download_into`] passes
+//! ByteStream chunks to a [`BlobSink`] of the local store, which writes and
+//! hashes them on a blocking thread and keeps the blob only if it matches its
+//! digest; [`GrpcStore::upload_from`] reads the local file chunk by chunk on
+//! a blocking thread into the ByteStream.Write. Either way a blob in transit
+//! costs a few chunks of memory, and no SHA-256 or file I/O runs on the
+//! runtime's threads (shared with the server in `hearth up`).
 
+use std::fs::File;
+use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::client::ServerChannel;
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::stream;
+use futures::stream::{self, StreamExt};
 use hearth_proto::bytestream::{byte_stream_client::ByteStreamClient, ReadRequest, WriteRequest};
 use hearth_proto::reapi::{
     batch_update_blobs_request,
     content_addressable_storage_client::ContentAddressableStorageClient, BatchReadBlobsRequest,
     BatchUpdateBlobsRequest, FindMissingBlobsRequest,
 };
-use hearth_storage::{BlobStore, Digest, StoreError, StoreResult, StoreStats};
+use hearth_storage::{BlobStore, Digest, DiskStore, StoreError, StoreResult, StoreStats};
+use tokio::sync::mpsc;
 
 /// Blobs up to this size go through the batch calls; bigger ones stream.
-const BATCH_BLOB_LIMIT: u64 = 1024 * 1024;
-const WRITE_CHUNK: usize = 1024 * 1024;
+pub(crate) const BATCH_BLOB_LIMIT: u64 = 1024 * 1024;
+/// Bytes per WriteRequest (and per read from the file being uploaded).
+pub(crate) const WRITE_CHUNK: usize = 1024 * 1024;
+/// WriteRequests read ahead of the network.
+const WRITE_QUEUE: usize = 2;
 /// Digests per FindMissingBlobs call.
 const FIND_MISSING_CHUNK: usize = 10_000;
 
@@ -106,23 +121,162 @@ impl GrpcStore {
             .await
             .map_err(|s| remote_err("BatchReadBlobs", s))?
             .into_inner();
-        let mut out = Vec::new();
-        for r in resp.responses {
-            let d = Digest::from_field(r.digest.as_ref(), "BatchReadBlobs response digest")?;
-            if let Some(s) = r.status.as_ref().filter(|s| s.code != 0) {
-                return Err(rpc_err("read", &d, s));
+        // Up to a few megabytes to hash: on the blocking pool.
+        blocking(move || {
+            let mut out = Vec::new();
+            for r in resp.responses {
+                let d = Digest::from_field(r.digest.as_ref(), "BatchReadBlobs response digest")?;
+                if let Some(s) = r.status.as_ref().filter(|s| s.code != 0) {
+                    return Err(rpc_err("read", &d, s));
+                }
+                verify(&d, &r.data)?;
+                out.push((d, Bytes::from(r.data)));
             }
-            if Digest::of(&r.data) != d {
-                return Err(StoreError::Mismatch {
-                    expected: d,
-                    actual_hash: Digest::of(&r.data).hash_hex(),
-                    actual_size: r.data.len() as u64,
-                });
-            }
-            out.push((d, Bytes::from(r.data)));
-        }
-        Ok(out)
+            Ok(out)
+        })
+        .await
     }
+
+    fn read_resource(&self, d: &Digest) -> String {
+        let resource = format!("{}/blobs/{}/{}", self.instance, d.hash_hex(), d.size());
+        resource.trim_start_matches('/').to_string()
+    }
+
+    fn write_resource(&self, d: &Digest) -> String {
+        let resource = format!(
+            "{}/uploads/{}/blobs/{}/{}",
+            self.instance,
+            uuid::Uuid::new_v4(),
+            d.hash_hex(),
+            d.size()
+        );
+        resource.trim_start_matches('/').to_string()
+    }
+
+    /// Opens a ByteStream.Read of a whole blob.
+    async fn open_read(
+        &self,
+        d: &Digest,
+        offset: u64,
+        limit: Option<u64>,
+    ) -> StoreResult<tonic::Streaming<hearth_proto::bytestream::ReadResponse>> {
+        match self
+            .bytestream()
+            .read(ReadRequest {
+                resource_name: self.read_resource(d),
+                read_offset: offset as i64,
+                read_limit: limit.unwrap_or(0) as i64,
+            })
+            .await
+        {
+            Ok(r) => Ok(r.into_inner()),
+            Err(s) if s.code() == tonic::Code::NotFound => Err(StoreError::NotFound(*d)),
+            Err(s) => Err(remote_err("ByteStream.Read", s)),
+        }
+    }
+
+    /// Fetches a blob into `local` chunk by chunk (see the module
+    /// documentation); a blob that does not match its digest is refused
+    /// and nothing is stored.
+    pub async fn download_into(&self, d: &Digest, local: &DiskStore) -> StoreResult<()> {
+        if d.is_empty_blob() {
+            return Ok(()); // every store has it
+        }
+        let mut stream = self.open_read(d, 0, None).await?;
+        let mut sink = local.sink(*d);
+        loop {
+            match stream.message().await {
+                Ok(Some(m)) => sink.send(Bytes::from(m.data)).await?,
+                Ok(None) => break,
+                Err(s) if s.code() == tonic::Code::NotFound => {
+                    return Err(StoreError::NotFound(*d))
+                }
+                Err(s) => return Err(remote_err("ByteStream.Read", s)),
+            }
+        }
+        sink.finish().await
+    }
+
+    /// Sends a blob of `local` to the server chunk by chunk (see the module
+    /// documentation).
+    pub async fn upload_from(&self, d: &Digest, local: &Arc<DiskStore>) -> StoreResult<()> {
+        if d.is_empty_blob() {
+            return Ok(()); // every CAS has it
+        }
+        let (local, digest) = (local.clone(), *d);
+        self.write_file(d, move || local.open_blob(&digest)).await
+    }
+
+    /// ByteStream.Write of the file `open` gives, which holds blob `d`: a
+    /// blocking thread reads it into a short queue of WriteRequests.
+    async fn write_file(
+        &self,
+        d: &Digest,
+        open: impl FnOnce() -> StoreResult<File> + Send + 'static,
+    ) -> StoreResult<()> {
+        let (tx, rx) = mpsc::channel(WRITE_QUEUE);
+        let (resource, size) = (self.write_resource(d), d.size());
+        let reader = tokio::task::spawn_blocking(move || {
+            let mut file = open()?;
+            let mut offset = 0u64;
+            loop {
+                let mut data = vec![0u8; WRITE_CHUNK.min((size - offset) as usize)];
+                file.read_exact(&mut data)
+                    .map_err(|e| StoreError::io("reading a blob to upload", e))?;
+                let finish_write = offset + data.len() as u64 >= size;
+                let req = WriteRequest {
+                    resource_name: if offset == 0 {
+                        resource.clone()
+                    } else {
+                        String::new()
+                    },
+                    write_offset: offset as i64,
+                    finish_write,
+                    data,
+                };
+                offset = if finish_write {
+                    size
+                } else {
+                    offset + WRITE_CHUNK as u64
+                };
+                // A closed queue: the server answered early (it has the blob).
+                if tx.blocking_send(req).is_err() || finish_write {
+                    return Ok(());
+                }
+            }
+        });
+        let sent = self
+            .bytestream()
+            .write(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await;
+        let read = reader
+            .await
+            .map_err(|e| StoreError::io("upload reader thread", std::io::Error::other(e)))?;
+        // A read failure explains a failed write (the stream ended early).
+        read?;
+        sent.map_err(|s| remote_err("ByteStream.Write", s))?;
+        Ok(())
+    }
+}
+
+fn verify(d: &Digest, data: &[u8]) -> StoreResult<()> {
+    let actual = Digest::of(data);
+    if actual != *d {
+        return Err(StoreError::Mismatch {
+            expected: *d,
+            actual_hash: actual.hash_hex(),
+            actual_size: actual.size(),
+        });
+    }
+    Ok(())
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> StoreResult<T> + Send + 'static,
+) -> StoreResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StoreError::io("remote CAS worker thread", std::io::Error::other(e)))?
 }
 
 #[async_trait]
@@ -147,29 +301,10 @@ impl BlobStore for GrpcStore {
         Ok(missing)
     }
 
+    /// In memory: for small blobs and ranges (big inputs go through
+    /// [`GrpcStore::download_into`]).
     async fn read(&self, digest: &Digest, offset: u64, limit: Option<u64>) -> StoreResult<Bytes> {
-        let resource = format!(
-            "{}/blobs/{}/{}",
-            self.instance,
-            digest.hash_hex(),
-            digest.size()
-        );
-        let resource = resource.trim_start_matches('/').to_string();
-        let mut stream = match self
-            .bytestream()
-            .read(ReadRequest {
-                resource_name: resource,
-                read_offset: offset as i64,
-                read_limit: limit.unwrap_or(0) as i64,
-            })
-            .await
-        {
-            Ok(r) => r.into_inner(),
-            Err(s) if s.code() == tonic::Code::NotFound => {
-                return Err(StoreError::NotFound(*digest))
-            }
-            Err(s) => return Err(remote_err("ByteStream.Read", s)),
-        };
+        let mut stream = self.open_read(digest, offset, limit).await?;
         let mut buf =
             Vec::with_capacity(limit.unwrap_or(digest.size()).min(digest.size()) as usize);
         loop {
@@ -182,12 +317,9 @@ impl BlobStore for GrpcStore {
                 Err(s) => return Err(remote_err("ByteStream.Read", s)),
             }
         }
-        if offset == 0 && limit.is_none() && Digest::of(&buf) != *digest {
-            return Err(StoreError::Mismatch {
-                expected: *digest,
-                actual_hash: Digest::of(&buf).hash_hex(),
-                actual_size: buf.len() as u64,
-            });
+        if offset == 0 && limit.is_none() {
+            let d = *digest;
+            return blocking(move || verify(&d, &buf).map(|_| Bytes::from(buf))).await;
         }
         Ok(Bytes::from(buf))
     }
@@ -215,41 +347,40 @@ impl BlobStore for GrpcStore {
             }
             return Ok(());
         }
-        let resource = format!(
-            "{}/uploads/{}/blobs/{}/{}",
-            self.instance,
-            uuid::Uuid::new_v4(),
-            digest.hash_hex(),
-            digest.size()
-        );
-        let resource = resource.trim_start_matches('/').to_string();
-        let chunks: Vec<WriteRequest> = data
-            .chunks(WRITE_CHUNK)
-            .enumerate()
-            .map(|(i, c)| WriteRequest {
-                resource_name: if i == 0 {
+        let resource = self.write_resource(digest);
+        // Each request's copy is made as it is sent, not all up front.
+        let len = data.len();
+        let chunks = stream::iter((0..len).step_by(WRITE_CHUNK)).map(move |start| {
+            let end = (start + WRITE_CHUNK).min(len);
+            WriteRequest {
+                resource_name: if start == 0 {
                     resource.clone()
                 } else {
                     String::new()
                 },
-                write_offset: (i * WRITE_CHUNK) as i64,
-                finish_write: (i + 1) * WRITE_CHUNK >= data.len(),
-                data: c.to_vec(),
-            })
-            .collect();
+                write_offset: start as i64,
+                finish_write: end == len,
+                data: data[start..end].to_vec(),
+            }
+        });
         self.bytestream()
-            .write(stream::iter(chunks))
+            .write(chunks)
             .await
             .map_err(|s| remote_err("ByteStream.Write", s))?;
         Ok(())
     }
 
+    /// Streams the file up (the server verifies it), then deletes it.
     async fn adopt_file(&self, digest: &Digest, path: &Path) -> StoreResult<()> {
-        let data = tokio::fs::read(path)
-            .await
-            .map_err(|e| StoreError::io(format!("reading {}", path.display()), e))?;
+        let owned = path.to_path_buf();
+        let sent = self
+            .write_file(digest, move || {
+                File::open(&owned)
+                    .map_err(|e| StoreError::io(format!("opening {}", owned.display()), e))
+            })
+            .await;
         let _ = tokio::fs::remove_file(path).await;
-        self.put(digest, Bytes::from(data)).await
+        sent
     }
 
     fn staging_dir(&self) -> &Path {
@@ -263,3 +394,7 @@ impl BlobStore for GrpcStore {
         StoreStats::default()
     }
 }
+
+#[cfg(test)]
+#[path = "remote_cas_tests.rs"]
+mod tests;

@@ -1,11 +1,11 @@
 //! The action cache: action digest → ActionResult, bounded in bytes with
 //! least-recently-used eviction (a `get` that finds an entry counts as a use).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use async_trait::async_trait;
@@ -47,6 +47,9 @@ struct Lru {
     entries: HashMap<Digest, (u64, u64)>,
     /// Last-use tick → entry; the first is the least recently used.
     order: BTreeMap<u64, Digest>,
+    /// Out of `entries`, file not yet deleted (the disk cache deletes
+    /// without the lock; nothing may write that entry until it is done).
+    doomed: HashSet<Digest>,
     tick: u64,
     bytes: u64,
 }
@@ -83,7 +86,7 @@ impl Lru {
     }
 
     /// Drops least recently used entries until at most `limit` bytes remain
-    /// (0 = unbounded); returns them.
+    /// (0 = unbounded); returns them, doomed until [`Lru::unlinked`].
     fn evict_to(&mut self, limit: u64) -> Vec<Digest> {
         let mut victims = Vec::new();
         if limit == 0 {
@@ -96,9 +99,22 @@ impl Lru {
             if let Some((bytes, _)) = self.entries.remove(&d) {
                 self.bytes -= bytes;
             }
+            self.doomed.insert(d);
             victims.push(d);
         }
         victims
+    }
+
+    /// Removes an entry whose file the caller deletes next, without the lock.
+    fn doom(&mut self, d: &Digest) {
+        self.remove(d);
+        self.doomed.insert(*d);
+    }
+
+    fn unlinked(&mut self, victims: &[Digest]) {
+        for d in victims {
+            self.doomed.remove(d);
+        }
     }
 }
 
@@ -161,9 +177,12 @@ struct DiskInner {
     dir: PathBuf,
     staging: PathBuf,
     max_bytes: u64,
-    /// Held while an entry file is renamed into place or deleted, so the
-    /// index and the directory agree.
+    /// Held while an entry file is renamed into place, so the index and
+    /// the directory agree; deletions happen after it is released (see
+    /// [`DiskInner::unlink`]).
     lru: Mutex<Lru>,
+    /// Signalled when doomed entries' files are gone.
+    unlinked: Condvar,
 }
 
 impl DiskActionCache {
@@ -204,11 +223,10 @@ impl DiskActionCache {
             staging,
             max_bytes,
             lru: Mutex::new(lru),
+            unlinked: Condvar::new(),
         };
-        {
-            let mut lru = inner.lock();
-            inner.evict(&mut lru);
-        }
+        let victims = inner.lock().evict_to(max_bytes);
+        inner.unlink(&victims);
         Ok(DiskActionCache {
             inner: Arc::new(inner),
         })
@@ -235,12 +253,20 @@ impl DiskInner {
         self.dir.join(format!("{}-{}", d.hash_hex(), d.size()))
     }
 
-    /// Deletes least recently used entries above the bound (caller holds the lock).
-    fn evict(&self, lru: &mut Lru) {
-        for d in lru.evict_to(self.max_bytes) {
-            tracing::debug!(action = %d, "evicting action cache entry");
-            let _ = fs::remove_file(self.path_of(&d));
+    /// Deletes the files of doomed entries, without the lock (other
+    /// lookups need not wait on the disk). A put of the same entry waits
+    /// for this (see [`DiskInner::put`]), so a late delete never removes a
+    /// fresh result.
+    fn unlink(&self, victims: &[Digest]) {
+        if victims.is_empty() {
+            return;
         }
+        for d in victims {
+            tracing::debug!(action = %d, "deleting action cache entry");
+            let _ = fs::remove_file(self.path_of(d));
+        }
+        self.lock().unlinked(victims);
+        self.unlinked.notify_all();
     }
 
     fn get(&self, action: &Digest) -> StoreResult<Option<ActionResult>> {
@@ -290,21 +316,26 @@ impl DiskInner {
             let _ = fs::remove_file(&staged);
             return written;
         }
-        let mut lru = self.lock();
-        if let Err(e) = fs::rename(&staged, &target) {
-            drop(lru);
-            let _ = fs::remove_file(&staged);
-            return Err(StoreError::io(format!("writing {}", target.display()), e));
-        }
-        lru.insert(action, bytes.len() as u64);
-        self.evict(&mut lru);
+        let victims = {
+            let mut lru = self
+                .unlinked
+                .wait_while(self.lock(), |lru| lru.doomed.contains(action))
+                .unwrap_or_else(|p| p.into_inner());
+            if let Err(e) = fs::rename(&staged, &target) {
+                drop(lru);
+                let _ = fs::remove_file(&staged);
+                return Err(StoreError::io(format!("writing {}", target.display()), e));
+            }
+            lru.insert(action, bytes.len() as u64);
+            lru.evict_to(self.max_bytes)
+        };
+        self.unlink(&victims);
         Ok(())
     }
 
     fn remove(&self, action: &Digest) {
-        let mut lru = self.lock();
-        let _ = fs::remove_file(self.path_of(action));
-        lru.remove(action);
+        self.lock().doom(action);
+        self.unlink(&[*action]);
     }
 }
 
@@ -436,5 +467,42 @@ mod tests {
         assert!(ac.get(&key(2)).await.unwrap().is_none());
         assert!(ac.get(&key(1)).await.unwrap().is_some());
         assert!(ac.get(&key(3)).await.unwrap().is_some());
+    }
+
+    /// Puts, removes and evictions of the same entries from many threads:
+    /// deletions run outside the lock, yet the index and the directory
+    /// still agree at the end (no indexed entry lost its file, no file is
+    /// outside the index).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn disk_ac_concurrent_puts_removes_and_evictions_agree_with_the_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let ac = Arc::new(DiskActionCache::open(dir.path(), 5000).unwrap());
+        let mut tasks = Vec::new();
+        for t in 0..8u8 {
+            let ac = ac.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..150u8 {
+                    let k = key((i + t) % 10);
+                    if i % 5 == 4 {
+                        ac.remove(&k).await.unwrap();
+                    } else {
+                        ac.put(&k, &result(i as i32, 1000)).await.unwrap();
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let lru = ac.inner.lock();
+        for d in lru.entries.keys() {
+            assert!(
+                ac.inner.path_of(d).exists(),
+                "{d} is indexed but its file is gone"
+            );
+        }
+        let files = fs::read_dir(dir.path().join("ac")).unwrap().count();
+        assert_eq!(files, lru.entries.len(), "no file outside the index");
+        assert!(lru.doomed.is_empty());
     }
 }

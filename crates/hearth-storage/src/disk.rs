@@ -2,11 +2,15 @@
 //! Writes go to `staging/` first and are renamed into place, so a crash never
 //! leaves a truncated blob visible; the size of every file is checked against
 //! its digest on read, and a file that does not match is dropped.
+//!
+//! Every file operation runs on the blocking pool (the server and, in
+//! `hearth up`, the executor share one runtime); the index lock is held only
+//! for bookkeeping, never across a file operation that can take long.
 
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use async_trait::async_trait;
@@ -18,8 +22,11 @@ use crate::memory::verify;
 use crate::store::clamp_range;
 use crate::{BlobStore, Digest, DigestHasher, StoreError, StoreResult, StoreStats};
 
-/// Blobs at least this big are hashed and written on the blocking pool.
-const INLINE_LIMIT: usize = 256 * 1024;
+mod sink;
+pub use sink::BlobSink;
+
+#[cfg(test)]
+type UnlinkHook = Box<dyn Fn(&Digest) + Send + Sync>;
 
 pub struct DiskStore {
     inner: Arc<Inner>,
@@ -30,6 +37,11 @@ struct Inner {
     staging: PathBuf,
     limit: u64,
     index: Mutex<Index>,
+    /// Signalled when doomed blobs' files are gone (see [`Inner::unlink`]).
+    unlinked: Condvar,
+    /// Runs before each unlink, so a test can interleave a re-insert.
+    #[cfg(test)]
+    before_unlink: Mutex<Option<UnlinkHook>>,
 }
 
 impl DiskStore {
@@ -65,6 +77,9 @@ impl DiskStore {
                 staging,
                 limit: limit_bytes,
                 index: Mutex::new(index),
+                unlinked: Condvar::new(),
+                #[cfg(test)]
+                before_unlink: Mutex::new(None),
             }),
         };
         store.inner.evict();
@@ -77,7 +92,6 @@ impl DiskStore {
         self.inner.path_of(digest)
     }
 
-    /// True when the blob is present; records a use.
     /// Stores what `source` yields and returns its digest. The bytes are
     /// hashed as they are copied into a private staging file, so the stored
     /// blob is exactly the bytes that were hashed even if whoever wrote the
@@ -94,6 +108,19 @@ impl DiskStore {
         blocking(move || store.ingest(&mut file)).await
     }
 
+    /// Opens a present blob for reading (checking its size, recording a
+    /// use), to stream it elsewhere. Blocking: call it off the async threads.
+    /// An evicted blob's open file stays readable: unlinking spares open files.
+    pub fn open_blob(&self, digest: &Digest) -> StoreResult<fs::File> {
+        self.inner.open_checked(digest)
+    }
+
+    /// A writer for a blob that arrives in chunks (see [`BlobSink`]).
+    pub fn sink(&self, expected: Digest) -> BlobSink {
+        BlobSink::new(self.inner.clone(), expected)
+    }
+
+    /// True when the blob is present; records a use.
     pub fn contains(&self, digest: &Digest) -> bool {
         digest.is_empty_blob() || self.inner.lock().touch(digest)
     }
@@ -137,25 +164,48 @@ impl Inner {
         self.staging.join(uuid::Uuid::new_v4().to_string())
     }
 
-    /// Drops least-recently-used unpinned blobs until under the limit. Files
-    /// are deleted under the index lock so that a concurrent re-insert of the
-    /// same blob cannot be undone by a late delete.
+    /// Drops least-recently-used unpinned blobs until under the limit.
     fn evict(&self) {
         if self.limit == 0 {
             return;
         }
-        let mut index = self.lock();
-        for d in index.evict_to(self.limit) {
+        let victims = self.lock().evict_to(self.limit);
+        for d in &victims {
             tracing::debug!(digest = %d, "evicting blob");
-            let _ = fs::remove_file(self.path_of(&d));
         }
+        self.unlink(&victims);
+    }
+
+    /// Deletes the files of blobs the index has doomed (taken out, see
+    /// [`Index::doom`]). Runs without the lock: unlinking a big file can take
+    /// milliseconds, and every lookup (FindMissingBlobs, pins, reads) needs
+    /// that lock. A commit of one of these digests waits until this is done
+    /// (see [`Inner::commit`]), so a late unlink never removes a new file.
+    fn unlink(&self, victims: &[Digest]) {
+        if victims.is_empty() {
+            return;
+        }
+        for d in victims {
+            #[cfg(test)]
+            if let Some(hook) = &*self.before_unlink.lock().unwrap_or_else(|p| p.into_inner()) {
+                hook(d);
+            }
+            let _ = fs::remove_file(self.path_of(d));
+        }
+        self.lock().unlinked(victims);
+        self.unlinked.notify_all();
     }
 
     /// Moves a verified staging file into place and records it.
     fn commit(&self, d: &Digest, staged: &Path) -> StoreResult<()> {
         let target = self.path_of(d);
         {
-            let mut index = self.lock();
+            // The previous file at this path may be mid-unlink; renaming onto
+            // it now would let that unlink delete the new file.
+            let mut index = self
+                .unlinked
+                .wait_while(self.lock(), |ix| ix.is_doomed(d))
+                .unwrap_or_else(|p| p.into_inner());
             if index.contains(d) {
                 index.touch(d);
                 let _ = fs::remove_file(staged);
@@ -217,16 +267,13 @@ impl Inner {
         result
     }
 
-    fn read_range(&self, d: &Digest, offset: u64, limit: Option<u64>) -> StoreResult<Bytes> {
-        if d.is_empty_blob() {
-            clamp_range(d, 0, offset, limit)?;
-            return Ok(Bytes::new());
-        }
+    /// Opens a present, non-empty blob whose file has the digest's size.
+    fn open_checked(&self, d: &Digest) -> StoreResult<fs::File> {
         if !self.lock().touch(d) {
             return Err(StoreError::NotFound(*d));
         }
         let path = self.path_of(d);
-        let mut file = match fs::File::open(&path) {
+        let file = match fs::File::open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 self.lock().remove(d);
@@ -240,11 +287,21 @@ impl Inner {
             .len();
         if len != d.size() {
             tracing::error!(digest = %d, len, "blob on disk has the wrong size; dropping it");
-            self.lock().remove(d);
-            let _ = fs::remove_file(&path);
+            self.lock().doom(d);
+            self.unlink(&[*d]);
             return Err(StoreError::NotFound(*d));
         }
-        let (start, count) = clamp_range(d, len, offset, limit)?;
+        Ok(file)
+    }
+
+    fn read_range(&self, d: &Digest, offset: u64, limit: Option<u64>) -> StoreResult<Bytes> {
+        if d.is_empty_blob() {
+            clamp_range(d, 0, offset, limit)?;
+            return Ok(Bytes::new());
+        }
+        let mut file = self.open_checked(d)?;
+        let path = self.path_of(d);
+        let (start, count) = clamp_range(d, d.size(), offset, limit)?;
         let mut buf = vec![0u8; count as usize];
         file.seek(SeekFrom::Start(start))
             .and_then(|_| file.read_exact(&mut buf))
@@ -289,18 +346,14 @@ impl BlobStore for DiskStore {
     }
 
     async fn read(&self, digest: &Digest, offset: u64, limit: Option<u64>) -> StoreResult<Bytes> {
+        // Even a small read is a syscall that can stall on a busy disk, so
+        // every read goes to the blocking pool (a hand-off costs microseconds).
         let inner = self.inner.clone();
         let d = *digest;
-        if d.size() < INLINE_LIMIT as u64 {
-            return inner.read_range(&d, offset, limit);
-        }
         blocking(move || inner.read_range(&d, offset, limit)).await
     }
 
     async fn put(&self, digest: &Digest, data: Bytes) -> StoreResult<()> {
-        if data.len() < INLINE_LIMIT {
-            return self.inner.write_bytes(digest, &data);
-        }
         let inner = self.inner.clone();
         let d = *digest;
         blocking(move || inner.write_bytes(&d, &data)).await
@@ -371,160 +424,4 @@ impl BlobStore for DiskStore {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn blob(s: &str) -> (Digest, Bytes) {
-        let b = Bytes::from(s.to_string());
-        (Digest::of(&b), b)
-    }
-
-    #[tokio::test]
-    async fn put_read_and_survive_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let (d, b) = blob("hello world");
-        {
-            let store = DiskStore::open(dir.path(), 0).unwrap();
-            assert_eq!(store.find_missing(&[d]).await.unwrap(), vec![d]);
-            store.put(&d, b.clone()).await.unwrap();
-            assert!(store.find_missing(&[d]).await.unwrap().is_empty());
-        }
-        let store = DiskStore::open(dir.path(), 0).unwrap();
-        assert_eq!(store.read(&d, 0, None).await.unwrap(), b);
-        assert_eq!(
-            store.read(&d, 6, Some(3)).await.unwrap(),
-            Bytes::from("wor")
-        );
-        assert!(matches!(
-            store.read(&d, 100, None).await,
-            Err(StoreError::OutOfRange { .. })
-        ));
-    }
-
-    #[tokio::test]
-    async fn rejects_data_that_does_not_match_and_stores_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = DiskStore::open(dir.path(), 0).unwrap();
-        let (d, _) = blob("expected");
-        let err = store.put(&d, Bytes::from("other")).await.unwrap_err();
-        assert!(matches!(err, StoreError::Mismatch { .. }), "{err}");
-        assert_eq!(store.stats().blobs, 0);
-        assert!(!store.path_of(&d).exists());
-    }
-
-    #[tokio::test]
-    async fn truncated_file_on_disk_is_dropped_not_served() {
-        let dir = tempfile::tempdir().unwrap();
-        let (d, b) = blob("some content that will be truncated");
-        {
-            let store = DiskStore::open(dir.path(), 0).unwrap();
-            store.put(&d, b).await.unwrap();
-            fs::write(store.path_of(&d), b"some").unwrap();
-        }
-        let store = DiskStore::open(dir.path(), 0).unwrap();
-        assert_eq!(store.find_missing(&[d]).await.unwrap(), vec![d]);
-        assert!(matches!(
-            store.read(&d, 0, None).await,
-            Err(StoreError::NotFound(_))
-        ));
-    }
-
-    #[tokio::test]
-    async fn interrupted_writes_leave_nothing_behind() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let store = DiskStore::open(dir.path(), 0).unwrap();
-            fs::write(store.staging_dir().join("partial"), b"half a blo").unwrap();
-        }
-        let store = DiskStore::open(dir.path(), 0).unwrap();
-        assert_eq!(fs::read_dir(store.staging_dir()).unwrap().count(), 0);
-        assert_eq!(store.stats().blobs, 0);
-    }
-
-    #[tokio::test]
-    async fn lru_eviction_spares_pinned_blobs() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = DiskStore::open(dir.path(), 20).unwrap();
-        let (a, ab) = blob("aaaaaaaaaa");
-        let (b, bb) = blob("bbbbbbbbbb");
-        let (c, cb) = blob("cccccccccc");
-        store.put(&a, ab).await.unwrap();
-        store.put(&b, bb).await.unwrap();
-        store.pin(&[a]);
-        store.put(&c, cb).await.unwrap();
-        // a is the oldest but pinned, so b goes.
-        assert_eq!(store.find_missing(&[a, b, c]).await.unwrap(), vec![b]);
-        assert!(!store.path_of(&b).exists());
-        assert_eq!(store.stats().bytes, 20);
-    }
-
-    /// Rewrites the file it reads after its first read, as a process the
-    /// action left behind might while outputs are collected.
-    struct RewrittenWhileRead {
-        file: fs::File,
-        path: PathBuf,
-        rewritten: bool,
-    }
-
-    impl Read for RewrittenWhileRead {
-        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-            let len = buf.len().min(4);
-            let n = self.file.read(&mut buf[..len])?;
-            if !self.rewritten {
-                self.rewritten = true;
-                fs::write(&self.path, b"EVILEVILEVIL")?;
-            }
-            Ok(n)
-        }
-    }
-
-    #[test]
-    fn ingest_stores_exactly_the_bytes_it_hashed() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = DiskStore::open(&dir.path().join("s"), 0).unwrap();
-        let path = dir.path().join("out");
-        fs::write(&path, b"good output!").unwrap();
-        let mut source = RewrittenWhileRead {
-            file: fs::File::open(&path).unwrap(),
-            path: path.clone(),
-            rewritten: false,
-        };
-        let d = store.ingest(&mut source).unwrap();
-        let stored = fs::read(store.path_of(&d)).unwrap();
-        assert_eq!(
-            Digest::of(&stored),
-            d,
-            "the blob is stored under its own digest"
-        );
-        assert_eq!(d.size(), 12);
-    }
-
-    #[tokio::test]
-    async fn adopt_and_ingest() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = DiskStore::open(&dir.path().join("s"), 0).unwrap();
-        let src = dir.path().join("f");
-        fs::write(&src, b"file body").unwrap();
-        let d = store
-            .ingest_file(fs::File::open(&src).unwrap())
-            .await
-            .unwrap();
-        assert_eq!(d, Digest::of(b"file body"));
-        assert!(src.exists(), "ingest copies");
-        let wrong = Digest::of(b"nope");
-        assert!(store.adopt_file(&wrong, &src).await.is_err());
-        fs::write(&src, b"other body").unwrap();
-        store
-            .adopt_file(&Digest::of(b"other body"), &src)
-            .await
-            .unwrap();
-        assert!(!src.exists(), "adopt_file takes the file");
-        assert_eq!(
-            store
-                .read(&Digest::of(b"other body"), 0, None)
-                .await
-                .unwrap(),
-            Bytes::from("other body")
-        );
-    }
-}
+mod tests;

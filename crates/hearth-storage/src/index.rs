@@ -1,7 +1,8 @@
 //! In-memory bookkeeping for a size-bounded store: what is present, in which
-//! order it was last used, and which blobs are pinned by in-flight actions.
+//! order it was last used, which blobs are pinned by in-flight actions, and
+//! which have left the index but whose files are still being deleted.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::Digest;
 
@@ -16,6 +17,10 @@ pub(crate) struct Index {
     /// Last-use tick → hash; the first entry is the least recently used.
     order: BTreeMap<u64, [u8; 32]>,
     pins: HashMap<[u8; 32], u32>,
+    /// Removed from the index, file not yet unlinked: the unlink happens
+    /// without the lock, so nothing may put a new file at that path until
+    /// [`Index::unlinked`] (see `DiskStore`'s eviction).
+    doomed: HashSet<[u8; 32]>,
     tick: u64,
     bytes: u64,
 }
@@ -83,6 +88,25 @@ impl Index {
         }
     }
 
+    /// Removes a blob whose file the caller is about to delete, outside the
+    /// lock; until [`Index::unlinked`], [`Index::is_doomed`] says so.
+    pub fn doom(&mut self, d: &Digest) {
+        self.remove(d);
+        self.doomed.insert(*d.hash());
+    }
+
+    /// A file at this blob's path is being deleted: writing one now could be undone.
+    pub fn is_doomed(&self, d: &Digest) -> bool {
+        self.doomed.contains(d.hash())
+    }
+
+    /// The files of `digests` are gone; their paths may be written again.
+    pub fn unlinked(&mut self, digests: &[Digest]) {
+        for d in digests {
+            self.doomed.remove(d.hash());
+        }
+    }
+
     pub fn pin(&mut self, d: &Digest) {
         *self.pins.entry(*d.hash()).or_insert(0) += 1;
     }
@@ -97,7 +121,8 @@ impl Index {
     }
 
     /// Removes least-recently-used unpinned blobs until at most `limit` bytes
-    /// remain, returning what was removed (the caller deletes the data).
+    /// remain, returning what was removed. They are doomed: the caller
+    /// deletes their files and then calls [`Index::unlinked`].
     pub fn evict_to(&mut self, limit: u64) -> Vec<Digest> {
         let mut victims = Vec::new();
         if self.bytes <= limit {
@@ -116,7 +141,7 @@ impl Index {
             over = over.saturating_sub(size);
         }
         for d in &victims {
-            self.remove(d);
+            self.doom(d);
         }
         victims
     }
@@ -155,5 +180,18 @@ mod tests {
         ix.unpin(&blob(1, 10));
         assert_eq!(ix.evict_to(0), vec![blob(1, 10)]);
         assert_eq!(ix.bytes(), 0);
+    }
+
+    #[test]
+    fn victims_stay_doomed_until_unlinked() {
+        let mut ix = Index::default();
+        ix.insert(&blob(1, 10));
+        ix.insert(&blob(2, 10));
+        let gone = ix.evict_to(10);
+        assert_eq!(gone, vec![blob(1, 10)]);
+        assert!(ix.is_doomed(&blob(1, 10)) && !ix.is_doomed(&blob(2, 10)));
+        assert!(!ix.contains(&blob(1, 10)));
+        ix.unlinked(&gone);
+        assert!(!ix.is_doomed(&blob(1, 10)));
     }
 }

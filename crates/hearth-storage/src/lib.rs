@@ -14,7 +14,7 @@ mod store;
 
 pub use ac::{action_key, ActionCache, DiskActionCache, MemoryActionCache};
 pub use digest::{Digest, DigestHasher};
-pub use disk::DiskStore;
+pub use disk::{BlobSink, DiskStore};
 pub use error::{StoreError, StoreResult};
 pub use memory::MemoryStore;
 pub use owners::Owners;

@@ -20,10 +20,13 @@ async fn remote_executor_fetches_inputs_and_uploads_outputs() {
     let h = server(&[]);
     let c = channel(&h).await;
     let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 97) as u8).collect();
-    let mut spec = ActionSpec::new("wc -c < big.bin > out/count && cat small.txt >> out/count");
+    let mut spec = ActionSpec::new(
+        "wc -c < big.bin > out/count && cat small.txt >> out/count && cp big.bin out/copy",
+    );
     spec.files = vec![("small.txt", b"small\n"), ("big.bin", &big)];
-    spec.outputs = vec!["out/count"];
-    // The big input goes through ByteStream-sized paths on the executor side.
+    spec.outputs = vec!["out/count", "out/copy"];
+    // The big input and output stream over ByteStream on the executor side,
+    // through files.
     let action = make_action(&c, &spec).await;
     // Queued before any executor exists: it waits rather than failing.
     let pending = tokio::spawn({
@@ -39,6 +42,22 @@ async fn remote_executor_fetches_inputs_and_uploads_outputs() {
     assert_eq!(r.execution_metadata.unwrap().worker, "remote-1");
     let out = read_blob(&c, r.output_files[0].digest.as_ref().unwrap()).await;
     assert_eq!(out.as_ref(), b"3000000\nsmall\n");
+    let copy = r.output_files[1].digest.clone().unwrap();
+    assert_eq!(
+        copy,
+        hearth_storage::Digest::of(&big).to_proto(),
+        "the big output is the input"
+    );
+    let missing = cas(&c)
+        .find_missing_blobs(hearth_proto::reapi::FindMissingBlobsRequest {
+            blob_digests: vec![copy],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .missing_blob_digests;
+    assert!(missing.is_empty(), "the executor uploaded the big output");
 }
 
 #[tokio::test]
