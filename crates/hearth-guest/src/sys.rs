@@ -164,14 +164,16 @@ pub fn interface_up(name: &str, addr: Option<([u8; 4], [u8; 4])>) -> io::Result<
                 })?;
             }
         }
-        // SAFETY: as above.
         check(
+            // SAFETY: req is a valid ifreq naming the interface; the kernel
+            // fills its flags.
             unsafe { libc::ioctl(sock, libc::SIOCGIFFLAGS as _, &mut req) },
             || format!("flags of {name}"),
         )?;
         // SAFETY: reading/writing the flags member of the union.
         unsafe { req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short };
         check(
+            // SAFETY: req is a valid ifreq with the flags just set.
             unsafe { libc::ioctl(sock, libc::SIOCSIFFLAGS as _, &req) },
             || format!("bringing {name} up"),
         )
