@@ -22,9 +22,30 @@ pub const ISOLATION_TYPES: &[&str] = &["none", "firecracker"];
 pub struct PlatformError(pub String);
 
 /// A normalised platform: lowercase names → trimmed values, sorted.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+/// `Debug` prints secret values (the registry password) as `<redacted>`,
+/// so logging a job, a `RunSpec` or a platform never leaks them.
+#[derive(Clone, Default, PartialEq, Eq, Hash)]
 pub struct Platform {
     props: BTreeMap<String, String>,
+}
+
+/// Properties whose values are secrets.
+const SECRET: &[&str] = &["container-registry-password"];
+
+impl std::fmt::Debug for Platform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown = self.props.iter().map(|(k, v)| {
+            let v = if SECRET.contains(&k.as_str()) {
+                "<redacted>"
+            } else {
+                v.as_str()
+            };
+            (k, v)
+        });
+        f.debug_struct("Platform")
+            .field("props", &shown.collect::<BTreeMap<_, _>>())
+            .finish()
+    }
 }
 
 impl Platform {
@@ -251,6 +272,25 @@ mod tests {
                 .unwrap()
                 .get("pool"),
             Some("b")
+        );
+    }
+
+    #[test]
+    fn debug_never_prints_the_registry_password() {
+        let p = Platform::from_pairs([
+            ("container-registry-username", "ci-bot"),
+            ("container-registry-password", "hunter2-secret"),
+            ("OSFamily", "Linux"),
+        ]);
+        let shown = format!("{p:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(
+            shown.contains("<redacted>") && shown.contains("ci-bot"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("linux") || shown.contains("Linux"),
+            "{shown}"
         );
     }
 }
