@@ -75,19 +75,40 @@ async fn stored_outputs(ctx: &Context, result: &ActionResult) -> Result<Vec<Dige
     }
 }
 
-fn executor_report(state: Option<wp::ExecutorState>) -> Option<ExecutorReport> {
-    state.map(|s| ExecutorReport {
-        running: s.running_operations,
-        assignments_received: s.assignments_received,
-        leaving: s.leaving,
+/// Most operations an executor of `capacity` may say it holds: those it
+/// runs plus results of its last session still to send. A longer list is
+/// made up, and would only make the server hold more.
+fn max_held(capacity: u32) -> usize {
+    capacity as usize * 2 + 8
+}
+
+fn executor_report(
+    executor: &str,
+    capacity: u32,
+    state: Option<wp::ExecutorState>,
+) -> Option<ExecutorReport> {
+    state.map(|mut s| {
+        if s.running_operations.len() > max_held(capacity) {
+            tracing::warn!(
+                executor,
+                listed = s.running_operations.len(),
+                "executor reports more operations than it could hold; the rest are ignored"
+            );
+            s.running_operations.truncate(max_held(capacity));
+        }
+        ExecutorReport {
+            running: s.running_operations,
+            assignments_received: s.assignments_received,
+            leaving: s.leaving,
+        }
     })
 }
 
 /// Stores an executor's result and completes the operation.
-async fn finished(ctx: &Context, executor: &str, session: u64, mut f: wp::Finished) {
+async fn finished(ctx: &Context, executor: &str, capacity: u32, session: u64, mut f: wp::Finished) {
     ctx.scheduler
         .report_warm(executor, session, std::mem::take(&mut f.warm_keys));
-    let report = executor_report(f.state.take());
+    let report = executor_report(executor, capacity, f.state.take());
     if f.refused {
         tracing::warn!(executor, operation = %f.operation_name, reason = %f.status_message, "executor refused an assignment; re-queued");
         ctx.scheduler.refused(executor, session, &f.operation_name);
@@ -204,7 +225,16 @@ impl WorkerApi for WorkerService {
         let warm_keys = std::mem::take(&mut hello.warm_keys);
         let holding = std::mem::take(&mut hello.running_operations);
         let info = executor_info(hello)?;
+        if holding.len() > max_held(info.capacity) {
+            return Err(Status::invalid_argument(format!(
+                "hello lists {} running operations; an executor of capacity {} holds at most {}",
+                holding.len(),
+                info.capacity,
+                max_held(info.capacity)
+            )));
+        }
         let id = info.id.clone();
+        let capacity = info.capacity;
         let (session, rx) = self
             .ctx
             .scheduler
@@ -216,12 +246,12 @@ impl WorkerApi for WorkerService {
                 match inbound.message().await {
                     Ok(Some(WorkerMessage {
                         kind: Some(worker_message::Kind::Finished(f)),
-                    })) => finished(&ctx, &id, session, f).await,
+                    })) => finished(&ctx, &id, capacity, session, f).await,
                     Ok(Some(WorkerMessage {
                         kind: Some(worker_message::Kind::Report(r)),
                     })) => {
                         ctx.scheduler.report_warm(&id, session, r.warm_keys);
-                        if let Some(report) = executor_report(r.state) {
+                        if let Some(report) = executor_report(&id, capacity, r.state) {
                             ctx.scheduler.report(&id, session, &report);
                         }
                     }

@@ -192,3 +192,26 @@ async fn an_executor_stopped_gracefully_hands_its_action_back_at_once() {
         }
     );
 }
+
+/// The attack: an executor key says hello holding a hundred thousand
+/// made-up operations, to make the server track them all. Refused, naming
+/// the bound.
+#[tokio::test]
+async fn a_hello_holding_more_than_capacity_allows_is_refused() {
+    let h = server(&[]);
+    let c = channel(&h).await;
+    let made_up: Vec<String> = (0..100_000).map(|i| format!("operations/{i}")).collect();
+    let err = common::worker::FakeExecutor::try_hello(&c, "liar", vec![], &[], made_up)
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    assert!(
+        err.message().contains(
+            "hello lists 100000 running operations; an executor of capacity 2 holds at most 12"
+        ),
+        "{}",
+        err.message()
+    );
+    assert!(status(&c).await.executors.is_empty());
+}

@@ -23,8 +23,20 @@ impl FakeExecutor {
         warm_keys: Vec<String>,
         properties: &[(&str, &str)],
     ) -> Result<Self, tonic::Status> {
+        Self::try_hello(c, id, warm_keys, properties, vec![]).await
+    }
+
+    /// As `try_connect`, saying it still holds `running` operations.
+    pub async fn try_hello(
+        c: &Channel,
+        id: &str,
+        warm_keys: Vec<String>,
+        properties: &[(&str, &str)],
+        running: Vec<String>,
+    ) -> Result<Self, tonic::Status> {
         let (tx, rx) = mpsc::unbounded_channel();
         let hello = Hello {
+            running_operations: running,
             executor_id: id.into(),
             isolation_types: vec!["none".into()],
             capacity: 2,
