@@ -121,7 +121,9 @@ impl Scheduler {
         exec.disconnected_at = Some(now);
         // Closes the outbound stream if it is still open (a silent executor).
         exec.sender = mpsc::unbounded_channel().0;
-        if self.config.reconnect_grace.is_zero() {
+        // One that said it was leaving is not coming back for what was
+        // sent to it after its farewell.
+        if self.config.reconnect_grace.is_zero() || exec.leaving {
             self.forget_executor(st, executor_id);
         }
     }

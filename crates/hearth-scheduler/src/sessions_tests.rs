@@ -265,3 +265,33 @@ async fn a_leaving_executor_hands_its_work_back_and_gets_no_more() {
     let (_, mut rx2) = s.connect(info("e2", 1), vec![], "k").unwrap();
     assert_eq!(next(&mut rx2).map(|m| m.1), Some(name));
 }
+
+/// An assignment sent while the executor's farewell was on its way is not
+/// left waiting out the grace period when the leaver's stream closes.
+#[tokio::test]
+async fn what_crossed_a_farewell_is_requeued_when_the_leaver_goes() {
+    let s = scheduler(Duration::from_secs(300));
+    let (session, mut rx) = s.connect(info("e1", 2), vec![], "k").unwrap();
+    let a = s.submit(job("a")).unwrap();
+    let (_, _, seq) = next(&mut rx).unwrap();
+    let b = s.submit(job("b")).unwrap();
+    // The farewell was written before the second assignment arrived.
+    s.report(
+        "e1",
+        session,
+        &ExecutorReport {
+            running: vec![],
+            assignments_received: seq,
+            leaving: true,
+        },
+    );
+    assert_eq!(a.borrow().stage, Stage::Queued);
+    assert_eq!(
+        b.borrow().stage,
+        Stage::Executing,
+        "in flight to the leaver"
+    );
+    s.disconnect("e1", session);
+    assert_eq!(b.borrow().stage, Stage::Queued, "not held for 300 s");
+    assert!(s.stats(None).executors.is_empty());
+}
