@@ -191,14 +191,9 @@ impl Scheduler {
     /// Finished): reconciles and takes it as a sign of life.
     pub fn report(&self, executor_id: &str, session: u64, report: &ExecutorReport) {
         let mut st = self.lock();
-        let Some(exec) = st
-            .executors
-            .get_mut(executor_id)
-            .filter(|e| e.session == session)
-        else {
+        let Some(exec) = heard_from(&mut st, executor_id, session) else {
             return;
         };
-        exec.last_heard = Instant::now();
         exec.leaving |= report.leaving;
         let seen = report.assignments_received;
         let listed: HashSet<&str> = report.running.iter().map(String::as_str).collect();
@@ -236,11 +231,7 @@ impl Scheduler {
     /// (one entry per runner); they replace what it reported before.
     pub fn report_warm(&self, executor_id: &str, session: u64, warm_keys: Vec<String>) {
         let mut st = self.lock();
-        if let Some(exec) = st
-            .executors
-            .get_mut(executor_id)
-            .filter(|e| e.session == session)
-        {
+        if let Some(exec) = heard_from(&mut st, executor_id, session) {
             exec.set_warm(warm_keys);
         }
     }
@@ -251,11 +242,7 @@ impl Scheduler {
     /// no job owns any more, e.g. one cancelled while it ran.
     pub fn finish(&self, executor_id: &str, session: u64, op: &str) -> Option<RunningJob> {
         let mut st = self.lock();
-        let exec = st
-            .executors
-            .get_mut(executor_id)
-            .filter(|e| e.session == session)?;
-        exec.last_heard = Instant::now();
+        let exec = heard_from(&mut st, executor_id, session)?;
         let ours = exec.running.remove(op).is_some();
         if !ours && exec.draining.remove(op).is_none() {
             return None;
@@ -277,14 +264,9 @@ impl Scheduler {
     /// gets nothing more until one of its actions ends.
     pub fn refused(&self, executor_id: &str, session: u64, op: &str) {
         let mut st = self.lock();
-        let Some(exec) = st
-            .executors
-            .get_mut(executor_id)
-            .filter(|e| e.session == session)
-        else {
+        let Some(exec) = heard_from(&mut st, executor_id, session) else {
             return;
         };
-        exec.last_heard = Instant::now();
         if exec.running.remove(op).is_none() {
             exec.draining.remove(op);
             return;
@@ -298,6 +280,17 @@ impl Scheduler {
         }
         dispatch(&mut st);
     }
+}
+
+/// The executor `executor_id` if `session` is its current one, marked as
+/// heard from: every message of its session is a sign of life.
+fn heard_from<'a>(st: &'a mut State, executor_id: &str, session: u64) -> Option<&'a mut Executor> {
+    let exec = st
+        .executors
+        .get_mut(executor_id)
+        .filter(|e| e.session == session)?;
+    exec.last_heard = Instant::now();
+    Some(exec)
 }
 
 /// A reconnecting executor still runs `op`, whose job went back to the
