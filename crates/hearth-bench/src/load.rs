@@ -6,14 +6,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use futures::{stream, StreamExt};
-use hearth_proto::bytestream::WriteRequest;
-use hearth_proto::reapi::{Action, Command, Directory};
+use bytes::Bytes;
+use hearth_executor::write_requests;
+use hearth_proto::reapi::{Command, Directory};
 use hearth_storage::Digest;
-use prost::Message;
 
 use crate::{
-    bytestream, execute, find_missing, noop_actions, row, unique_blob, upload_msg, Args, Channel,
+    bytestream, execute_ok, find_missing, noop_actions, row, unique_blob, upload_action_in, Args,
+    Channel,
 };
 
 /// Uploads fresh `size`-byte blobs over ByteStream, one after another,
@@ -31,7 +31,7 @@ async fn upload_forever(
         // A new blob each time, or the server would answer "already stored".
         n += 1;
         data[..8].copy_from_slice(&n.to_le_bytes());
-        let blob = Arc::new(data);
+        let blob = Bytes::from(data);
         // Hashing 64 MB takes tens of milliseconds: off the bench's own
         // runtime, so it does not delay the calls being timed.
         let d = {
@@ -42,7 +42,8 @@ async fn upload_forever(
             .await
             .context("background ByteStream.Write")?;
         sent.fetch_add(size as u64, Ordering::Relaxed);
-        data = Arc::try_unwrap(blob).unwrap_or_else(|b| (*b).clone());
+        // The buffer again, without a copy once no request holds it.
+        data = Vec::from(blob);
     }
     Ok(())
 }
@@ -84,78 +85,41 @@ pub(crate) async fn under_uploads(c: &Channel, args: &Args) -> Result<()> {
     Ok(())
 }
 
-/// ByteStream.Write of `blob` (digest `d`) in 1 MiB requests, each copied
-/// as it is sent.
-async fn write_blob(c: &Channel, d: Digest, blob: Arc<Vec<u8>>) -> Result<()> {
+/// ByteStream.Write of `blob` (digest `d`).
+async fn write_blob(c: &Channel, d: Digest, blob: Bytes) -> Result<()> {
     let resource = format!(
         "uploads/{}/blobs/{}/{}",
         uuid::Uuid::new_v4(),
         d.hash_hex(),
         d.size()
     );
-    let (chunk, size) = (1 << 20, blob.len());
-    let reqs = stream::iter((0..size).step_by(chunk)).map(move |start| {
-        let end = (start + chunk).min(size);
-        WriteRequest {
-            resource_name: if start == 0 {
-                resource.clone()
-            } else {
-                String::new()
-            },
-            write_offset: start as i64,
-            finish_write: end == size,
-            data: blob[start..end].to_vec(),
-        }
-    });
-    bytestream(c).write(reqs).await?;
+    bytestream(c).write(write_requests(resource, blob)).await?;
     Ok(())
 }
 
 /// One action copying a fresh `size`-byte input to its output.
 pub(crate) async fn big_action(c: &Channel, size: usize) -> Result<()> {
-    use hearth_proto::reapi::{ExecuteResponse, FileNode};
-    let blob = Arc::new(unique_blob(size, 11));
+    use hearth_proto::reapi::FileNode;
+    let blob = Bytes::from(unique_blob(size, 11));
     let d = Digest::of(&blob);
     write_blob(c, d, blob)
         .await
         .context("uploading the input")?;
-    let root = upload_msg(
-        c,
-        &Directory {
-            files: vec![FileNode {
-                name: "in".into(),
-                digest: Some(d.to_proto()),
-                ..Default::default()
-            }],
+    let root = Directory {
+        files: vec![FileNode {
+            name: "in".into(),
+            digest: Some(d.to_proto()),
             ..Default::default()
-        },
-    )
-    .await?;
-    let command = upload_msg(
-        c,
-        &Command {
-            arguments: vec!["/bin/cp".into(), "in".into(), "out".into()],
-            output_paths: vec!["out".into()],
-            ..Default::default()
-        },
-    )
-    .await?;
-    let action = upload_msg(
-        c,
-        &Action {
-            command_digest: Some(command.to_proto()),
-            input_root_digest: Some(root.to_proto()),
-            ..Default::default()
-        },
-    )
-    .await?;
-    let (took, op) = execute(c, action, true).await?;
-    let Some(hearth_proto::longrunning::operation::Result::Response(any)) = op.result else {
-        anyhow::bail!("operation without response");
+        }],
+        ..Default::default()
     };
-    let resp = ExecuteResponse::decode(any.value.as_slice())?;
-    let result = resp.result.context("no result")?;
-    anyhow::ensure!(result.exit_code == 0, "action failed: {:?}", resp.status);
+    let command = Command {
+        arguments: vec!["/bin/cp".into(), "in".into(), "out".into()],
+        output_paths: vec!["out".into()],
+        ..Default::default()
+    };
+    let action = upload_action_in(c, &root, &command).await?;
+    let (took, result) = execute_ok(c, action).await?;
     let out = result.output_files.first().context("no output")?;
     anyhow::ensure!(
         out.digest == Some(d.to_proto()),

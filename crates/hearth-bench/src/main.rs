@@ -13,8 +13,8 @@ use hearth_proto::bytestream::{byte_stream_client::ByteStreamClient, ReadRequest
 use hearth_proto::reapi::{
     batch_update_blobs_request, command::EnvironmentVariable,
     content_addressable_storage_client::ContentAddressableStorageClient,
-    execution_client::ExecutionClient, Action, BatchUpdateBlobsRequest, Command, Directory,
-    ExecuteRequest, FindMissingBlobsRequest,
+    execution_client::ExecutionClient, Action, ActionResult, BatchUpdateBlobsRequest, Command,
+    Directory, ExecuteRequest, ExecuteResponse, FindMissingBlobsRequest,
 };
 use hearth_storage::Digest;
 use prost::Message;
@@ -272,7 +272,12 @@ async fn upload_msg<M: Message>(c: &Channel, m: &M) -> Result<Digest> {
 
 /// Uploads `command` and an Action running it on an empty input root.
 async fn upload_action(c: &Channel, command: &Command) -> Result<Digest> {
-    let root = upload_msg(c, &Directory::default()).await?;
+    upload_action_in(c, &Directory::default(), command).await
+}
+
+/// Uploads an action running `command` on the input tree `root`.
+async fn upload_action_in(c: &Channel, root: &Directory, command: &Command) -> Result<Digest> {
+    let root = upload_msg(c, root).await?;
     let command = upload_msg(c, command).await?;
     upload_msg(
         c,
@@ -283,6 +288,19 @@ async fn upload_action(c: &Channel, command: &Command) -> Result<Digest> {
         },
     )
     .await
+}
+
+/// Executes `action` without a cache lookup; returns the round trip and the
+/// result, which must have exit code 0.
+async fn execute_ok(c: &Channel, action: Digest) -> Result<(Duration, ActionResult)> {
+    let (took, op) = execute(c, action, true).await?;
+    let Some(hearth_proto::longrunning::operation::Result::Response(any)) = op.result else {
+        anyhow::bail!("operation without response");
+    };
+    let resp = ExecuteResponse::decode(any.value.as_slice())?;
+    let result = resp.result.context("no result")?;
+    anyhow::ensure!(result.exit_code == 0, "action failed: {:?}", resp.status);
+    Ok((took, result))
 }
 
 /// Executes `action` and returns the round trip and the final operation.
@@ -399,7 +417,7 @@ fn millis_between(a: &Option<hearth_proto::protobuf::Timestamp>, b_nanos: i128) 
 /// the host's), and the whole Execute round trip. Warm modes leave out the
 /// first actions, which boot the VMs they then reuse.
 async fn vm_actions(c: &Channel, n: usize, mode: &str) -> Result<()> {
-    use hearth_proto::reapi::{platform::Property, ExecuteResponse, Platform};
+    use hearth_proto::reapi::{platform::Property, Platform};
     let prop = |name: &str, value: &str| Property {
         name: name.into(),
         value: value.into(),
@@ -433,13 +451,7 @@ async fn vm_actions(c: &Channel, n: usize, mode: &str) -> Result<()> {
             },
         )
         .await?;
-        let (took, op) = execute(c, action, true).await?;
-        let Some(hearth_proto::longrunning::operation::Result::Response(any)) = op.result else {
-            anyhow::bail!("operation without response");
-        };
-        let resp = ExecuteResponse::decode(any.value.as_slice())?;
-        let result = resp.result.context("no result")?;
-        anyhow::ensure!(result.exit_code == 0, "action failed: {:?}", resp.status);
+        let (took, result) = execute_ok(c, action).await?;
         let stdout = result.stdout_digest.context("no stdout")?;
         let out = cas(c)
             .batch_read_blobs(hearth_proto::reapi::BatchReadBlobsRequest {

@@ -31,6 +31,28 @@ use tokio::sync::mpsc;
 pub(crate) const BATCH_BLOB_LIMIT: u64 = 1024 * 1024;
 /// Bytes per WriteRequest (and per read from the file being uploaded).
 pub(crate) const WRITE_CHUNK: usize = 1024 * 1024;
+/// The ByteStream.Write requests that upload `data` as `resource`, 1 MiB
+/// each; each request's copy is made as it is sent, not all up front.
+pub fn write_requests(
+    resource: String,
+    data: Bytes,
+) -> impl futures::Stream<Item = WriteRequest> + Send + 'static {
+    let len = data.len();
+    stream::iter((0..len).step_by(WRITE_CHUNK)).map(move |start| {
+        let end = (start + WRITE_CHUNK).min(len);
+        WriteRequest {
+            resource_name: if start == 0 {
+                resource.clone()
+            } else {
+                String::new()
+            },
+            write_offset: start as i64,
+            finish_write: end == len,
+            data: data[start..end].to_vec(),
+        }
+    })
+}
+
 /// WriteRequests read ahead of the network.
 const WRITE_QUEUE: usize = 2;
 /// Digests per FindMissingBlobs call.
@@ -347,24 +369,8 @@ impl BlobStore for GrpcStore {
             }
             return Ok(());
         }
-        let resource = self.write_resource(digest);
-        // Each request's copy is made as it is sent, not all up front.
-        let len = data.len();
-        let chunks = stream::iter((0..len).step_by(WRITE_CHUNK)).map(move |start| {
-            let end = (start + WRITE_CHUNK).min(len);
-            WriteRequest {
-                resource_name: if start == 0 {
-                    resource.clone()
-                } else {
-                    String::new()
-                },
-                write_offset: start as i64,
-                finish_write: end == len,
-                data: data[start..end].to_vec(),
-            }
-        });
         self.bytestream()
-            .write(chunks)
+            .write(write_requests(self.write_resource(digest), data))
             .await
             .map_err(|s| remote_err("ByteStream.Write", s))?;
         Ok(())
