@@ -12,6 +12,8 @@ pub mod paths;
 pub mod platform;
 mod scheduler;
 mod sessions;
+#[cfg(test)]
+mod test_support;
 
 pub use affinity::affinity_key;
 pub use executors::{ExecutorInfo, ExecutorSnapshot};

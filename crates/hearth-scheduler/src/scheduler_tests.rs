@@ -1,33 +1,8 @@
 //! Unit tests of the queue and dispatch, warm-runner affinity included.
 
 use super::*;
-use crate::ExecutorInfo;
+use crate::test_support::{info, job};
 use tokio::sync::mpsc;
-
-fn job(tag: &str, platform: Platform) -> Job {
-    Job {
-        tenant: String::new(),
-        instance_name: String::new(),
-        action_digest: Digest::of(tag.as_bytes()),
-        action: vec![],
-        command: vec![],
-        platform,
-        do_not_cache: false,
-        shareable: true,
-        pins: None,
-    }
-}
-
-fn info(id: &str, capacity: u32) -> ExecutorInfo {
-    ExecutorInfo {
-        id: id.into(),
-        description: String::new(),
-        properties: Default::default(),
-        isolation_types: vec!["none".into()],
-        capacity,
-        vm_unavailable: String::new(),
-    }
-}
 
 /// A `recycle-runner` job whose platform (so affinity key) is set by `image`.
 fn recycled(tag: &str, image: &str) -> Job {

@@ -4,35 +4,14 @@ use std::time::Duration;
 
 use hearth_proto::reapi::ExecuteResponse;
 use hearth_proto::worker::{server_message, ServerMessage};
-use hearth_storage::Digest;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::*;
+use crate::test_support::info;
 use crate::{Job, Platform, SchedulerConfig};
 
 fn job(tag: &str) -> Job {
-    Job {
-        tenant: String::new(),
-        instance_name: String::new(),
-        action_digest: Digest::of(tag.as_bytes()),
-        action: vec![],
-        command: vec![],
-        platform: Platform::default(),
-        do_not_cache: false,
-        shareable: true,
-        pins: None,
-    }
-}
-
-fn info(id: &str, capacity: u32) -> ExecutorInfo {
-    ExecutorInfo {
-        id: id.into(),
-        description: String::new(),
-        properties: Default::default(),
-        isolation_types: vec!["none".into()],
-        capacity,
-        vm_unavailable: String::new(),
-    }
+    crate::test_support::job(tag, Platform::default())
 }
 
 fn scheduler(grace: Duration) -> std::sync::Arc<Scheduler> {
@@ -55,6 +34,14 @@ fn report(running: &[&str], received: u64) -> ExecutorReport {
         running: running.iter().map(|s| s.to_string()).collect(),
         assignments_received: received,
         leaving: false,
+    }
+}
+
+/// A gracefully stopping executor's last report.
+fn farewell(received: u64) -> ExecutorReport {
+    ExecutorReport {
+        leaving: true,
+        ..report(&[], received)
     }
 }
 
@@ -251,15 +238,7 @@ async fn a_leaving_executor_hands_its_work_back_and_gets_no_more() {
     let (session, mut rx) = s.connect(info("e1", 1), vec![], "k").unwrap();
     let op = s.submit(job("a")).unwrap();
     let (_, name, seq) = next(&mut rx).unwrap();
-    s.report(
-        "e1",
-        session,
-        &ExecutorReport {
-            running: vec![],
-            assignments_received: seq,
-            leaving: true,
-        },
-    );
+    s.report("e1", session, &farewell(seq));
     assert_eq!(op.borrow().stage, Stage::Queued, "re-queued at once");
     assert!(next(&mut rx).is_none(), "not sent back to the leaver");
     let (_, mut rx2) = s.connect(info("e2", 1), vec![], "k").unwrap();
@@ -276,15 +255,7 @@ async fn what_crossed_a_farewell_is_requeued_when_the_leaver_goes() {
     let (_, _, seq) = next(&mut rx).unwrap();
     let b = s.submit(job("b")).unwrap();
     // The farewell was written before the second assignment arrived.
-    s.report(
-        "e1",
-        session,
-        &ExecutorReport {
-            running: vec![],
-            assignments_received: seq,
-            leaving: true,
-        },
-    );
+    s.report("e1", session, &farewell(seq));
     assert_eq!(a.borrow().stage, Stage::Queued);
     assert_eq!(
         b.borrow().stage,
