@@ -87,6 +87,26 @@ async fn start_action(c: &Channel, script: &str) -> JoinHandle<ExecuteResponse> 
     })
 }
 
+/// The action's response, which must come within `limit` (else `why`
+/// failed) with exit code 0.
+async fn succeeds_within(
+    limit: Duration,
+    run: JoinHandle<ExecuteResponse>,
+    why: &str,
+) -> ExecuteResponse {
+    let resp = tokio::time::timeout(limit, run)
+        .await
+        .unwrap_or_else(|_| panic!("{why}: no answer within {limit:?}"))
+        .expect("the client");
+    assert_eq!(
+        resp.result.as_ref().map(|r| r.exit_code),
+        Some(0),
+        "{:?}",
+        resp.status
+    );
+    resp
+}
+
 #[tokio::test]
 async fn a_network_blip_keeps_the_running_action() {
     let h = server(&["--executor-grace-secs", "30"]);
@@ -142,16 +162,12 @@ async fn a_killed_executor_started_again_under_its_id_reruns_the_action_at_once(
     .await;
     let started = Instant::now();
     let _second = executor(&h, "phoenix");
-    let resp = tokio::time::timeout(Duration::from_secs(60), run)
-        .await
-        .expect("the action ends well before the grace period")
-        .expect("the client");
-    assert_eq!(
-        resp.result.as_ref().map(|r| r.exit_code),
-        Some(0),
-        "{:?}",
-        resp.status
-    );
+    let resp = succeeds_within(
+        Duration::from_secs(60),
+        run,
+        "the action ends well before the grace period",
+    )
+    .await;
     assert_eq!(attempt_of(&resp).number, 2, "run once more, no more");
     let s = status(&c).await;
     assert_eq!(s.requeued_actions, 1, "{s:?}");
@@ -174,16 +190,12 @@ async fn an_executor_stopped_gracefully_hands_its_action_back_at_once() {
         .expect("kill");
     assert!(sent.success());
     let _ = leaving.0.wait();
-    let resp = tokio::time::timeout(Duration::from_secs(60), run)
-        .await
-        .expect("re-queued at once, not after the grace period")
-        .expect("the client");
-    assert_eq!(
-        resp.result.as_ref().map(|r| r.exit_code),
-        Some(0),
-        "{:?}",
-        resp.status
-    );
+    let resp = succeeds_within(
+        Duration::from_secs(60),
+        run,
+        "re-queued at once, not after the grace period",
+    )
+    .await;
     assert_eq!(
         attempt_of(&resp),
         Attempt {
