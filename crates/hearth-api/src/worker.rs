@@ -109,13 +109,13 @@ async fn finished(ctx: &Context, executor: &str, capacity: u32, session: u64, mu
     ctx.scheduler
         .report_warm(executor, session, std::mem::take(&mut f.warm_keys));
     let report = executor_report(executor, capacity, f.state.take());
-    if f.refused {
+    let job = if f.refused {
         tracing::warn!(executor, operation = %f.operation_name, reason = %f.status_message, "executor refused an assignment; re-queued");
         ctx.scheduler.refused(executor, session, &f.operation_name);
-    }
-    let job = (!f.refused)
-        .then(|| ctx.scheduler.finish(executor, session, &f.operation_name))
-        .flatten();
+        None
+    } else {
+        ctx.scheduler.finish(executor, session, &f.operation_name)
+    };
     // Reconciled only after the end it reports is taken in.
     if let Some(report) = &report {
         ctx.scheduler.report(executor, session, report);

@@ -60,21 +60,18 @@ impl Inner {
     /// there is none or it is closing.
     fn send_finished(&mut self, mut f: Finished) {
         f.state = Some(self.state());
+        let Some(session) = &self.session else {
+            return self.unsent.push(f);
+        };
         let msg = WorkerMessage {
             kind: Some(worker_message::Kind::Finished(f)),
         };
-        let Some(session) = &self.session else {
-            return self.keep(msg);
-        };
         if let Err(e) = session.tx.send(msg) {
+            // The session is closing: the message comes back, for the next.
             self.session = None;
-            self.keep(e.0);
-        }
-    }
-
-    fn keep(&mut self, msg: WorkerMessage) {
-        if let Some(worker_message::Kind::Finished(f)) = msg.kind {
-            self.unsent.push(f);
+            if let Some(worker_message::Kind::Finished(f)) = e.0.kind {
+                self.unsent.push(f);
+            }
         }
     }
 }
