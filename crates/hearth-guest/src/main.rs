@@ -51,6 +51,10 @@ fn handle(req: Request) -> Response {
         Request::SetClock { unix_nanos } => sys::set_clock(unix_nanos)
             .map(|_| Response::Ok)
             .map_err(|e| e.to_string()),
+        Request::Restored { unix_nanos, seed } => sys::reseed(&seed)
+            .map_err(|e| format!("reseeding the kernel's random numbers: {e}"))
+            .and_then(|_| sys::set_clock(unix_nanos).map_err(|e| format!("setting the clock: {e}")))
+            .map(|_| Response::Ok),
         Request::MountDisk { serial, path } => {
             init::disk_by_serial(&serial, Duration::from_secs(5))
                 .and_then(|dev| sys::mount(&dev, &path, "ext4", 0, ""))

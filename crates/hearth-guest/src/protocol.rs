@@ -8,7 +8,7 @@ use std::io::{self, Read, Write};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// Bumped on any incompatible change; the host refuses other versions.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 /// The virtio-serial port name the agent listens on.
 pub const PORT_NAME: &str = "hearth.agent";
 /// Serial numbers of the VM's disks, which the guest finds them by.
@@ -34,6 +34,15 @@ pub enum Request {
     /// Sets the guest's wall clock (after boot, after a resume).
     SetClock {
         unix_nanos: u64,
+    },
+    /// The VM was just restored from a snapshot, possibly one of many clones
+    /// of it: mixes `seed` (host randomness) into the kernel's entropy pool,
+    /// credited, and makes the kernel reseed its CRNG at once, so no two
+    /// clones share random state; then sets the clock, which is as old as
+    /// the snapshot.
+    Restored {
+        unix_nanos: u64,
+        seed: Vec<u8>,
     },
     /// Mounts the disk with this serial (ext4, read-write) at `path`. (The
     /// workspace disk attached at boot is mounted at /work by init.)
@@ -176,10 +185,16 @@ mod tests {
             serial: OUT_SERIAL.into(),
         };
         write_frame(&mut buf, &pack).unwrap();
+        let restored = Request::Restored {
+            unix_nanos: 7,
+            seed: vec![1, 2, 255],
+        };
+        write_frame(&mut buf, &restored).unwrap();
         let mut r = buf.as_slice();
         assert_eq!(read_frame::<Request>(&mut r).unwrap(), req);
         assert_eq!(read_frame::<Request>(&mut r).unwrap(), Request::Shutdown);
         assert_eq!(read_frame::<Request>(&mut r).unwrap(), pack);
+        assert_eq!(read_frame::<Request>(&mut r).unwrap(), restored);
     }
 
     #[test]
