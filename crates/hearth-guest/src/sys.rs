@@ -138,10 +138,8 @@ pub fn reseed(seed: &[u8]) -> io::Result<()> {
     let fd = random.as_raw_fd();
     // SAFETY: `info` is a rand_pool_info whose buf_size matches the bytes
     // that follow its header; the kernel only reads it.
-    check(
-        unsafe { libc::ioctl(fd, RNDADDENTROPY as _, info.as_ptr()) },
-        || "RNDADDENTROPY".into(),
-    )?;
+    let added = unsafe { libc::ioctl(fd, RNDADDENTROPY as _, info.as_ptr()) };
+    check(added, || "RNDADDENTROPY".into())?;
     // SAFETY: RNDRESEEDCRNG takes no argument.
     check(unsafe { libc::ioctl(fd, RNDRESEEDCRNG as _) }, || {
         "RNDRESEEDCRNG".into()

@@ -49,9 +49,75 @@ pub async fn mkfs(path: &Path, size_bytes: u64, from: Option<&Path>) -> Result<(
         .map(|_| ())
 }
 
+/// A qcow2 overlay at `path` whose reads fall through to the raw `base`
+/// until written: a clone's private view of a snapshot's disk. `base` must
+/// not change while the overlay lives (the snapshot's files are immutable).
+#[cfg_attr(
+    not(test),
+    expect(
+        dead_code,
+        reason = "the clone path of issue 11 will be its first user"
+    )
+)]
+pub async fn overlay(base: &Path, path: &Path) -> Result<(), VmError> {
+    let mut cmd = Command::new("qemu-img");
+    cmd.args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(base)
+        .arg(path);
+    run(
+        &mut cmd,
+        &format!("qemu-img create (overlay of {})", base.display()),
+    )
+    .await
+    .map(|_| ())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Writes through the overlay land in it, never in the base; reads of
+    /// untouched blocks see the base.
+    #[tokio::test]
+    async fn an_overlay_reads_its_base_and_keeps_its_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.img");
+        let mut content = vec![0x11u8; 1 << 20];
+        content[4096..8192].fill(0x22);
+        std::fs::write(&base, &content).unwrap();
+        let top = dir.path().join("clone.qcow2");
+        overlay(&base, &top).await.unwrap();
+        let out = std::process::Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", "write -P 0xab 0 4096"])
+            .arg(&top)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(
+            std::fs::read(&base).unwrap(),
+            content,
+            "the base is untouched"
+        );
+        let flat = dir.path().join("flat.img");
+        let out = std::process::Command::new("qemu-img")
+            .args(["convert", "-f", "qcow2", "-O", "raw"])
+            .arg(&top)
+            .arg(&flat)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let seen = std::fs::read(&flat).unwrap();
+        assert!(seen[..4096].iter().all(|b| *b == 0xab), "the write");
+        assert!(
+            seen[4096..8192].iter().all(|b| *b == 0x22),
+            "the base shows through"
+        );
+        assert_eq!(seen.len(), content.len());
+        let e = overlay(&dir.path().join("missing.img"), &dir.path().join("x.qcow2"))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("qemu-img create"), "{e}");
+    }
 
     #[tokio::test]
     async fn workspace_image_is_built_from_a_directory() {

@@ -43,6 +43,18 @@ pub struct DiskSpec {
     pub path: PathBuf,
     pub serial: String,
     pub read_only: bool,
+    pub format: DiskFormat,
+}
+
+/// How a disk's file holds its blocks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DiskFormat {
+    /// The blocks themselves (sparse).
+    #[default]
+    Raw,
+    /// A qcow2 copy-on-write overlay over a raw backing file (a clone's
+    /// view of a snapshot's disk; see [`disks::overlay`]).
+    Qcow2,
 }
 
 /// What to boot.
@@ -62,6 +74,10 @@ pub struct VmSpec {
     /// Guest RAM in this file, mapped shared, so that saving the VM writes
     /// only device state (see [`QemuVm::save`]). None: anonymous memory.
     pub memory_file: Option<PathBuf>,
+    /// Map `memory_file` privately (copy-on-write): the VM is one of many
+    /// clones of a snapshot, and the file is never written. Such a VM
+    /// cannot be saved cheaply.
+    pub memory_private: bool,
     /// Restore from this device-state file (written by [`QemuVm::save`]
     /// with the same spec) instead of booting.
     pub incoming: Option<PathBuf>,

@@ -13,7 +13,7 @@ use tokio::process::{Child, Command};
 use crate::deadline::{bounded, SAVE_TIMEOUT};
 use crate::qmp::Qmp;
 use crate::sockdir::{self, SocketDir};
-use crate::{Accel, AgentClient, BootFiles, VmError, VmSpec, Vmm};
+use crate::{Accel, AgentClient, BootFiles, DiskFormat, VmError, VmSpec, Vmm};
 
 pub struct QemuVmm {
     pub qemu: PathBuf,
@@ -145,9 +145,10 @@ impl QemuVmm {
                 "microvm,memory-backend=mem".into(),
                 "-object".into(),
                 format!(
-                    "memory-backend-file,id=mem,size={}M,mem-path={},share=on",
+                    "memory-backend-file,id=mem,size={}M,mem-path={},share={}",
                     spec.memory_mib,
-                    file.display()
+                    file.display(),
+                    if spec.memory_private { "off" } else { "on" }
                 ),
             ]),
             None => a.push("microvm".into()),
@@ -173,9 +174,13 @@ impl QemuVmm {
         ]);
         for (i, d) in spec.disks.iter().enumerate() {
             let ro = if d.read_only { ",readonly=on" } else { "" };
+            let format = match d.format {
+                DiskFormat::Raw => "raw",
+                DiskFormat::Qcow2 => "qcow2",
+            };
             a.push("-drive".into());
             a.push(format!(
-                "id=disk{i},file={},format=raw,if=none,cache=unsafe{ro}",
+                "id=disk{i},file={},format={format},if=none,cache=unsafe{ro}",
                 d.path.display()
             ));
             a.push("-device".into());
@@ -525,6 +530,7 @@ mod tests {
             forwards: vec![],
             run_dir: dir.path().join("run"),
             memory_file: None,
+            memory_private: false,
             incoming: None,
         };
         let err = vmm.boot(&spec).await.err().expect("boot must fail");
@@ -534,5 +540,52 @@ mod tests {
             text.contains("no-such-kernel"),
             "the reason names QEMU's complaint: {text}"
         );
+    }
+
+    /// A clone maps the snapshot's memory privately and sees its scratch
+    /// disk through a qcow2 overlay; everything else is as saved.
+    #[test]
+    fn a_clone_maps_memory_privately_and_names_its_disk_format() {
+        let dir = tempfile::tempdir().unwrap();
+        let vmm = QemuVmm {
+            qemu: "qemu-system-x86_64".into(),
+            boot: BootFiles {
+                kernel: "/k".into(),
+                initramfs: "/i".into(),
+            },
+            accel: Accel::Tcg,
+            tsc_khz: None,
+            boot_timeout: Duration::from_secs(20),
+            control_timeout: crate::deadline::CONTROL_TIMEOUT,
+            forward_exe: "hearth".into(),
+            version: String::new(),
+        };
+        let run = SocketDir::create_private(&dir.path().join("run")).unwrap();
+        let spec = VmSpec {
+            vcpus: 1,
+            memory_mib: 512,
+            disks: vec![crate::DiskSpec {
+                path: "/snap/scratch.qcow2".into(),
+                serial: "hearth-scratch".into(),
+                read_only: false,
+                format: DiskFormat::Qcow2,
+            }],
+            network: false,
+            forwards: vec![],
+            run_dir: dir.path().join("run"),
+            memory_file: Some("/snap/mem".into()),
+            memory_private: true,
+            incoming: Some("/snap/state".into()),
+        };
+        let args = vmm.args(&spec, &run).join(" ");
+        assert!(
+            args.contains("memory-backend-file,id=mem,size=512M,mem-path=/snap/mem,share=off"),
+            "{args}"
+        );
+        assert!(
+            args.contains("file=/snap/scratch.qcow2,format=qcow2"),
+            "{args}"
+        );
+        assert!(args.contains("-incoming defer"), "{args}");
     }
 }

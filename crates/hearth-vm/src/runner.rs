@@ -24,7 +24,7 @@ use crate::images::{self, ImageSource, ResolvedImage, VmSize};
 use crate::outputs;
 use crate::pool::{Lease, Pool, VmDir};
 use crate::snapshots::{SnapshotStore, MEMORY_FILE, OUT_FILE, SCRATCH_FILE, WORK_FILE};
-use crate::{disks, file_identity, DiskSpec, QemuVm, VmError, VmSpec, Vmm};
+use crate::{disks, file_identity, DiskFormat, DiskSpec, QemuVm, VmError, VmSpec, Vmm};
 
 #[derive(Debug, Clone)]
 pub struct VmRunnerConfig {
@@ -220,6 +220,7 @@ impl VmRunner {
             path: path.to_path_buf(),
             serial: serial.into(),
             read_only,
+            format: DiskFormat::Raw,
         };
         VmSpec {
             vcpus,
@@ -238,6 +239,7 @@ impl VmRunner {
             },
             run_dir: dir.join("run"),
             memory_file: saveable.then(|| dir.join(MEMORY_FILE)),
+            memory_private: false,
             incoming: None,
         }
     }

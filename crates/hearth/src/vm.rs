@@ -10,8 +10,8 @@ use anyhow::{bail, Context, Result};
 use hearth_executor::Runner;
 use hearth_guest::protocol::{ROOT_SERIAL, SCRATCH_SERIAL, WORK_SERIAL};
 use hearth_vm::{
-    detect_accel, host_tsc_khz, initramfs, Accel, BootFiles, DiskSpec, QemuVmm, VmRunner,
-    VmRunnerConfig, VmSpec, Vmm,
+    detect_accel, host_tsc_khz, initramfs, Accel, BootFiles, DiskFormat, DiskSpec, QemuVmm,
+    VmRunner, VmRunnerConfig, VmSpec, Vmm,
 };
 
 use crate::cli::VmOptions;
@@ -88,22 +88,26 @@ async fn probe(vmm: &QemuVmm, dir: &Path, image: &Path) -> Result<()> {
                 path: image.to_path_buf(),
                 serial: ROOT_SERIAL.into(),
                 read_only: true,
+                format: DiskFormat::Raw,
             },
             DiskSpec {
                 path: scratch,
                 serial: SCRATCH_SERIAL.into(),
                 read_only: false,
+                format: DiskFormat::Raw,
             },
             DiskSpec {
                 path: work,
                 serial: WORK_SERIAL.into(),
                 read_only: false,
+                format: DiskFormat::Raw,
             },
         ],
         network: false,
         forwards: vec![],
         run_dir: run.join("run"),
         memory_file: None,
+        memory_private: false,
         incoming: None,
     };
     let result = vmm.boot(&spec).await;
