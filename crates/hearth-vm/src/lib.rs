@@ -10,6 +10,7 @@
 
 mod accel;
 mod agent;
+pub mod clean;
 pub mod deadline;
 mod disks;
 mod error;
