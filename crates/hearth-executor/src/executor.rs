@@ -292,6 +292,16 @@ impl Executor {
         meta.execution_start_timestamp = timestamp(SystemTime::now());
         let outcome = runner.run(&spec, cancel).await?;
         meta.execution_completed_timestamp = timestamp(SystemTime::now());
+        if let Some(start) = &outcome.start {
+            meta.auxiliary_metadata.push(hearth_proto::protobuf::Any {
+                type_url: hearth_proto::RUNNER_START_TYPE_URL.into(),
+                value: hearth_proto::worker::RunnerStart {
+                    kind: start.kind.as_str().into(),
+                    ready_millis: start.ready.as_millis().min(u64::MAX as u128) as u64,
+                }
+                .encode_to_vec(),
+            });
+        }
 
         meta.output_upload_start_timestamp = timestamp(SystemTime::now());
         let collected = outputs::collect(

@@ -116,10 +116,7 @@ impl Runner for HostRunner {
                     spec.working_directory
                 );
                 std::fs::write(&spec.stderr_path, msg).ctx(|| "writing stderr".into())?;
-                return Ok(RunOutcome {
-                    exit_code: 127,
-                    timed_out: false,
-                });
+                return Ok(RunOutcome::exited(127));
             }
         };
         let pid = child.id().unwrap_or(0);
@@ -127,12 +124,12 @@ impl Runner for HostRunner {
             status = child.wait() => {
                 let status = status.ctx(|| format!("waiting for {arg0}"))?;
                 let exit_code = status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
-                RunOutcome { exit_code, timed_out: false }
+                RunOutcome::exited(exit_code)
             }
             _ = tokio::time::sleep(spec.timeout) => {
                 kill_group(pid);
                 let _ = child.wait().await;
-                RunOutcome { exit_code: 128 + 9, timed_out: true }
+                RunOutcome::timed_out(128 + 9)
             }
             _ = cancel.cancelled() => {
                 kill_group(pid);

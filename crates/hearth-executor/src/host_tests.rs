@@ -83,13 +83,7 @@ async fn runs_with_env_and_captures_output() {
             Duration::from_secs(10),
         );
         let out = runner.run(&s, CancellationToken::new()).await.unwrap();
-        assert_eq!(
-            out,
-            RunOutcome {
-                exit_code: 3,
-                timed_out: false
-            }
-        );
+        assert_eq!(out, RunOutcome::exited(3));
         assert_eq!(std::fs::read_to_string(&s.stdout_path).unwrap(), "out 42\n");
         assert_eq!(std::fs::read_to_string(&s.stderr_path).unwrap(), "err\n");
     }

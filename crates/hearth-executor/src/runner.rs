@@ -42,6 +42,61 @@ pub struct RunSpec {
 pub struct RunOutcome {
     pub exit_code: i32,
     pub timed_out: bool,
+    /// How the runner started, for runners with more than one way.
+    pub start: Option<RunnerStart>,
+}
+
+impl RunOutcome {
+    /// The command exited (or was killed by a signal: 128 + its number).
+    pub fn exited(exit_code: i32) -> Self {
+        RunOutcome {
+            exit_code,
+            ..Default::default()
+        }
+    }
+
+    /// The action's timeout ended it; `exit_code` is what killing it gave.
+    pub fn timed_out(exit_code: i32) -> Self {
+        RunOutcome {
+            exit_code,
+            timed_out: true,
+            start: None,
+        }
+    }
+}
+
+/// How a runner got ready for the command (reported in the result's
+/// `auxiliary_metadata` as `hearth.worker.v1.RunnerStart`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunnerStart {
+    pub kind: StartKind,
+    /// From the action's start in the runner until it could take the
+    /// command.
+    pub ready: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartKind {
+    /// Booted from nothing.
+    Cold,
+    /// A copy-on-write clone of a snapshot (a clean one, or a warm
+    /// runner's).
+    Clone,
+    /// A paused runner woken.
+    Resume,
+    /// A runner saved to disk, restored (consumed).
+    Restore,
+}
+
+impl StartKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StartKind::Cold => "cold",
+            StartKind::Clone => "clone",
+            StartKind::Resume => "resume",
+            StartKind::Restore => "restore",
+        }
+    }
 }
 
 #[async_trait]

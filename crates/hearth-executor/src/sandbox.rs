@@ -327,7 +327,7 @@ impl Cell {
                     (kind, _) => return Err(broken(format!("unexpected frame {kind:#x}"))),
                 },
                 _ = &mut deadline, if killing.is_none() => {
-                    killing = Some(Ended::Done(RunOutcome { exit_code: 128 + 9, timed_out: true }));
+                    killing = Some(Ended::Done(RunOutcome::timed_out(128 + 9)));
                     self.send(&wire::frame(wire::KILL, &[]), &[]).await?;
                     kill_deadline.as_mut().reset(tokio::time::Instant::now() + KILL_TIMEOUT);
                 }
@@ -343,10 +343,7 @@ impl Cell {
         }
         Ok(match killing {
             Some(ended) => ended,
-            None => Ended::Done(RunOutcome {
-                exit_code: exit_code.unwrap_or(128 + 9),
-                timed_out: false,
-            }),
+            None => Ended::Done(RunOutcome::exited(exit_code.unwrap_or(128 + 9))),
         })
     }
 }

@@ -53,6 +53,7 @@ fn handle(req: Request) -> Response {
             .map_err(|e| e.to_string()),
         Request::Restored { unix_nanos, seed } => sys::reseed(&seed)
             .map_err(|e| format!("reseeding the kernel's random numbers: {e}"))
+            .inspect(|_| log("restored: kernel random numbers reseeded from the host"))
             .and_then(|_| sys::set_clock(unix_nanos).map_err(|e| format!("setting the clock: {e}")))
             .map(|_| Response::Ok),
         Request::MountDisk { serial, path } => {

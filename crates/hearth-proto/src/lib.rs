@@ -39,3 +39,6 @@ pub const PRECONDITION_FAILURE_TYPE_URL: &str =
 
 /// Type URL for [`worker::Attempt`] in `ExecutedActionMetadata.auxiliary_metadata`.
 pub const ATTEMPT_TYPE_URL: &str = "type.googleapis.com/hearth.worker.v1.Attempt";
+
+/// Type URL for [`worker::RunnerStart`] in `ExecutedActionMetadata.auxiliary_metadata`.
+pub const RUNNER_START_TYPE_URL: &str = "type.googleapis.com/hearth.worker.v1.RunnerStart";

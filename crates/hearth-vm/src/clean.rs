@@ -209,6 +209,23 @@ impl CleanStore {
         })
     }
 
+    /// Drops `snap` from the store (it failed to clone: damaged, or not
+    /// what this QEMU can load); deleted once no other clone is being made
+    /// from it. A newer snapshot of its key is left alone.
+    pub fn discard(&self, snap: &CleanSnapshot) {
+        let mut inner = self.lock();
+        if inner
+            .live
+            .get(&snap.meta.key)
+            .is_some_and(|e| e.dir == snap.dir)
+        {
+            if let Some(e) = inner.live.remove(&snap.meta.key) {
+                inner.retired.push(e);
+            }
+        }
+        self.evict(&mut inner);
+    }
+
     /// Disk blocks the store's snapshots take now.
     pub fn bytes(&self) -> u64 {
         let inner = self.lock();

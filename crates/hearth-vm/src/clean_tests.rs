@@ -125,3 +125,24 @@ fn opening_drops_interrupted_saves_other_formats_and_older_duplicates() {
     assert_eq!(store.get("k").unwrap().meta.saved_unix_secs, 1);
     assert!(store.get("f").is_none());
 }
+
+#[test]
+fn a_discarded_snapshot_goes_but_a_newer_one_of_its_key_stays() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = CleanStore::open(tmp.path(), 1 << 30).unwrap();
+    store.put(&saved(&store, "a", 8), &meta("k", 1)).unwrap();
+    let bad = store.get("k").unwrap();
+    let dir = bad.dir.clone();
+    store.discard(&bad);
+    assert!(store.get("k").is_none(), "not handed out again");
+    assert!(dir.exists(), "kept while a clone is made from it");
+    drop(bad);
+    store.put(&saved(&store, "b", 8), &meta("k", 2)).unwrap();
+    assert!(!dir.exists(), "deleted once let go");
+
+    // A clone of an old snapshot that fails does not take the newer one.
+    let old = store.get("k").unwrap();
+    store.put(&saved(&store, "c", 8), &meta("k", 3)).unwrap();
+    store.discard(&old);
+    assert_eq!(mem_of(&store.get("k").unwrap()), b'c');
+}

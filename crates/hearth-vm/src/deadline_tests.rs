@@ -172,6 +172,8 @@ fn runner(vmm: Arc<WedgedVmm>, work: &Path) -> VmRunner {
         forwards: vec![],
         docker_mirrors: vec![],
         insecure_registries: vec![],
+        clean_dir: None,
+        clean_max_bytes: 0,
         pool_max_vms: 4,
         pool_max_memory_mib: 8192,
         snapshot_dir: None,
@@ -239,7 +241,8 @@ async fn a_pooled_vm_whose_qemu_is_wedged_is_killed_not_resumed() {
         work_size: 128 << 20,
         out_image: dir.join("out.img"),
         out_size: 1 << 20,
-        mount_pending: false,
+        pending: vec![],
+        dockerd_up: false,
     };
     assert!(runner.pool.put("key".into(), lease, 256).is_empty());
     let t = Instant::now();

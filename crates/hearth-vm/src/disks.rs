@@ -52,13 +52,6 @@ pub async fn mkfs(path: &Path, size_bytes: u64, from: Option<&Path>) -> Result<(
 /// A qcow2 overlay at `path` whose reads fall through to the raw `base`
 /// until written: a clone's private view of a snapshot's disk. `base` must
 /// not change while the overlay lives (the snapshot's files are immutable).
-#[cfg_attr(
-    not(test),
-    expect(
-        dead_code,
-        reason = "the clone path of issue 11 will be its first user"
-    )
-)]
 pub async fn overlay(base: &Path, path: &Path) -> Result<(), VmError> {
     let mut cmd = Command::new("qemu-img");
     cmd.args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])

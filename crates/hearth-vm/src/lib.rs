@@ -15,6 +15,7 @@ pub mod deadline;
 mod disks;
 mod error;
 pub mod forward;
+mod fresh;
 mod images;
 pub mod initramfs;
 mod outputs;

@@ -21,9 +21,11 @@ pub struct Lease {
     /// The raw output disk (see outputs.rs) and its size.
     pub out_image: PathBuf,
     pub out_size: u64,
-    /// The fresh workspace is not mounted in the guest yet: the mount goes
-    /// out with the command (saving a round trip on resume).
-    pub mount_pending: bool,
+    /// Requests the VM needs before the command (a clone's reseed, the
+    /// mount of a fresh workspace), sent with it to save round trips.
+    pub pending: Vec<hearth_guest::protocol::Request>,
+    /// dockerd runs in it (started, or there when it was saved).
+    pub dockerd_up: bool,
 }
 
 /// Removes a VM's directory when dropped.

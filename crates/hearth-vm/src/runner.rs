@@ -6,12 +6,13 @@
 //! the pool and resumed, with a fresh workspace, for the next action with an
 //! equal runner key; `init-dockerd=true` starts dockerd in it first.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
-use hearth_executor::{ExecError, RunOutcome, RunSpec, Runner};
+use hearth_executor::{ExecError, RunOutcome, RunSpec, Runner, RunnerStart};
 use hearth_guest::protocol::{
     ExecRequest, Request, Response, OUT_SERIAL, ROOT_SERIAL, SCRATCH_SERIAL, WORK_SERIAL,
 };
@@ -20,11 +21,13 @@ use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
+use crate::clean::CleanStore;
+use crate::fresh::Wanted;
 use crate::images::{self, ImageSource, ResolvedImage, VmSize};
 use crate::outputs;
-use crate::pool::{Lease, Pool, VmDir};
+use crate::pool::{Lease, Pool};
 use crate::snapshots::{SnapshotStore, MEMORY_FILE, OUT_FILE, SCRATCH_FILE, WORK_FILE};
-use crate::{disks, file_identity, DiskFormat, DiskSpec, QemuVm, VmError, VmSpec, Vmm};
+use crate::{file_identity, DiskFormat, DiskSpec, QemuVm, VmError, VmSpec, Vmm};
 
 #[derive(Debug, Clone)]
 pub struct VmRunnerConfig {
@@ -48,6 +51,11 @@ pub struct VmRunnerConfig {
     /// snapshots are kept (oldest deleted first). None: not saved.
     pub snapshot_dir: Option<std::path::PathBuf>,
     pub snapshot_max: usize,
+    /// Where clean snapshots are kept (fresh VMs are clones of them), and
+    /// the disk bytes they may take. None: fresh VMs boot cold
+    /// (`--vm-clean-snapshots off`).
+    pub clean_dir: Option<std::path::PathBuf>,
+    pub clean_max_bytes: u64,
     /// How long dockerd may take to start ([`crate::DOCKERD_TIMEOUT`] in
     /// production).
     pub dockerd_timeout: Duration,
@@ -59,6 +67,11 @@ pub struct VmRunner {
     pub(crate) config: VmRunnerConfig,
     pub(crate) pool: Pool<Lease>,
     pub(crate) snapshots: Option<SnapshotStore>,
+    pub(crate) clean: Option<Arc<CleanStore>>,
+    /// One lock per clean-snapshot key: the first action of a configuration
+    /// makes its snapshot, the others wait for it. (One small entry per VM
+    /// configuration ever seen.)
+    pub(crate) makers: tokio::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Serves `config.forwards` for as long as the runner lives.
     _forwarder: Option<crate::forward::Forwarder>,
 }
@@ -71,7 +84,7 @@ const TIMEOUT_GRACE: Duration = Duration::from_secs(5);
 const PACK_TIMEOUT: Duration = Duration::from_secs(120);
 /// The output disk is the workspace's size plus this: everything packed
 /// comes from the workspace, and tar's headers take less than ext4's blocks.
-const OUT_SLACK: u64 = 16 << 20;
+pub(crate) const OUT_SLACK: u64 = 16 << 20;
 
 /// How the command went in the VM.
 struct Ran {
@@ -164,9 +177,19 @@ impl VmRunner {
                 .map_err(|e| tracing::warn!(error = %e, "VM snapshots disabled"))
                 .ok()
         });
+        let clean = config.clean_dir.as_ref().and_then(|dir| {
+            CleanStore::open(dir, config.clean_max_bytes)
+                .map(Arc::new)
+                .map_err(
+                    |e| tracing::warn!(error = %e, "clean snapshots disabled; fresh VMs boot cold"),
+                )
+                .ok()
+        });
         VmRunner {
             pool: Pool::new(config.pool_max_vms, config.pool_max_memory_mib),
             snapshots,
+            clean,
+            makers: Default::default(),
             vmm,
             images,
             config,
@@ -244,80 +267,30 @@ impl VmRunner {
         }
     }
 
-    /// A fresh VM with the workspace built from `ws_src`.
-    async fn cold(
-        &self,
-        image: &ResolvedImage,
-        size: VmSize,
-        network: bool,
-        saveable: bool,
-        ws_src: &Path,
-    ) -> Result<Lease, ExecError> {
-        let started = std::time::Instant::now();
-        let dir = VmDir(self.config.work_dir.join(uuid::Uuid::new_v4().to_string()));
-        std::fs::create_dir_all(&dir.0)
-            .map_err(|e| ExecError::io("creating the VM directory", e))?;
-        let scratch = dir.0.join(SCRATCH_FILE);
-        let work_image = dir.0.join(WORK_FILE);
-        let work_size = dir_size(ws_src) * 2 + size.disk_bytes;
-        let (a, b) = tokio::join!(
-            disks::mkfs(&scratch, size.disk_bytes, None),
-            disks::mkfs(&work_image, work_size, Some(ws_src))
-        );
-        a.and(b).map_err(vm_error)?;
-        let out_image = dir.0.join(OUT_FILE);
-        let out_size = work_size + OUT_SLACK;
-        outputs::reset_disk(&out_image, out_size).map_err(vm_error)?;
-        let vm_spec = self.vm_spec(
-            &dir.0,
-            &image.path,
-            size.vcpus,
-            size.memory_mib,
-            network,
-            saveable,
-        );
-        let booting = std::time::Instant::now();
-        let vm = self
-            .boot_with_retry(vm_spec.clone())
-            .await
-            .map_err(vm_error)?;
-        tracing::debug!(
-            disks_ms = (booting - started).as_millis() as u64,
-            boot_ms = booting.elapsed().as_millis() as u64,
-            "microVM up"
-        );
-        Ok(Lease {
-            vm,
-            dir,
-            spec: vm_spec,
-            work_image,
-            work_size,
-            out_image,
-            out_size,
-            mount_pending: false,
-        })
+    /// dockerd's flags in the VMs.
+    pub(crate) fn dockerd_args(&self) -> Vec<String> {
+        let mirrors = self
+            .config
+            .docker_mirrors
+            .iter()
+            .map(|m| format!("--registry-mirror={m}"));
+        let insecure = self
+            .config
+            .insecure_registries
+            .iter()
+            .map(|r| format!("--insecure-registry={r}"));
+        mirrors.chain(insecure).collect()
     }
 
     /// Has the agent start dockerd, waiting the agent's own bound plus a
     /// control call's for its answer.
-    async fn start_dockerd(
+    pub(crate) async fn start_dockerd(
         &self,
         vm: &mut QemuVm,
         image: &ResolvedImage,
         cancel: &CancellationToken,
     ) -> Result<(), ExecError> {
-        let mut args: Vec<String> = self
-            .config
-            .docker_mirrors
-            .iter()
-            .map(|m| format!("--registry-mirror={m}"))
-            .collect();
-        args.extend(
-            self.config
-                .insecure_registries
-                .iter()
-                .map(|r| format!("--insecure-registry={r}")),
-        );
+        let args = self.dockerd_args();
         let timeout = self.config.dockerd_timeout;
         let req = Request::StartDockerd {
             args,
@@ -343,14 +316,15 @@ impl VmRunner {
         }
     }
 
-    /// Runs the command, then has the agent pack the logs and (unless it
-    /// timed out) the outputs, then unmount the workspace.
+    /// Runs the command (after the `pending` requests, which go out with
+    /// it), then has the agent pack the logs and (unless it timed out) the
+    /// outputs, then unmount the workspace.
     async fn run_in(
         &self,
         vm: &mut QemuVm,
         spec: &RunSpec,
         image: &ResolvedImage,
-        mount_first: bool,
+        pending: Vec<Request>,
         cancel: CancellationToken,
     ) -> Result<Ran, ExecError> {
         let agent = vm.agent();
@@ -387,20 +361,16 @@ impl VmRunner {
             clock_unix_nanos: Some(now.as_nanos() as u64),
             timeout_millis: Some(spec.timeout.as_millis().min(u64::MAX as u128) as u64),
         });
-        let timed_out = || RunOutcome {
-            exit_code: 137,
-            timed_out: true,
-        };
-        // The mount (of a recycled VM's fresh workspace) goes out with the
-        // command; its answer is a control call's, and the action's timeout
-        // counts from it.
-        let mount = crate::warm::mount_request();
+        let timed_out = || RunOutcome::timed_out(137);
+        // What a warm or cloned VM needs first (a reseed, the mount of its
+        // fresh workspace) goes out with the command; each answer is a
+        // control call's, and the action's timeout counts from the last.
         let sent = async {
-            if mount_first {
-                agent.send(&[&mount, &req]).await?;
-                agent.answer(&mount, agent.control()).await?;
-            } else {
-                agent.send(&[&req]).await?;
+            let mut batch: Vec<&Request> = pending.iter().collect();
+            batch.push(&req);
+            agent.send(&batch).await?;
+            for first in &pending {
+                agent.answer(first, agent.control()).await?;
             }
             Ok(())
         };
@@ -429,10 +399,7 @@ impl VmRunner {
         let outcome = if status.timed_out {
             timed_out()
         } else {
-            RunOutcome {
-                exit_code: status.exit_code,
-                timed_out: false,
-            }
+            RunOutcome::exited(status.exit_code)
         };
         let pack = Request::PackOutputs {
             root: "/work/root".into(),
@@ -538,31 +505,44 @@ impl Runner for VmRunner {
             .parent()
             .ok_or_else(|| ExecError::Internal("input root has no parent".into()))?;
         let key = runner_key(spec, self.vmm.as_ref(), &image, size, &self.config.forwards);
-        let lease = if recycle {
+        let warm = if recycle {
             self.warm(&key, ws_src).await
         } else {
             None
         };
-        let mut lease = match lease {
-            Some(l) => l,
+        let want = Wanted {
+            image: &image,
+            size,
+            network,
+            dockerd,
+            saveable: recycle,
+        };
+        let (mut lease, kind) = match warm {
+            Some(w) => w,
             None => tokio::select! {
-                l = self.cold(&image, size, network, recycle, ws_src) => l?,
+                l = self.fresh(&want, ws_src, &cancel) => l?,
                 _ = cancel.cancelled() => return Err(ExecError::Cancelled),
             },
         };
-        if dockerd {
+        if dockerd && !lease.dockerd_up {
             if let Err(e) = self.start_dockerd(&mut lease.vm, &image, &cancel).await {
                 lease.vm.kill().await;
                 return Err(e);
             }
+            lease.dockerd_up = true;
         }
+        let start = RunnerStart {
+            kind,
+            ready: started.elapsed(),
+        };
         tracing::debug!(
-            ready_ms = started.elapsed().as_millis() as u64,
+            ready_ms = start.ready.as_millis() as u64,
+            kind = kind.as_str(),
             "microVM ready for the command"
         );
-        let mount_first = std::mem::take(&mut lease.mount_pending);
+        let pending = std::mem::take(&mut lease.pending);
         let ran = match self
-            .run_in(&mut lease.vm, spec, &image, mount_first, cancel)
+            .run_in(&mut lease.vm, spec, &image, pending, cancel)
             .await
         {
             Ok(r) => r,
@@ -591,6 +571,9 @@ impl Runner for VmRunner {
             lease.vm.kill().await;
         }
         collected?;
-        Ok(ran.outcome)
+        Ok(RunOutcome {
+            start: Some(start),
+            ..ran.outcome
+        })
     }
 }

@@ -6,6 +6,7 @@
 use std::path::Path;
 use std::time::Instant;
 
+use hearth_executor::StartKind;
 use hearth_guest::protocol::{Request, WORK_SERIAL};
 
 use crate::outputs::reset_disk;
@@ -22,17 +23,17 @@ impl VmRunner {
     /// a paused one from the pool, else one restored from a snapshot. None
     /// if there is neither, or waking it failed (the action then boots a
     /// fresh VM).
-    pub(crate) async fn warm(&self, key: &str, ws_src: &Path) -> Option<Lease> {
+    pub(crate) async fn warm(&self, key: &str, ws_src: &Path) -> Option<(Lease, StartKind)> {
         if let Some(lease) = self.pool.take(key) {
             match self.resume(lease, ws_src).await {
-                Ok(l) => return Some(l),
+                Ok(l) => return Some((l, StartKind::Resume)),
                 Err(e) => {
                     tracing::warn!(error = %e, "recycled VM did not resume; booting a fresh one")
                 }
             }
         }
         match self.restore(key, ws_src).await {
-            Ok(l) => l,
+            Ok(l) => l.map(|l| (l, StartKind::Restore)),
             Err(e) => {
                 tracing::warn!(error = %e, "VM snapshot did not restore; deleted it, booting a fresh VM");
                 None
@@ -52,7 +53,7 @@ impl VmRunner {
                 return Err(e);
             }
         };
-        lease.mount_pending = true;
+        lease.pending = vec![mount_request()];
         tracing::debug!(
             mkfs_ms,
             resume_ms = t.elapsed().as_millis() as u64,
@@ -118,7 +119,8 @@ impl VmRunner {
             work_size: meta.work_size,
             out_image,
             out_size,
-            mount_pending: false,
+            pending: vec![],
+            dockerd_up: false,
         };
         if let Err(e) = mount_workspace(&mut lease).await {
             lease.vm.kill().await;
@@ -145,7 +147,9 @@ impl VmRunner {
             lease.vm.kill().await;
             return;
         };
-        if lease.spec.memory_file.is_none() {
+        // A clone mapping a snapshot's memory privately has its RAM in
+        // anonymous pages: saving it would mean streaming all of it.
+        if lease.spec.memory_file.is_none() || lease.spec.memory_private {
             lease.vm.kill().await;
             return;
         }

@@ -167,6 +167,15 @@ pub struct VmOptions {
     /// pooled at shutdown); 0 saves none.
     #[arg(long, default_value_t = 8)]
     pub vm_snapshots: usize,
+    /// Fresh VMs as clones of a clean snapshot of their configuration
+    /// (made on first need, and at start for the default image); `off`
+    /// boots every fresh VM.
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    pub vm_clean_snapshots: String,
+    /// Most disk bytes the clean snapshots may take (least recently used
+    /// deleted first).
+    #[arg(long, default_value = "20GiB", value_parser = parse_size)]
+    pub vm_snapshot_bytes: u64,
     /// Default VM memory in MiB (EstimatedMemory overrides).
     #[arg(long, default_value_t = 1024)]
     pub vm_memory_mib: u64,

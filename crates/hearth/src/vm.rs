@@ -215,7 +215,9 @@ async fn setup(opts: &VmOptions, work_dir: &Path) -> Result<Arc<dyn Runner>> {
         );
     }
     let vm_dir = work_dir.join("vms");
+    let clean_dir = work_dir.join("vm-clean");
     hearth_vm::kill_stale(&vm_dir);
+    hearth_vm::kill_stale(&clean_dir);
     if vm_dir.exists() {
         let _ = std::fs::remove_dir_all(&vm_dir);
     }
@@ -303,6 +305,8 @@ async fn setup(opts: &VmOptions, work_dir: &Path) -> Result<Arc<dyn Runner>> {
         pool_max_memory_mib: opts.vm_pool_memory_mib,
         snapshot_dir: (opts.vm_snapshots > 0).then(|| work_dir.join("vm-snapshots")),
         snapshot_max: opts.vm_snapshots,
+        clean_dir: (opts.vm_clean_snapshots == "on").then_some(clean_dir),
+        clean_max_bytes: opts.vm_snapshot_bytes,
         dockerd_timeout: Duration::from_secs(opts.vm_dockerd_timeout_secs.max(1)),
     };
     let images = hearth_image::ImageStore::new(hearth_image::ImageConfig {
@@ -312,7 +316,9 @@ async fn setup(opts: &VmOptions, work_dir: &Path) -> Result<Arc<dyn Runner>> {
     })
     .context("opening the image cache")?;
     let images: Arc<dyn hearth_vm::ImageSource> = Arc::new(Images(images));
-    Ok(Arc::new(
-        VmRunner::new(Arc::new(vmm), Some(images), config).with_forwarder(forwarder),
-    ))
+    let runner =
+        Arc::new(VmRunner::new(Arc::new(vmm), Some(images), config).with_forwarder(forwarder));
+    let r = runner.clone();
+    tokio::spawn(async move { r.prepare_default_snapshot().await });
+    Ok(runner)
 }

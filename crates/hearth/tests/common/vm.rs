@@ -71,6 +71,22 @@ pub async fn run_script(
     script: &str,
     platform: &[(&str, &str)],
 ) -> (i32, String, Duration) {
+    let r = run_vm_script(c, script, platform).await;
+    (r.code, r.text, r.took)
+}
+
+/// What a VM action gave back.
+pub struct VmRan {
+    pub code: i32,
+    /// stdout then stderr.
+    pub text: String,
+    /// The Execute round trip.
+    pub took: Duration,
+    /// How the runner started (`hearth.worker.v1.RunnerStart`).
+    pub start: Option<hearth_proto::worker::RunnerStart>,
+}
+
+pub async fn run_vm_script(c: &Channel, script: &str, platform: &[(&str, &str)]) -> VmRan {
     let mut spec = ActionSpec::new(script);
     spec.platform = platform.to_vec();
     // A hang fails the test instead of stalling it.
@@ -93,7 +109,28 @@ pub async fn run_script(
         String::from_utf8_lossy(&out),
         String::from_utf8_lossy(&err)
     );
-    (r.exit_code, text, took)
+    let start = r.execution_metadata.as_ref().and_then(|m| {
+        m.auxiliary_metadata
+            .iter()
+            .find(|a| a.type_url == hearth_proto::RUNNER_START_TYPE_URL)
+            .map(|a| {
+                <hearth_proto::worker::RunnerStart as prost::Message>::decode(a.value.as_slice())
+                    .expect("RunnerStart decodes")
+            })
+    });
+    VmRan {
+        code: r.exit_code,
+        text,
+        took,
+        start,
+    }
+}
+
+impl VmRan {
+    /// The runner start's kind ("" if none was reported).
+    pub fn kind(&self) -> &str {
+        self.start.as_ref().map_or("", |s| s.kind.as_str())
+    }
 }
 
 /// Serves `reply` to every connection on a fresh loopback port.
