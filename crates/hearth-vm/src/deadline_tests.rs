@@ -244,7 +244,7 @@ async fn a_pooled_vm_whose_qemu_is_wedged_is_killed_not_resumed() {
         pending: vec![],
         dockerd_up: false,
     };
-    assert!(runner.pool.put("key".into(), lease, 256).is_empty());
+    assert!(runner.parking.pool.put("key".into(), lease, 256).is_empty());
     let t = Instant::now();
     assert!(
         within(runner.warm("key", &ws)).await.is_none(),

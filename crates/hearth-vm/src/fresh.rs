@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::clean::{CleanMeta, CleanSnapshot, CleanStore, CLEAN_FORMAT};
 use crate::images::{ResolvedImage, VmSize};
 use crate::outputs;
+use crate::park::runner_snapshot_key;
 use crate::pool::{Lease, VmDir};
 use crate::runner::{dir_size, vm_error, VmRunner, OUT_SLACK};
 use crate::snapshots::{now_secs, MEMORY_FILE, OUT_FILE, SCRATCH_FILE, STATE_FILE, WORK_FILE};
@@ -90,13 +91,29 @@ impl VmRunner {
         hex::encode(h.finalize())
     }
 
-    /// A fresh VM for the workspace in `ws_src`, and how it started.
+    /// A VM for the workspace in `ws_src` that is not a pooled or saved
+    /// one, and how it started: a clone of the runner key's newest
+    /// snapshot (its VM is busy: a burst), else a fresh VM.
     pub(crate) async fn fresh(
         &self,
         want: &Wanted<'_>,
+        runner_key: Option<&str>,
         ws_src: &Path,
         cancel: &CancellationToken,
     ) -> Result<(Lease, StartKind), ExecError> {
+        if let (Some(store), Some(key)) = (&self.clean, runner_key) {
+            if let Some(snap) = store.get(&runner_snapshot_key(key)) {
+                if needed_work_size(ws_src, want.size) <= snap.meta.work_size {
+                    match self.clone_of(&snap, want, ws_src).await {
+                        Ok(lease) => return Ok((lease, StartKind::Clone)),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "a runner snapshot did not clone; discarded it");
+                            store.discard(&snap);
+                        }
+                    }
+                }
+            }
+        }
         if let Some(store) = &self.clean {
             if needed_work_size(ws_src, want.size) <= clean_work_size(want.size) {
                 if let Some(snap) = self.clean_snapshot(store, want, cancel).await? {
@@ -425,7 +442,7 @@ pub(crate) fn restored_request() -> Result<Request, VmError> {
 /// Copies `from` to `to` keeping holes (memory files and disks are mostly
 /// holes). coreutils' `cp` does the SEEK_DATA walk; std's copy does not
 /// keep holes.
-async fn sparse_copy(from: &Path, to: &Path) -> Result<(), VmError> {
+pub(crate) async fn sparse_copy(from: &Path, to: &Path) -> Result<(), VmError> {
     let out = Command::new("cp")
         .arg("--sparse=always")
         .arg(from)

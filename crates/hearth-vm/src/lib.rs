@@ -19,6 +19,7 @@ mod fresh;
 mod images;
 pub mod initramfs;
 mod outputs;
+mod park;
 mod pool;
 mod qemu;
 mod qmp;

@@ -437,6 +437,20 @@ impl QemuVm {
         saved
     }
 
+    /// Writes a paused VM's device state to `state` (within
+    /// [`SAVE_TIMEOUT`]), its RAM being in its shared memory file, and
+    /// leaves it stopped with its disks flushed and released, so that its
+    /// files can be copied for a snapshot. `set_running(true)` takes the
+    /// disks back and resumes it.
+    pub async fn checkpoint(&mut self, state: &Path) -> Result<(), VmError> {
+        bounded(
+            || "QEMU did not finish checkpointing the VM".into(),
+            SAVE_TIMEOUT,
+            self.migrate_to(state),
+        )
+        .await
+    }
+
     async fn migrate_to(&mut self, state: &Path) -> Result<(), VmError> {
         let mut qmp = Qmp::connect(&self.run, QMP_SOCK, self.control).await?;
         qmp.execute("stop", serde_json::json!({})).await?;
@@ -503,89 +517,5 @@ pub fn kill_stale(dir: &Path) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn a_vm_that_cannot_boot_reports_why() {
-        let dir = tempfile::tempdir().unwrap();
-        let vmm = QemuVmm {
-            qemu: "qemu-system-x86_64".into(),
-            boot: BootFiles {
-                kernel: dir.path().join("no-such-kernel"),
-                initramfs: dir.path().join("no-such-initramfs"),
-            },
-            accel: Accel::Tcg,
-            tsc_khz: None,
-            boot_timeout: Duration::from_secs(20),
-            control_timeout: crate::deadline::CONTROL_TIMEOUT,
-            forward_exe: "hearth".into(),
-            version: String::new(),
-        };
-        let spec = VmSpec {
-            vcpus: 1,
-            memory_mib: 128,
-            disks: vec![],
-            network: false,
-            forwards: vec![],
-            run_dir: dir.path().join("run"),
-            memory_file: None,
-            memory_private: false,
-            incoming: None,
-        };
-        let err = vmm.boot(&spec).await.err().expect("boot must fail");
-        let text = err.to_string();
-        assert!(matches!(err, VmError::Boot { .. }), "{text}");
-        assert!(
-            text.contains("no-such-kernel"),
-            "the reason names QEMU's complaint: {text}"
-        );
-    }
-
-    /// A clone maps the snapshot's memory privately and sees its scratch
-    /// disk through a qcow2 overlay; everything else is as saved.
-    #[test]
-    fn a_clone_maps_memory_privately_and_names_its_disk_format() {
-        let dir = tempfile::tempdir().unwrap();
-        let vmm = QemuVmm {
-            qemu: "qemu-system-x86_64".into(),
-            boot: BootFiles {
-                kernel: "/k".into(),
-                initramfs: "/i".into(),
-            },
-            accel: Accel::Tcg,
-            tsc_khz: None,
-            boot_timeout: Duration::from_secs(20),
-            control_timeout: crate::deadline::CONTROL_TIMEOUT,
-            forward_exe: "hearth".into(),
-            version: String::new(),
-        };
-        let run = SocketDir::create_private(&dir.path().join("run")).unwrap();
-        let spec = VmSpec {
-            vcpus: 1,
-            memory_mib: 512,
-            disks: vec![crate::DiskSpec {
-                path: "/snap/scratch.qcow2".into(),
-                serial: "hearth-scratch".into(),
-                read_only: false,
-                format: DiskFormat::Qcow2,
-            }],
-            network: false,
-            forwards: vec![],
-            run_dir: dir.path().join("run"),
-            memory_file: Some("/snap/mem".into()),
-            memory_private: true,
-            incoming: Some("/snap/state".into()),
-        };
-        let args = vmm.args(&spec, &run).join(" ");
-        assert!(
-            args.contains("memory-backend-file,id=mem,size=512M,mem-path=/snap/mem,share=off"),
-            "{args}"
-        );
-        assert!(
-            args.contains("file=/snap/scratch.qcow2,format=qcow2"),
-            "{args}"
-        );
-        assert!(args.contains("-incoming defer"), "{args}");
-    }
-}
+#[path = "qemu_tests.rs"]
+mod tests;

@@ -25,7 +25,8 @@ use crate::clean::CleanStore;
 use crate::fresh::Wanted;
 use crate::images::{self, ImageSource, ResolvedImage, VmSize};
 use crate::outputs;
-use crate::pool::{Lease, Pool};
+use crate::park::Parking;
+use crate::pool::Pool;
 use crate::snapshots::{SnapshotStore, MEMORY_FILE, OUT_FILE, SCRATCH_FILE, WORK_FILE};
 use crate::{file_identity, DiskFormat, DiskSpec, QemuVm, VmError, VmSpec, Vmm};
 
@@ -65,8 +66,8 @@ pub struct VmRunner {
     pub(crate) vmm: Arc<dyn Vmm>,
     images: Option<Arc<dyn ImageSource>>,
     pub(crate) config: VmRunnerConfig,
-    pub(crate) pool: Pool<Lease>,
-    pub(crate) snapshots: Option<SnapshotStore>,
+    /// The pool, saved VMs, and parking VMs into them.
+    pub(crate) parking: Arc<Parking>,
     pub(crate) clean: Option<Arc<CleanStore>>,
     /// One lock per clean-snapshot key: the first action of a configuration
     /// makes its snapshot, the others wait for it. (One small entry per VM
@@ -185,9 +186,9 @@ impl VmRunner {
                 )
                 .ok()
         });
+        let pool = Pool::new(config.pool_max_vms, config.pool_max_memory_mib);
         VmRunner {
-            pool: Pool::new(config.pool_max_vms, config.pool_max_memory_mib),
-            snapshots,
+            parking: Arc::new(Parking::new(pool, snapshots, clean.clone())),
             clean,
             makers: Default::default(),
             vmm,
@@ -206,11 +207,7 @@ impl VmRunner {
     /// Affinity keys of the VMs this runner holds paused or saved, one per
     /// VM.
     pub fn warm_keys(&self) -> Vec<String> {
-        let mut keys = self.pool.keys();
-        if let Some(s) = &self.snapshots {
-            keys.extend(s.keys());
-        }
-        keys.iter().map(|k| affinity_of(k)).collect()
+        self.parking.keys().iter().map(|k| affinity_of(k)).collect()
     }
 
     /// Boots; a boot that fails (QEMU died, or the guest hung — rare under
@@ -472,7 +469,7 @@ impl Runner for VmRunner {
     }
 
     async fn shutdown(&self) {
-        self.save_all().await;
+        self.parking.save_all().await;
     }
 
     fn warm_keys(&self) -> Vec<String> {
@@ -520,7 +517,7 @@ impl Runner for VmRunner {
         let (mut lease, kind) = match warm {
             Some(w) => w,
             None => tokio::select! {
-                l = self.fresh(&want, ws_src, &cancel) => l?,
+                l = self.fresh(&want, recycle.then_some(key.as_str()), ws_src, &cancel) => l?,
                 _ = cancel.cancelled() => return Err(ExecError::Cancelled),
             },
         };
@@ -566,7 +563,7 @@ impl Runner for VmRunner {
         }
         let collected = outputs::collect(&lease, spec, ran.packed).await;
         if reusable && collected.is_ok() {
-            self.park(key, lease).await;
+            self.parking.park(key, lease).await;
         } else {
             lease.vm.kill().await;
         }

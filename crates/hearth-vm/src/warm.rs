@@ -1,7 +1,6 @@
-//! Warm runners (`recycle-runner=true`): parking a VM that ran an action
-//! successfully, waking it for the next action with an equal runner key,
-//! saving it to disk when the pool evicts it or the executor stops, and
-//! restoring it from there.
+//! Warm runners (`recycle-runner=true`): waking a parked VM (park.rs) for
+//! the next action with an equal runner key, or restoring one saved to disk
+//! when the pool evicted it or the executor stopped.
 
 use std::path::Path;
 use std::time::Instant;
@@ -12,7 +11,7 @@ use hearth_guest::protocol::{Request, WORK_SERIAL};
 use crate::outputs::reset_disk;
 use crate::pool::{Lease, VmDir};
 use crate::runner::{dir_size, VmRunner};
-use crate::snapshots::{now_secs, SnapshotMeta, OUT_FILE, STATE_FILE, WORK_FILE};
+use crate::snapshots::{OUT_FILE, STATE_FILE, WORK_FILE};
 use crate::{disks, VmError, VmSpec};
 
 /// Room the workspace needs beyond twice the inputs.
@@ -24,7 +23,9 @@ impl VmRunner {
     /// if there is neither, or waking it failed (the action then boots a
     /// fresh VM).
     pub(crate) async fn warm(&self, key: &str, ws_src: &Path) -> Option<(Lease, StartKind)> {
-        if let Some(lease) = self.pool.take(key) {
+        // A VM of this key being parked is the one to resume.
+        self.parking.settled(key).await;
+        if let Some(lease) = self.parking.pool.take(key) {
             match self.resume(lease, ws_src).await {
                 Ok(l) => return Some((l, StartKind::Resume)),
                 Err(e) => {
@@ -79,7 +80,7 @@ impl VmRunner {
     /// Restores the newest snapshot with this key, if there is one. The
     /// snapshot's directory becomes the VM's; on failure it is deleted.
     async fn restore(&self, key: &str, ws_src: &Path) -> Result<Option<Lease>, VmError> {
-        let Some(store) = &self.snapshots else {
+        let Some(store) = &self.parking.snapshots else {
             return Ok(None);
         };
         let dir = VmDir(self.config.work_dir.join(uuid::Uuid::new_v4().to_string()));
@@ -131,57 +132,6 @@ impl VmRunner {
             "microVM restored from a snapshot"
         );
         Ok(Some(lease))
-    }
-
-    /// Puts a paused VM into the pool, saving whatever that evicts.
-    pub(crate) async fn park(&self, key: String, lease: Lease) {
-        let memory = lease.spec.memory_mib;
-        for (key, evicted) in self.pool.put(key, lease, memory) {
-            self.save(key, evicted).await;
-        }
-    }
-
-    /// Saves a paused VM to the snapshot store, or stops it if it can't be.
-    async fn save(&self, key: String, mut lease: Lease) {
-        let Some(store) = &self.snapshots else {
-            lease.vm.kill().await;
-            return;
-        };
-        // A clone mapping a snapshot's memory privately has its RAM in
-        // anonymous pages: saving it would mean streaming all of it.
-        if lease.spec.memory_file.is_none() || lease.spec.memory_private {
-            lease.vm.kill().await;
-            return;
-        }
-        let t = Instant::now();
-        if let Err(e) = lease.vm.save(&lease.dir.0.join(STATE_FILE)).await {
-            tracing::warn!(error = %e, "could not save the VM; dropping it");
-            lease.vm.kill().await;
-            return;
-        }
-        let meta = SnapshotMeta {
-            key,
-            root_image: lease.spec.disks[0].path.clone(),
-            vcpus: lease.spec.vcpus,
-            memory_mib: lease.spec.memory_mib,
-            network: lease.spec.network,
-            work_size: lease.work_size,
-            saved_unix_secs: now_secs(),
-        };
-        match store.put(&lease.dir.0, &meta) {
-            Ok(()) => tracing::info!(
-                save_ms = t.elapsed().as_millis() as u64,
-                "microVM saved to a snapshot"
-            ),
-            Err(e) => tracing::warn!(error = %e, "could not store the VM snapshot; dropped it"),
-        }
-    }
-
-    /// Saves every pooled VM (at executor shutdown).
-    pub async fn save_all(&self) {
-        for (key, lease) in self.pool.drain() {
-            self.save(key, lease).await;
-        }
     }
 }
 

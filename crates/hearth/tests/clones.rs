@@ -130,3 +130,68 @@ async fn dockerd_clones_differ_and_keep_nothing() {
     ids.dedup();
     assert_eq!(ids.len(), 3, "each clone's dockerd made its own id");
 }
+
+/// A burst of three actions with one runner key on a three-slot executor,
+/// after one warm-up: the parked VM serves one, clones of the snapshot
+/// taken when it was parked serve the others, and all three see the
+/// warm-up's file and its background process.
+#[tokio::test]
+async fn a_burst_of_equal_key_actions_is_served_by_clones_of_the_warm_vm() {
+    let h = up(&["--vm", &accel(), "--capacity", "3"]);
+    let c = channel(&h).await;
+    wait_for_vm_executor(&c).await;
+    let key = [
+        FC,
+        ("recycle-runner", "true"),
+        ("runner-recycling-key", "burst"),
+    ];
+    let warm_up = format!("echo kept > /tmp/state; {LEAVE_BACKGROUND_PROCESS}");
+    let r = run_vm_script(&c, &warm_up, &key).await;
+    assert_eq!(r.code, 0, "{}", r.text);
+    // Distinct actions (a different echo each), so none is deduplicated.
+    let probe = |i: usize| {
+        format!(
+            "echo run {i}; cat /tmp/state 2>/dev/null || echo fresh; \
+             kill -0 $(cat /tmp/bg) 2>/dev/null && echo bg-alive; true"
+        )
+    };
+    let (p0, p1, p2) = (probe(0), probe(1), probe(2));
+    let (a, b, d) = tokio::join!(
+        run_vm_script(&c, &p0, &key),
+        run_vm_script(&c, &p1, &key),
+        run_vm_script(&c, &p2, &key)
+    );
+    let mut kinds = vec![];
+    for r in [&a, &b, &d] {
+        assert_eq!(r.code, 0, "{}", r.text);
+        assert!(
+            r.text.contains("kept") && r.text.contains("bg-alive"),
+            "every action of the burst sees the warm state ({}):\n{}",
+            r.kind(),
+            r.text
+        );
+        eprintln!(
+            "burst: {} ready in {:?} ms",
+            r.kind(),
+            r.start.as_ref().map(|s| s.ready_millis)
+        );
+        kinds.push(r.kind().to_string());
+    }
+    kinds.sort();
+    assert_eq!(
+        kinds,
+        ["clone", "clone", "resume"],
+        "one resumes the parked VM, two are its clones"
+    );
+    // The clones were parked too: the next three all resume.
+    let (p3, p4, p5) = (probe(3), probe(4), probe(5));
+    let (a, b, d) = tokio::join!(
+        run_vm_script(&c, &p3, &key),
+        run_vm_script(&c, &p4, &key),
+        run_vm_script(&c, &p5, &key)
+    );
+    for r in [&a, &b, &d] {
+        assert!(r.text.contains("kept"), "{}", r.text);
+        assert_eq!(r.kind(), "resume", "{}", r.text);
+    }
+}
