@@ -82,6 +82,15 @@ fn max_held(capacity: u32) -> usize {
     capacity as usize * 2 + 8
 }
 
+/// Most shared snapshots taken from one message (an executor publishes a
+/// key at most every half minute; more is made up).
+const MAX_SHARED_PER_MESSAGE: usize = 64;
+
+fn shared(mut s: Vec<wp::SharedSnapshot>) -> Vec<wp::SharedSnapshot> {
+    s.truncate(MAX_SHARED_PER_MESSAGE);
+    s
+}
+
 fn executor_report(
     executor: &str,
     capacity: u32,
@@ -108,6 +117,8 @@ fn executor_report(
 async fn finished(ctx: &Context, executor: &str, capacity: u32, session: u64, mut f: wp::Finished) {
     ctx.scheduler
         .report_warm(executor, session, std::mem::take(&mut f.warm_keys));
+    ctx.scheduler
+        .note_shared_snapshots(executor, shared(std::mem::take(&mut f.shared_snapshots)));
     let report = executor_report(executor, capacity, f.state.take());
     let job = if f.refused {
         tracing::warn!(executor, operation = %f.operation_name, reason = %f.status_message, "executor refused an assignment; re-queued");
@@ -251,6 +262,8 @@ impl WorkerApi for WorkerService {
                         kind: Some(worker_message::Kind::Report(r)),
                     })) => {
                         ctx.scheduler.report_warm(&id, session, r.warm_keys);
+                        ctx.scheduler
+                            .note_shared_snapshots(&id, shared(r.shared_snapshots));
                         if let Some(report) = executor_report(&id, capacity, r.state) {
                             ctx.scheduler.report(&id, session, &report);
                         }
@@ -323,6 +336,7 @@ impl WorkerApi for WorkerService {
                 })
                 .collect(),
             requeued_actions: stats.requeued,
+            shared_snapshots: stats.shared_snapshots,
             queued_actions: stats.queued,
             running_actions: stats.running,
             cas_bytes: cas.bytes,

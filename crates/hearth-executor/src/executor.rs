@@ -17,7 +17,7 @@ use tonic::Code;
 use crate::error::{ExecError, ExecResult, IoContext};
 use crate::materialize::materialize;
 use crate::outputs;
-use crate::runner::{RunSpec, Runner};
+use crate::runner::{RunSpec, Runner, SharedSnapshot};
 use crate::LocalCas;
 
 #[derive(Debug, Clone)]
@@ -147,6 +147,16 @@ impl Executor {
 
     /// Affinity keys of the warm runners of all its runners (one entry per
     /// warm runner), for its hello and every Finished.
+    /// Runner snapshots shared since the last call (for the next Finished
+    /// or Report).
+    pub fn take_published(&self) -> Vec<hearth_proto::worker::SharedSnapshot> {
+        self.runners
+            .values()
+            .flat_map(|r| r.take_published())
+            .map(|s| s.to_proto())
+            .collect()
+    }
+
     pub fn warm_keys(&self) -> Vec<String> {
         let mut v: Vec<String> = self.runners.values().flat_map(|r| r.warm_keys()).collect();
         v.sort();
@@ -188,6 +198,7 @@ impl Executor {
                     status_code: code as i32,
                     status_message: message,
                     warm_keys: self.warm_keys(),
+                    shared_snapshots: self.take_published(),
                     ..Default::default()
                 }
             }
@@ -199,6 +210,7 @@ impl Executor {
                     status_code: e.code() as i32,
                     status_message: e.to_string(),
                     warm_keys: self.warm_keys(),
+                    shared_snapshots: self.take_published(),
                     missing_blobs: e
                         .missing_blobs()
                         .iter()
@@ -288,6 +300,10 @@ impl Executor {
             stdout_path: ws.0.join("stdout"),
             stderr_path: ws.0.join("stderr"),
             platform,
+            shared_snapshot: a
+                .shared_snapshot
+                .as_ref()
+                .and_then(SharedSnapshot::from_proto),
         };
         meta.execution_start_timestamp = timestamp(SystemTime::now());
         let outcome = runner.run(&spec, cancel).await?;

@@ -11,6 +11,7 @@ fn spec(dir: &Path, args: &[&str], timeout: Duration) -> RunSpec {
     RunSpec {
         instance_name: String::new(),
         tenant: String::new(),
+        shared_snapshot: None,
         input_root: root,
         working_directory: String::new(),
         output_paths: vec![],

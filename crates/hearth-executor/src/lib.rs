@@ -27,5 +27,5 @@ pub use executor::{Executor, ExecutorConfig};
 pub use host::{HostRunner, Sandbox, SANDBOX_ROOT};
 pub use local_cas::LocalCas;
 pub use remote_cas::{write_requests, GrpcStore};
-pub use runner::{RunOutcome, RunSpec, Runner, RunnerStart, StartKind};
+pub use runner::{RunOutcome, RunSpec, Runner, RunnerStart, SharedSnapshot, StartKind};
 pub use static_bin::{find_static_binary, is_static_elf};

@@ -35,6 +35,40 @@ pub struct RunSpec {
     /// Who asked for it (part of a recycled runner's key; empty on a
     /// server without API keys).
     pub tenant: String,
+    /// The newest runner snapshot of the action's affinity key that an
+    /// executor shared, if the server knows one.
+    pub shared_snapshot: Option<SharedSnapshot>,
+}
+
+/// A warm runner's snapshot in the CAS (see `hearth.worker.v1.SharedSnapshot`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedSnapshot {
+    pub affinity_key: String,
+    pub runner_key: String,
+    pub manifest: hearth_storage::Digest,
+}
+
+impl SharedSnapshot {
+    pub fn to_proto(&self) -> hearth_proto::worker::SharedSnapshot {
+        hearth_proto::worker::SharedSnapshot {
+            affinity_key: self.affinity_key.clone(),
+            runner_key: self.runner_key.clone(),
+            manifest: Some(hearth_proto::worker::Digest {
+                hash: self.manifest.hash_hex(),
+                size_bytes: self.manifest.size() as i64,
+            }),
+        }
+    }
+
+    /// None if the manifest digest is missing or malformed.
+    pub fn from_proto(s: &hearth_proto::worker::SharedSnapshot) -> Option<Self> {
+        let d = s.manifest.as_ref()?;
+        Some(SharedSnapshot {
+            affinity_key: s.affinity_key.clone(),
+            runner_key: s.runner_key.clone(),
+            manifest: hearth_storage::Digest::parse(&d.hash, d.size_bytes).ok()?,
+        })
+    }
 }
 
 /// How the command ended.
@@ -86,6 +120,9 @@ pub enum StartKind {
     Resume,
     /// A runner saved to disk, restored (consumed).
     Restore,
+    /// A clone of a runner snapshot another executor shared, fetched from
+    /// the CAS.
+    Fetched,
 }
 
 impl StartKind {
@@ -95,6 +132,7 @@ impl StartKind {
             StartKind::Clone => "clone",
             StartKind::Resume => "resume",
             StartKind::Restore => "restore",
+            StartKind::Fetched => "fetched",
         }
     }
 }
@@ -111,6 +149,12 @@ pub trait Runner: Send + Sync + 'static {
     /// runners this runner holds (paused or snapshotted), for the scheduler's
     /// preference. One entry per warm runner: a key may repeat.
     fn warm_keys(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// Runner snapshots this runner stored in the CAS since the last call,
+    /// for the server to hand to other executors.
+    fn take_published(&self) -> Vec<SharedSnapshot> {
         Vec::new()
     }
 

@@ -113,7 +113,7 @@ async fn one_session(
         let msg = tokio::select! {
             m = inbound.message() => m?,
             _ = reports.tick() => {
-                tracker.report(executor.warm_keys());
+                tracker.report(executor.warm_keys(), executor.take_published());
                 continue;
             }
             _ = shutdown.cancelled() => {

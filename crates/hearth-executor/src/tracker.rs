@@ -149,13 +149,18 @@ impl Tracker {
     }
 
     /// The periodic account of what runs, with the warm runners' keys.
-    pub fn report(&self, warm_keys: Vec<String>) {
+    pub fn report(
+        &self,
+        warm_keys: Vec<String>,
+        shared_snapshots: Vec<hearth_proto::worker::SharedSnapshot>,
+    ) {
         let inner = self.lock();
         if let Some(s) = &inner.session {
             let _ = s.tx.send(WorkerMessage {
                 kind: Some(worker_message::Kind::Report(Report {
                     state: Some(inner.state()),
                     warm_keys,
+                    shared_snapshots,
                 })),
             });
         }
@@ -176,6 +181,7 @@ impl Tracker {
                         leaving: true,
                     }),
                     warm_keys: vec![],
+                    shared_snapshots: vec![],
                 })),
             });
         }

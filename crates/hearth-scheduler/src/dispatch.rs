@@ -59,6 +59,7 @@ pub(crate) fn dispatch(st: &mut State) {
                 }),
                 attempt: js.attempts + 1,
                 sequence,
+                shared_snapshot: affinity.and_then(|k| st.snapshots.get(k)).cloned(),
             })),
         };
         if exec.sender.send(msg).is_err() {

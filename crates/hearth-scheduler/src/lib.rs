@@ -12,6 +12,7 @@ pub mod paths;
 pub mod platform;
 mod scheduler;
 mod sessions;
+mod shared_snapshots;
 #[cfg(test)]
 mod test_support;
 

@@ -15,6 +15,7 @@ use tokio::sync::watch;
 
 use crate::dispatch::dispatch;
 use crate::executors::{Executor, ExecutorSnapshot};
+use crate::shared_snapshots::SnapshotIndex;
 use crate::{affinity_key, OpSnapshot, Platform, Stage};
 
 #[derive(Debug, Clone)]
@@ -106,6 +107,9 @@ pub struct SchedulerStats {
     /// Times an action went back to the queue because its executor went
     /// away or no longer ran it.
     pub requeued: u64,
+    /// Runner snapshots shared through the CAS, newest first (at most
+    /// [`MAX_LISTED_JOBS`]).
+    pub shared_snapshots: Vec<hearth_proto::worker::SharedSnapshot>,
     pub executors: Vec<ExecutorSnapshot>,
     /// The oldest actions in flight, at most [`MAX_LISTED_JOBS`].
     pub jobs: Vec<JobSnapshot>,
@@ -156,6 +160,8 @@ pub(crate) struct State {
     pub(crate) next_session: u64,
     pub(crate) completed: u64,
     pub(crate) requeued: u64,
+    /// Runner snapshots executors shared through the CAS, by affinity key.
+    pub(crate) snapshots: SnapshotIndex,
 }
 
 pub struct Scheduler {
@@ -342,6 +348,7 @@ impl Scheduler {
             completed: st.completed,
             cache_hits: self.cache_hits.load(Ordering::Relaxed),
             requeued: st.requeued,
+            shared_snapshots: st.snapshots.newest(MAX_LISTED_JOBS),
             executors,
             jobs,
         }

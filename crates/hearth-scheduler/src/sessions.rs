@@ -227,6 +227,21 @@ impl Scheduler {
         dispatch(&mut st);
     }
 
+    /// An executor stored runner snapshots in the CAS: later jobs of their
+    /// affinity keys carry the newest. Malformed reports are ignored.
+    pub fn note_shared_snapshots(&self, executor: &str, snapshots: Vec<worker::SharedSnapshot>) {
+        if snapshots.is_empty() {
+            return;
+        }
+        let mut st = self.lock();
+        for s in snapshots {
+            let key = s.affinity_key.clone();
+            if !st.snapshots.note(s) {
+                tracing::warn!(executor, key = %key, "malformed shared snapshot report; ignored");
+            }
+        }
+    }
+
     /// An executor reports the affinity keys of the warm runners it holds now
     /// (one entry per runner); they replace what it reported before.
     pub fn report_warm(&self, executor_id: &str, session: u64, warm_keys: Vec<String>) {

@@ -226,6 +226,16 @@ impl CleanStore {
         self.evict(&mut inner);
     }
 
+    /// Drops the snapshot of `key`, if any (deleted once no clone is being
+    /// made from it).
+    pub fn discard_key(&self, key: &str) {
+        let mut inner = self.lock();
+        if let Some(e) = inner.live.remove(key) {
+            inner.retired.push(e);
+        }
+        self.evict(&mut inner);
+    }
+
     /// Disk blocks the store's snapshots take now.
     pub fn bytes(&self) -> u64 {
         let inner = self.lock();

@@ -145,4 +145,8 @@ fn a_discarded_snapshot_goes_but_a_newer_one_of_its_key_stays() {
     store.put(&saved(&store, "c", 8), &meta("k", 3)).unwrap();
     store.discard(&old);
     assert_eq!(mem_of(&store.get("k").unwrap()), b'c');
+
+    store.discard_key("k");
+    assert!(store.get("k").is_none());
+    store.discard_key("never-stored");
 }

@@ -180,7 +180,7 @@ fn runner(vmm: Arc<WedgedVmm>, work: &Path) -> VmRunner {
         snapshot_max: 0,
         dockerd_timeout: Duration::from_millis(300),
     };
-    VmRunner::new(vmm, None, config)
+    VmRunner::new(vmm, None, config, None)
 }
 
 #[tokio::test]
@@ -205,6 +205,7 @@ async fn a_wedged_agent_fails_the_action_unavailable_and_its_vm_is_killed() {
         ]),
         instance_name: String::new(),
         tenant: String::new(),
+        shared_snapshot: None,
     };
     let t = Instant::now();
     let e = within(runner.run(&spec, CancellationToken::new()))

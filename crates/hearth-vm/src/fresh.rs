@@ -17,7 +17,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use hearth_executor::{ExecError, StartKind};
+use hearth_executor::{ExecError, SharedSnapshot, StartKind};
 use hearth_guest::protocol::{Request, SCRATCH_SERIAL};
 use sha2::{Digest, Sha256};
 use tokio::process::Command;
@@ -29,6 +29,7 @@ use crate::outputs;
 use crate::park::runner_snapshot_key;
 use crate::pool::{Lease, VmDir};
 use crate::runner::{dir_size, vm_error, VmRunner, OUT_SLACK};
+use crate::share::Sharing;
 use crate::snapshots::{now_secs, MEMORY_FILE, OUT_FILE, SCRATCH_FILE, STATE_FILE, WORK_FILE};
 use crate::warm::mount_request;
 use crate::{disks, file_identity, DiskFormat, DiskSpec, VmError, VmSpec};
@@ -92,26 +93,22 @@ impl VmRunner {
     }
 
     /// A VM for the workspace in `ws_src` that is not a pooled or saved
-    /// one, and how it started: a clone of the runner key's newest
-    /// snapshot (its VM is busy: a burst), else a fresh VM.
+    /// one, and how it started. For a runner key (with the shared snapshot
+    /// the server knows of it): a clone of the key's newest snapshot, here
+    /// (its VM is busy: a burst) or fetched from the CAS; else a fresh VM.
     pub(crate) async fn fresh(
         &self,
         want: &Wanted<'_>,
-        runner_key: Option<&str>,
+        runner: Option<(&str, Option<&SharedSnapshot>)>,
         ws_src: &Path,
         cancel: &CancellationToken,
     ) -> Result<(Lease, StartKind), ExecError> {
-        if let (Some(store), Some(key)) = (&self.clean, runner_key) {
-            if let Some(snap) = store.get(&runner_snapshot_key(key)) {
-                if needed_work_size(ws_src, want.size) <= snap.meta.work_size {
-                    match self.clone_of(&snap, want, ws_src).await {
-                        Ok(lease) => return Ok((lease, StartKind::Clone)),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "a runner snapshot did not clone; discarded it");
-                            store.discard(&snap);
-                        }
-                    }
-                }
+        if let (Some(store), Some((key, shared))) = (&self.clean, runner) {
+            if let Some(started) = self
+                .runner_clone(store, key, shared, want, ws_src, cancel)
+                .await?
+            {
+                return Ok(started);
             }
         }
         if let Some(store) = &self.clean {
@@ -186,6 +183,73 @@ impl VmRunner {
             pending: vec![],
             dockerd_up: false,
         })
+    }
+
+    /// A clone of the runner key's newest snapshot: the local one, else
+    /// the shared one fetched into the local store first (one fetch per
+    /// key at a time). None if there is neither, or it would not do.
+    async fn runner_clone(
+        &self,
+        store: &Arc<CleanStore>,
+        key: &str,
+        shared: Option<&SharedSnapshot>,
+        want: &Wanted<'_>,
+        ws_src: &Path,
+        cancel: &CancellationToken,
+    ) -> Result<Option<(Lease, StartKind)>, ExecError> {
+        let snap_key = runner_snapshot_key(key);
+        let mut kind = StartKind::Clone;
+        let mut snap = store.get(&snap_key);
+        if snap.is_none() {
+            if let (Some(share), Some(shared)) = (&self.parking.share, shared) {
+                let maker = self
+                    .makers
+                    .lock()
+                    .await
+                    .entry(snap_key.clone())
+                    .or_default()
+                    .clone();
+                let _fetching = tokio::select! {
+                    g = maker.lock() => g,
+                    _ = cancel.cancelled() => return Err(ExecError::Cancelled),
+                };
+                snap = store.get(&snap_key);
+                if snap.is_none() {
+                    let t = Instant::now();
+                    let fetched = tokio::select! {
+                        r = fetch_into(store, share, shared, key) => r,
+                        _ = cancel.cancelled() => return Err(ExecError::Cancelled),
+                    };
+                    match fetched {
+                        Ok(()) => {
+                            tracing::info!(
+                                fetch_ms = t.elapsed().as_millis() as u64,
+                                "fetched a shared runner snapshot"
+                            );
+                            kind = StartKind::Fetched;
+                            snap = store.get(&snap_key);
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "a shared runner snapshot did not fetch; booting fresh")
+                        }
+                    }
+                }
+            }
+        }
+        let Some(snap) = snap else {
+            return Ok(None);
+        };
+        if needed_work_size(ws_src, want.size) > snap.meta.work_size {
+            return Ok(None);
+        }
+        match self.clone_of(&snap, want, ws_src).await {
+            Ok(lease) => Ok(Some((lease, kind))),
+            Err(e) => {
+                tracing::warn!(error = %e, "a runner snapshot did not clone; discarded it");
+                store.discard(&snap);
+                Ok(None)
+            }
+        }
     }
 
     /// The clean snapshot for `want`, made now if there is none (one maker
@@ -424,6 +488,27 @@ impl VmRunner {
                 .await;
         }
     }
+}
+
+/// Fetches `shared` into a staging directory of `store` and makes it the
+/// runner key's snapshot there.
+async fn fetch_into(
+    store: &Arc<CleanStore>,
+    share: &Sharing,
+    shared: &SharedSnapshot,
+    key: &str,
+) -> Result<(), VmError> {
+    let s = store.clone();
+    let staging = VmDir(
+        tokio::task::spawn_blocking(move || s.staging())
+            .await
+            .map_err(|e| VmError::Setup(format!("making a staging directory: {e}")))??,
+    );
+    let meta = share.fetch(shared, key, &staging.0).await?;
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || store.put(&staging.0, &meta))
+        .await
+        .map_err(|e| VmError::Setup(format!("storing a fetched snapshot: {e}")))?
 }
 
 /// Tells a restored VM's agent to reseed its kernel's random numbers from

@@ -11,6 +11,7 @@
 mod accel;
 mod agent;
 pub mod clean;
+mod content_id;
 pub mod deadline;
 mod disks;
 mod error;
@@ -24,12 +25,14 @@ mod pool;
 mod qemu;
 mod qmp;
 mod runner;
+mod share;
 mod snapshots;
 pub mod sockdir;
 mod warm;
 
 pub use accel::{detect_accel, host_tsc_khz, Accel};
 pub use agent::AgentClient;
+pub use content_id::hash_file;
 pub use deadline::{CONTROL_TIMEOUT, DOCKERD_TIMEOUT};
 pub use error::VmError;
 pub use images::{ImageHold, ImageSource, ResolvedImage, VmSize};

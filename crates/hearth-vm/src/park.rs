@@ -15,6 +15,8 @@ use tokio::sync::{OwnedRwLockWriteGuard, RwLock};
 use crate::clean::{CleanMeta, CleanStore, CLEAN_FORMAT};
 use crate::fresh::sparse_copy;
 use crate::pool::{Lease, Pool};
+use crate::runner::affinity_of;
+use crate::share::Sharing;
 use crate::snapshots::{
     now_secs, SnapshotMeta, SnapshotStore, MEMORY_FILE, SCRATCH_FILE, STATE_FILE,
 };
@@ -29,6 +31,8 @@ pub(crate) struct Parking {
     pub pool: Pool<Lease>,
     pub snapshots: Option<SnapshotStore>,
     pub clean: Option<Arc<CleanStore>>,
+    /// Shares runner snapshots with other executors through the CAS.
+    pub share: Option<Arc<Sharing>>,
     /// Per runner key: held for writing while a VM of the key is being
     /// parked. (One small entry per runner key ever parked.)
     locks: Mutex<HashMap<String, Arc<RwLock<()>>>>,
@@ -39,11 +43,13 @@ impl Parking {
         pool: Pool<Lease>,
         snapshots: Option<SnapshotStore>,
         clean: Option<Arc<CleanStore>>,
+        share: Option<Arc<Sharing>>,
     ) -> Self {
         Parking {
             pool,
             snapshots,
             clean,
+            share,
             locks: Mutex::default(),
         }
     }
@@ -80,10 +86,49 @@ impl Parking {
     pub async fn park(self: &Arc<Self>, key: String, lease: Lease) {
         let guard = self.lock_of(&key).write_owned().await;
         let this = self.clone();
-        tokio::spawn(async move { this.settle(key, lease, guard).await });
+        tokio::spawn(async move {
+            let snapshotted = this.settle(key.clone(), lease, guard).await;
+            if snapshotted {
+                this.publish(&key).await;
+            }
+        });
     }
 
-    async fn settle(&self, key: String, mut lease: Lease, _parking: OwnedRwLockWriteGuard<()>) {
+    /// Shares the key's newest runner snapshot through the CAS, unless it
+    /// was shared moments ago. (After the VM is in the pool: an action
+    /// for the key does not wait for this.)
+    async fn publish(&self, key: &str) {
+        let (Some(share), Some(clean)) = (&self.share, &self.clean) else {
+            return;
+        };
+        if !share.due(key) {
+            return;
+        }
+        let Some(snap) = clean.get(&runner_snapshot_key(key)) else {
+            return;
+        };
+        let t = Instant::now();
+        match share
+            .publish(key, &affinity_of(key), &snap.dir, &snap.meta)
+            .await
+        {
+            Ok(manifest) => tracing::info!(
+                publish_ms = t.elapsed().as_millis() as u64,
+                manifest = %manifest,
+                "runner snapshot shared through the CAS"
+            ),
+            Err(e) => tracing::warn!(error = %e, "could not share a runner snapshot"),
+        }
+    }
+
+    /// Takes the runner snapshot and pools the VM; true if a snapshot was
+    /// taken.
+    async fn settle(
+        &self,
+        key: String,
+        mut lease: Lease,
+        _parking: OwnedRwLockWriteGuard<()>,
+    ) -> bool {
         if let Some(store) = &self.clean {
             let t = Instant::now();
             match snapshot(store, &key, &mut lease).await {
@@ -94,7 +139,7 @@ impl Parking {
                 Err(e) => {
                     tracing::warn!(error = %e, "could not snapshot the parked VM; not pooling it");
                     lease.vm.kill().await;
-                    return;
+                    return false;
                 }
             }
         }
@@ -102,6 +147,7 @@ impl Parking {
         for (key, evicted) in self.pool.put(key, lease, memory) {
             self.save(key, evicted).await;
         }
+        self.clean.is_some()
     }
 
     /// Saves a paused VM to the snapshot store, or stops it if it can't be.

@@ -31,6 +31,9 @@ pub struct QemuVmm {
     /// What `qemu --version` printed: a saved VM restores only into the
     /// same QEMU.
     pub version: String,
+    /// The kernel's SHA-256 ([`crate::hash_file`]): runner keys name it by
+    /// content, to agree across hosts.
+    pub kernel_id: String,
 }
 
 /// A file's path, size and modification time: enough to tell a replaced
@@ -376,11 +379,12 @@ impl Vmm for QemuVmm {
 
     fn identity(&self) -> String {
         // The initramfs is named by its content hash (agent and modules).
+        let initramfs = self.boot.initramfs.file_name().unwrap_or_default();
         format!(
             "{} {} {} {} {}",
             self.version,
-            file_identity(&self.boot.kernel),
-            self.boot.initramfs.display(),
+            self.kernel_id,
+            initramfs.to_string_lossy(),
             self.accel,
             self.tsc_khz.unwrap_or(0)
         )

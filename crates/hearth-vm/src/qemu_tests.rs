@@ -15,6 +15,7 @@ async fn a_vm_that_cannot_boot_reports_why() {
         control_timeout: crate::deadline::CONTROL_TIMEOUT,
         forward_exe: "hearth".into(),
         version: String::new(),
+        kernel_id: String::new(),
     };
     let spec = VmSpec {
         vcpus: 1,
@@ -53,6 +54,7 @@ fn a_clone_maps_memory_privately_and_names_its_disk_format() {
         control_timeout: crate::deadline::CONTROL_TIMEOUT,
         forward_exe: "hearth".into(),
         version: String::new(),
+        kernel_id: String::new(),
     };
     let run = SocketDir::create_private(&dir.path().join("run")).unwrap();
     let spec = VmSpec {

@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
-use hearth_executor::{ExecError, RunOutcome, RunSpec, Runner, RunnerStart};
+use hearth_executor::{
+    ExecError, LocalCas, RunOutcome, RunSpec, Runner, RunnerStart, SharedSnapshot,
+};
 use hearth_guest::protocol::{
     ExecRequest, Request, Response, OUT_SERIAL, ROOT_SERIAL, SCRATCH_SERIAL, WORK_SERIAL,
 };
@@ -22,13 +24,15 @@ use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
 use crate::clean::CleanStore;
+use crate::content_id::ContentIds;
 use crate::fresh::Wanted;
 use crate::images::{self, ImageSource, ResolvedImage, VmSize};
 use crate::outputs;
-use crate::park::Parking;
+use crate::park::{runner_snapshot_key, Parking};
 use crate::pool::Pool;
+use crate::share::Sharing;
 use crate::snapshots::{SnapshotStore, MEMORY_FILE, OUT_FILE, SCRATCH_FILE, WORK_FILE};
-use crate::{file_identity, DiskFormat, DiskSpec, QemuVm, VmError, VmSpec, Vmm};
+use crate::{DiskFormat, DiskSpec, QemuVm, VmError, VmSpec, Vmm};
 
 #[derive(Debug, Clone)]
 pub struct VmRunnerConfig {
@@ -69,6 +73,8 @@ pub struct VmRunner {
     /// The pool, saved VMs, and parking VMs into them.
     pub(crate) parking: Arc<Parking>,
     pub(crate) clean: Option<Arc<CleanStore>>,
+    /// Images by content, for runner keys.
+    content_ids: ContentIds,
     /// One lock per clean-snapshot key: the first action of a configuration
     /// makes its snapshot, the others wait for it. (One small entry per VM
     /// configuration ever seen.)
@@ -134,20 +140,20 @@ pub(crate) fn dir_size(path: &Path) -> u64 {
 
 /// The runner key: the scheduler's affinity key (instance name and the whole
 /// platform), a dot, then a hash of the VM configuration (QEMU version,
-/// kernel, initramfs and so agent version, image file, size, forwarded
+/// kernel, initramfs and so agent version, image content, size, forwarded
 /// ports). A recycled or saved VM is only handed to an action with an equal
 /// key.
 fn runner_key(
     spec: &RunSpec,
     vmm: &dyn Vmm,
-    image: &ResolvedImage,
+    image_id: &str,
     size: VmSize,
     forwards: &[(u16, std::path::PathBuf)],
 ) -> String {
     let mut h = Sha256::new();
     h.update(vmm.identity().as_bytes());
     h.update([0]);
-    h.update(file_identity(&image.path).as_bytes());
+    h.update(image_id.as_bytes());
     for (port, _) in forwards {
         h.update(format!("\0fwd:{port}").as_bytes());
     }
@@ -160,7 +166,7 @@ fn runner_key(
 }
 
 /// The affinity part of a runner key.
-fn affinity_of(runner_key: &str) -> String {
+pub(crate) fn affinity_of(runner_key: &str) -> String {
     runner_key
         .split_once('.')
         .map_or(runner_key, |(a, _)| a)
@@ -168,10 +174,13 @@ fn affinity_of(runner_key: &str) -> String {
 }
 
 impl VmRunner {
+    /// `cas`: where runner snapshots are shared with other executors (with
+    /// clean snapshots on); None shares none.
     pub fn new(
         vmm: Arc<dyn Vmm>,
         images: Option<Arc<dyn ImageSource>>,
         config: VmRunnerConfig,
+        cas: Option<LocalCas>,
     ) -> Self {
         let snapshots = config.snapshot_dir.as_ref().and_then(|dir| {
             SnapshotStore::open(dir, config.snapshot_max)
@@ -188,8 +197,15 @@ impl VmRunner {
         });
         let pool = Pool::new(config.pool_max_vms, config.pool_max_memory_mib);
         VmRunner {
-            parking: Arc::new(Parking::new(pool, snapshots, clean.clone())),
+            parking: Arc::new(Parking::new(
+                pool,
+                snapshots,
+                clean.clone(),
+                cas.filter(|_| clean.is_some())
+                    .map(|c| Arc::new(Sharing::new(c))),
+            )),
             clean,
+            content_ids: ContentIds::default(),
             makers: Default::default(),
             vmm,
             images,
@@ -476,6 +492,14 @@ impl Runner for VmRunner {
         VmRunner::warm_keys(self)
     }
 
+    fn take_published(&self) -> Vec<SharedSnapshot> {
+        self.parking
+            .share
+            .as_ref()
+            .map(|s| s.take_published())
+            .unwrap_or_default()
+    }
+
     async fn run(
         &self,
         spec: &RunSpec,
@@ -501,7 +525,19 @@ impl Runner for VmRunner {
             .input_root
             .parent()
             .ok_or_else(|| ExecError::Internal("input root has no parent".into()))?;
-        let key = runner_key(spec, self.vmm.as_ref(), &image, size, &self.config.forwards);
+        // By content: shared snapshots restore only over the same bytes.
+        let image_id = if recycle {
+            self.content_ids.of(&image.path).await.map_err(vm_error)?
+        } else {
+            String::new()
+        };
+        let key = runner_key(
+            spec,
+            self.vmm.as_ref(),
+            &image_id,
+            size,
+            &self.config.forwards,
+        );
         let warm = if recycle {
             self.warm(&key, ws_src).await
         } else {
@@ -517,7 +553,7 @@ impl Runner for VmRunner {
         let (mut lease, kind) = match warm {
             Some(w) => w,
             None => tokio::select! {
-                l = self.fresh(&want, recycle.then_some(key.as_str()), ws_src, &cancel) => l?,
+                l = self.fresh(&want, recycle.then_some((key.as_str(), spec.shared_snapshot.as_ref())), ws_src, &cancel) => l?,
                 _ = cancel.cancelled() => return Err(ExecError::Cancelled),
             },
         };
@@ -566,6 +602,13 @@ impl Runner for VmRunner {
             self.parking.park(key, lease).await;
         } else {
             lease.vm.kill().await;
+            if recycle {
+                // Its state may be what made it fail: no clone starts from
+                // the snapshot of its line any more.
+                if let Some(clean) = &self.clean {
+                    clean.discard_key(&runner_snapshot_key(&key));
+                }
+            }
         }
         collected?;
         Ok(RunOutcome {

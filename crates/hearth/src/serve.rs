@@ -98,9 +98,10 @@ async fn runners(
     opts: &ExecutorOptions,
     work_dir: &std::path::Path,
     sandbox: Option<Sandbox>,
+    cas: &LocalCas,
 ) -> (Vec<Arc<dyn Runner>>, String) {
     let mut runners: Vec<Arc<dyn Runner>> = vec![Arc::new(HostRunner::new(sandbox))];
-    let vm_unavailable = match crate::vm::runner(&opts.vm, work_dir).await {
+    let vm_unavailable = match crate::vm::runner(&opts.vm, work_dir, cas).await {
         Ok(vm) => {
             runners.push(vm);
             String::new()
@@ -153,7 +154,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
     // The executor joins once its runners are ready (a VM probe boot takes
     // seconds); the server answers meanwhile.
     let sess = tokio::spawn(async move {
-        let (runners, vm_unavailable) = runners(&opts, &config.work_dir, sandbox).await;
+        let (runners, vm_unavailable) = runners(&opts, &config.work_dir, sandbox, &cas).await;
         match Executor::new(config, cas, runners) {
             Ok(executor) => {
                 let sc = session_config(&opts, connect, vm_unavailable);
@@ -192,7 +193,7 @@ pub async fn executor(args: ExecutorArgs) -> Result<()> {
     let cas = LocalCas::caching(local, upstream);
     let sandbox = host_sandbox(&args.options).await?;
     let config = executor_config(&args.options, args.work_dir.clone(), sandbox.as_ref());
-    let (runners, vm_unavailable) = runners(&args.options, &args.work_dir, sandbox).await;
+    let (runners, vm_unavailable) = runners(&args.options, &args.work_dir, sandbox, &cas).await;
     let executor = Arc::new(Executor::new(config, cas, runners).context("starting the executor")?);
     tracing::info!(executor = executor.id(), server = %url, "executor starting");
     session::run(

@@ -175,11 +175,15 @@ fn check_default_fits(opts: &VmOptions, max: hearth_vm::VmSize) -> Result<()> {
 /// The VM runner, or why there is none: microVMs are off, or don't work
 /// here. The reason is logged (at INFO, WARN when `--vm kvm` or `tcg` asked
 /// for them), and the executor reports it to the server for `hearth status`.
-pub async fn runner(opts: &VmOptions, work_dir: &Path) -> Result<Arc<dyn Runner>, String> {
+pub async fn runner(
+    opts: &VmOptions,
+    work_dir: &Path,
+    cas: &hearth_executor::LocalCas,
+) -> Result<Arc<dyn Runner>, String> {
     let why = if opts.mode == "off" {
         "off (--vm off)".to_string()
     } else {
-        match setup(opts, work_dir).await {
+        match setup(opts, work_dir, cas.clone()).await {
             Ok(r) => return Ok(r),
             Err(e) => format!("{e:#}"),
         }
@@ -192,7 +196,11 @@ pub async fn runner(opts: &VmOptions, work_dir: &Path) -> Result<Arc<dyn Runner>
     Err(why)
 }
 
-async fn setup(opts: &VmOptions, work_dir: &Path) -> Result<Arc<dyn Runner>> {
+async fn setup(
+    opts: &VmOptions,
+    work_dir: &Path,
+    cas: hearth_executor::LocalCas,
+) -> Result<Arc<dyn Runner>> {
     let max_size = max_vm_size(opts)?;
     let kdir = &opts.vm_kernel_dir;
     let release = std::fs::read_to_string(kdir.join("release")).with_context(|| {
@@ -227,7 +235,12 @@ async fn setup(opts: &VmOptions, work_dir: &Path) -> Result<Arc<dyn Runner>> {
     let version = hearth_vm::qemu_version(&opts.qemu)
         .await
         .with_context(|| format!("running {}", opts.qemu.display()))?;
+    let k = kernel.clone();
+    let kernel_id = tokio::task::spawn_blocking(move || hearth_vm::hash_file(&k))
+        .await
+        .context("hashing the guest kernel")??;
     let make = |accel: Accel| QemuVmm {
+        kernel_id: kernel_id.clone(),
         version: version.clone(),
         qemu: opts.qemu.clone(),
         boot: BootFiles {
@@ -316,8 +329,9 @@ async fn setup(opts: &VmOptions, work_dir: &Path) -> Result<Arc<dyn Runner>> {
     })
     .context("opening the image cache")?;
     let images: Arc<dyn hearth_vm::ImageSource> = Arc::new(Images(images));
-    let runner =
-        Arc::new(VmRunner::new(Arc::new(vmm), Some(images), config).with_forwarder(forwarder));
+    let runner = Arc::new(
+        VmRunner::new(Arc::new(vmm), Some(images), config, Some(cas)).with_forwarder(forwarder),
+    );
     let r = runner.clone();
     tokio::spawn(async move { r.prepare_default_snapshot().await });
     Ok(runner)

@@ -581,6 +581,11 @@ async fn vms_work_under_a_data_dir_deeper_than_a_socket_address() {
     let (code, out, _) = run_script(&c, &format!("echo kept > /tmp/state; {reach}"), &warm).await;
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("registry=registry-ok"), "{out}");
+    // Parking (here: straight to disk) ends after the result is back.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while saved() != 1 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     assert_eq!(saved(), 1, "the VM was paused and saved through QMP");
 
     let (code, out, _) = run_script(&c, &reach, &warm).await;

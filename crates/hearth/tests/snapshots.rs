@@ -21,6 +21,21 @@ fn snapshots(data: &Path) -> Vec<std::path::PathBuf> {
     }
 }
 
+/// The runner snapshots (clones' starting points) among the clean ones.
+fn runner_snapshots(data: &Path) -> Vec<std::path::PathBuf> {
+    let dir = data.join("data/executor/vm-clean");
+    let Ok(list) = std::fs::read_dir(dir) else {
+        return vec![];
+    };
+    list.flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            std::fs::read_to_string(p.join("meta.json"))
+                .is_ok_and(|m| m.contains("\"key\": \"runner:"))
+        })
+        .collect()
+}
+
 fn leave_state() -> String {
     format!("echo kept > /tmp/state; {LEAVE_BACKGROUND_PROCESS}")
 }
@@ -43,6 +58,11 @@ async fn a_vm_evicted_from_the_pool_is_saved_and_restored() {
     let (code, out, cold) = run_script(&c, FIND_STATE, &key("b")).await;
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("fresh"), "key b got a's VM: {out}");
+    // Parking b's VM (which evicts a's) ends after b's result is back.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while snapshots(h.dir.path()).len() != 1 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     assert_eq!(snapshots(h.dir.path()).len(), 1, "the evicted VM is saved");
 
     let (code, out, restored) = run_script(&c, FIND_STATE, &key("a")).await;
@@ -98,6 +118,10 @@ async fn pooled_vms_are_saved_at_shutdown_and_restored_after_a_restart() {
     let saved = snapshots(dir.path());
     assert_eq!(saved.len(), 1, "saved again at the second shutdown");
     std::fs::write(saved[0].join("state"), b"not a QEMU migration stream").unwrap();
+    // And the runner snapshot clones of the key would start from.
+    for snap in runner_snapshots(dir.path()) {
+        std::fs::write(snap.join("state"), b"not a QEMU migration stream").unwrap();
+    }
     let h = up_in(dir, &flags);
     let c = channel(&h).await;
     wait_for_vm_executor(&c).await;

@@ -27,19 +27,22 @@ pub fn executor(h: &Hearth, id: &str) -> Executor {
 
 /// The same, connected to `addr` (a proxy in front of `h`, say).
 pub fn executor_at(h: &Hearth, addr: &str, id: &str) -> Executor {
+    executor_with(h, addr, id, &["--capacity", "1", "--vm", "off"])
+}
+
+/// `hearth executor` with `id`, connected to `addr`, with `args` (its
+/// capacity, runners, registries).
+pub fn executor_with(h: &Hearth, addr: &str, id: &str, args: &[&str]) -> Executor {
     let work = h.dir.path().join(format!("exec-{id}"));
     let child = Proc::new(bin())
         .args([
             "executor",
             "--server",
             &addr.replace("http://", "grpc://"),
-            "--capacity",
-            "1",
             "--executor-id",
             id,
-            "--vm",
-            "off",
         ])
+        .args(args)
         .arg("--work-dir")
         .arg(&work)
         .env("HEARTH_LOG", "warn")
