@@ -5,7 +5,7 @@ use hearth_proto::longrunning::Operation;
 use hearth_proto::reapi::{
     execution_server::Execution, ExecuteRequest, ExecuteResponse, WaitExecutionRequest,
 };
-use hearth_scheduler::{Job, OpSnapshot, Platform, Stage, SubmitError};
+use hearth_scheduler::{affinity_key, Job, OpSnapshot, Platform, Stage, SubmitError};
 use hearth_storage::{action_key, Digest, PinGuard};
 use tonic::{Request, Response, Status};
 
@@ -100,6 +100,10 @@ impl Execution for ExecutionService {
             checked.action.platform.as_ref(),
         )
         .map_err(|e| Status::invalid_argument(format!("platform: {e}")))?;
+        if platform.flag("recycle-runner") {
+            let affinity = affinity_key(&who.tenant, &req.instance_name, &platform);
+            crate::runner_snapshots::recall(&self.ctx, &affinity).await;
+        }
         let job = Job {
             tenant: who.tenant.clone(),
             instance_name: req.instance_name.clone(),

@@ -17,6 +17,7 @@ mod error;
 mod execution;
 mod operations;
 mod resource;
+mod runner_snapshots;
 mod validate;
 mod worker;
 

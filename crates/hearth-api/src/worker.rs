@@ -86,9 +86,15 @@ fn max_held(capacity: u32) -> usize {
 /// key at most every half minute; more is made up).
 const MAX_SHARED_PER_MESSAGE: usize = 64;
 
-fn shared(mut s: Vec<wp::SharedSnapshot>) -> Vec<wp::SharedSnapshot> {
+/// Takes in the runner snapshots an executor shared: the scheduler's
+/// index, and the action cache behind it.
+async fn note_shared(ctx: &Context, executor: &str, mut s: Vec<wp::SharedSnapshot>) {
+    if s.is_empty() {
+        return;
+    }
     s.truncate(MAX_SHARED_PER_MESSAGE);
-    s
+    let kept = ctx.scheduler.note_shared_snapshots(executor, s);
+    crate::runner_snapshots::remember(ctx, &kept).await;
 }
 
 fn executor_report(
@@ -117,8 +123,7 @@ fn executor_report(
 async fn finished(ctx: &Context, executor: &str, capacity: u32, session: u64, mut f: wp::Finished) {
     ctx.scheduler
         .report_warm(executor, session, std::mem::take(&mut f.warm_keys));
-    ctx.scheduler
-        .note_shared_snapshots(executor, shared(std::mem::take(&mut f.shared_snapshots)));
+    note_shared(ctx, executor, std::mem::take(&mut f.shared_snapshots)).await;
     let report = executor_report(executor, capacity, f.state.take());
     let job = if f.refused {
         tracing::warn!(executor, operation = %f.operation_name, reason = %f.status_message, "executor refused an assignment; re-queued");
@@ -262,8 +267,7 @@ impl WorkerApi for WorkerService {
                         kind: Some(worker_message::Kind::Report(r)),
                     })) => {
                         ctx.scheduler.report_warm(&id, session, r.warm_keys);
-                        ctx.scheduler
-                            .note_shared_snapshots(&id, shared(r.shared_snapshots));
+                        note_shared(&ctx, &id, r.shared_snapshots).await;
                         if let Some(report) = executor_report(&id, capacity, r.state) {
                             ctx.scheduler.report(&id, session, &report);
                         }

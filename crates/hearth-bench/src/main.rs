@@ -20,6 +20,7 @@ use hearth_storage::Digest;
 use prost::Message;
 
 mod load;
+mod vm;
 use load::{big_action, under_uploads};
 /// A channel that sends `--api-key` with every call (grpc:// or grpcs://).
 type Channel = hearth_executor::client::ServerChannel;
@@ -36,9 +37,13 @@ struct Args {
     #[arg(long)]
     vm_actions: Option<usize>,
     /// Which VM start the microVM actions measure: `cold` (a fresh VM
-    /// each), `recycled` (recycle-runner: resumed from the pool), or
-    /// `restored` (two runner keys taking turns; start the server with
-    /// `--vm-pool-size 1` so each action restores its VM from disk).
+    /// each: a clone of the clean snapshot, or booted with
+    /// `--vm-clean-snapshots off`), `dockerd` (the same with
+    /// init-dockerd=true), `recycled` (recycle-runner: resumed from the
+    /// pool), `restored` (two runner keys taking turns; start the server
+    /// with `--vm-pool-size 1` so each action restores its VM from disk),
+    /// or `burst` (per round, a fresh runner key warmed by one action, then
+    /// three actions of it at once: start the server with capacity 3).
     #[arg(long, default_value = "cold")]
     vm_start: String,
     /// API key to send (a server with --auth-keys).
@@ -387,7 +392,7 @@ async fn main() -> Result<()> {
     );
     println!("|{:-<60}|{:->24}|", "", "");
     if let Some(n) = args.vm_actions {
-        return vm_actions(&c, n, &args.vm_start).await;
+        return vm::vm_actions(&c, n, &args.vm_start).await;
     }
     if let Some(size) = args.big_action {
         return big_action(&c, size).await;
@@ -410,83 +415,4 @@ fn millis_between(a: &Option<hearth_proto::protobuf::Timestamp>, b_nanos: i128) 
         .map(|t| t.seconds as i128 * 1_000_000_000 + t.nanos as i128)
         .unwrap_or(0);
     (b_nanos - a) as f64 / 1e6
-}
-
-/// MicroVM actions: from the runner starting (execution_start_timestamp) to
-/// the command's first instruction (its own clock, which the agent sets from
-/// the host's), and the whole Execute round trip. Warm modes leave out the
-/// first actions, which boot the VMs they then reuse.
-async fn vm_actions(c: &Channel, n: usize, mode: &str) -> Result<()> {
-    use hearth_proto::reapi::{platform::Property, Platform};
-    let prop = |name: &str, value: &str| Property {
-        name: name.into(),
-        value: value.into(),
-    };
-    let (warmup, label) = match mode {
-        "cold" => (0, "cold start (a fresh VM)"),
-        "recycled" => (1, "recycled (resumed from the pool)"),
-        "restored" => (2, "restored from a snapshot on disk"),
-        other => anyhow::bail!("--vm-start {other}: expected cold, recycled or restored"),
-    };
-    let mut to_start = Vec::new();
-    let mut totals = Vec::new();
-    for i in 0..n + warmup {
-        let mut properties = vec![prop("workload-isolation-type", "firecracker")];
-        if mode != "cold" {
-            properties.push(prop("recycle-runner", "true"));
-        }
-        if mode == "restored" {
-            properties.push(prop("runner-recycling-key", &format!("bench-{}", i % 2)));
-        }
-        let action = upload_action(
-            c,
-            &Command {
-                arguments: vec!["/bin/date".into(), "+%s%N".into()],
-                environment_variables: vec![EnvironmentVariable {
-                    name: "RUN".into(),
-                    value: format!("{}-{i}", uuid::Uuid::new_v4()),
-                }],
-                platform: Some(Platform { properties }),
-                ..Default::default()
-            },
-        )
-        .await?;
-        let (took, result) = execute_ok(c, action).await?;
-        let stdout = result.stdout_digest.context("no stdout")?;
-        let out = cas(c)
-            .batch_read_blobs(hearth_proto::reapi::BatchReadBlobsRequest {
-                digests: vec![stdout],
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
-        let text = String::from_utf8(out.responses[0].data.clone())?;
-        let cmd_start: i128 = text.trim().parse().context("date output")?;
-        let meta = result.execution_metadata.context("no metadata")?;
-        if i >= warmup {
-            totals.push(took);
-            to_start.push(Duration::from_secs_f64(
-                millis_between(&meta.execution_start_timestamp, cmd_start).max(0.0) / 1000.0,
-            ));
-        }
-    }
-    to_start.sort();
-    totals.sort();
-    row(
-        &format!("MicroVM {label}: runner start → command start ({n} runs)"),
-        format!(
-            "p50 {:.0} ms, max {:.0} ms",
-            percentile(&to_start, 0.5),
-            percentile(&to_start, 1.0)
-        ),
-    );
-    row(
-        &format!("MicroVM {label}: Execute round trip"),
-        format!(
-            "p50 {:.0} ms, max {:.0} ms",
-            percentile(&totals, 0.5),
-            percentile(&totals, 1.0)
-        ),
-    );
-    Ok(())
 }

@@ -45,7 +45,9 @@ pub struct RunSpec {
 pub struct SharedSnapshot {
     pub affinity_key: String,
     pub runner_key: String,
-    pub manifest: hearth_storage::Digest,
+    /// None: withdrawn (its runner failed an action; no one should start
+    /// from its line).
+    pub manifest: Option<hearth_storage::Digest>,
 }
 
 impl SharedSnapshot {
@@ -53,9 +55,9 @@ impl SharedSnapshot {
         hearth_proto::worker::SharedSnapshot {
             affinity_key: self.affinity_key.clone(),
             runner_key: self.runner_key.clone(),
-            manifest: Some(hearth_proto::worker::Digest {
-                hash: self.manifest.hash_hex(),
-                size_bytes: self.manifest.size() as i64,
+            manifest: self.manifest.map(|m| hearth_proto::worker::Digest {
+                hash: m.hash_hex(),
+                size_bytes: m.size() as i64,
             }),
         }
     }
@@ -66,7 +68,7 @@ impl SharedSnapshot {
         Some(SharedSnapshot {
             affinity_key: s.affinity_key.clone(),
             runner_key: s.runner_key.clone(),
-            manifest: hearth_storage::Digest::parse(&d.hash, d.size_bytes).ok()?,
+            manifest: Some(hearth_storage::Digest::parse(&d.hash, d.size_bytes).ok()?),
         })
     }
 }

@@ -229,17 +229,28 @@ impl Scheduler {
 
     /// An executor stored runner snapshots in the CAS: later jobs of their
     /// affinity keys carry the newest. Malformed reports are ignored.
-    pub fn note_shared_snapshots(&self, executor: &str, snapshots: Vec<worker::SharedSnapshot>) {
-        if snapshots.is_empty() {
-            return;
-        }
+    /// Returns those taken in.
+    pub fn note_shared_snapshots(
+        &self,
+        executor: &str,
+        snapshots: Vec<worker::SharedSnapshot>,
+    ) -> Vec<worker::SharedSnapshot> {
         let mut st = self.lock();
+        let mut kept = vec![];
         for s in snapshots {
             let key = s.affinity_key.clone();
-            if !st.snapshots.note(s) {
+            if st.snapshots.note(s.clone()) {
+                kept.push(s);
+            } else {
                 tracing::warn!(executor, key = %key, "malformed shared snapshot report; ignored");
             }
         }
+        kept
+    }
+
+    /// Whether a shared snapshot of `affinity_key` is known.
+    pub fn has_shared_snapshot(&self, affinity_key: &str) -> bool {
+        self.lock().snapshots.get(affinity_key).is_some()
     }
 
     /// An executor reports the affinity keys of the warm runners it holds now

@@ -20,7 +20,8 @@ pub(crate) struct SnapshotIndex {
 }
 
 impl SnapshotIndex {
-    /// Takes in a reported snapshot; false if it is malformed (ignored).
+    /// Takes in a reported snapshot (one without a manifest withdraws the
+    /// key's); false if it is malformed (ignored).
     pub fn note(&mut self, s: SharedSnapshot) -> bool {
         let well_formed = !s.affinity_key.is_empty()
             && s.affinity_key.len() <= MAX_KEY_LEN
@@ -28,9 +29,13 @@ impl SnapshotIndex {
             && s.runner_key.starts_with(&format!("{}.", s.affinity_key))
             && s.manifest
                 .as_ref()
-                .is_some_and(|d| d.size_bytes > 0 && d.hash.len() == 64);
+                .is_none_or(|d| d.size_bytes > 0 && d.hash.len() == 64);
         if !well_formed {
             return false;
+        }
+        if s.manifest.is_none() {
+            self.by_key.remove(&s.affinity_key);
+            return true;
         }
         self.clock += 1;
         self.by_key.insert(s.affinity_key.clone(), (s, self.clock));
@@ -96,14 +101,21 @@ mod tests {
             &format!("{}.1", "x".repeat(2000)),
             'c'
         )));
-        let mut no_digest = snap("j", "j.1", 'c');
-        no_digest.manifest = None;
-        assert!(!idx.note(no_digest));
+        let mut bad_digest = snap("j", "j.1", 'c');
+        if let Some(d) = bad_digest.manifest.as_mut() {
+            d.hash = "short".into();
+        }
+        assert!(!idx.note(bad_digest));
         assert_eq!(idx.len(), 1);
         assert_eq!(idx.get("k").unwrap().runner_key, "k.2");
         assert!(idx.note(snap("j", "j.1", 'd')));
         let newest: Vec<String> = idx.newest(5).into_iter().map(|s| s.affinity_key).collect();
         assert_eq!(newest, ["j", "k"]);
+        let mut withdrawn = snap("j", "j.1", 'd');
+        withdrawn.manifest = None;
+        assert!(idx.note(withdrawn));
+        assert!(idx.get("j").is_none(), "withdrawn");
+        assert!(idx.get("k").is_some());
     }
 
     #[test]

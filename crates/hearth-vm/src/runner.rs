@@ -608,6 +608,9 @@ impl Runner for VmRunner {
                 if let Some(clean) = &self.clean {
                     clean.discard_key(&runner_snapshot_key(&key));
                 }
+                if let Some(share) = &self.parking.share {
+                    share.withdraw(&key, &affinity_of(&key));
+                }
             }
         }
         collected?;

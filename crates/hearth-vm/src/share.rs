@@ -257,9 +257,20 @@ impl Sharing {
         lock(&self.published).push(SharedSnapshot {
             affinity_key: affinity_key.to_string(),
             runner_key: runner_key.to_string(),
-            manifest: digest,
+            manifest: Some(digest),
         });
         Ok(digest)
+    }
+
+    /// Withdraws the key's shared snapshot (its runner failed an action),
+    /// and lets the next one be published at once.
+    pub fn withdraw(&self, runner_key: &str, affinity_key: &str) {
+        lock(&self.last).remove(runner_key);
+        lock(&self.published).push(SharedSnapshot {
+            affinity_key: affinity_key.to_string(),
+            runner_key: runner_key.to_string(),
+            manifest: None,
+        });
     }
 
     /// Fetches the snapshot `shared` names into the empty directory `into`
@@ -277,12 +288,15 @@ impl Sharing {
                 "the shared snapshot is of another VM configuration".into(),
             ));
         }
-        if shared.manifest.size() > MAX_MANIFEST {
+        let Some(manifest) = shared.manifest else {
+            return Err(VmError::Setup("the shared snapshot was withdrawn".into()));
+        };
+        if manifest.size() > MAX_MANIFEST {
             return Err(VmError::Setup("the snapshot manifest is too big".into()));
         }
         let body = self
             .cas
-            .read(&shared.manifest)
+            .read(&manifest)
             .await
             .map_err(store_err("fetching the snapshot manifest"))?;
         let manifest = parse_manifest(&body, runner_key)?;

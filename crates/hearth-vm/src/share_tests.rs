@@ -62,7 +62,7 @@ async fn a_snapshot_round_trips_through_the_cas_in_deduplicated_chunks() {
     let digest = share.publish(KEY, "aff", &vm, &meta()).await.unwrap();
     let published = share.take_published();
     assert_eq!(published.len(), 1);
-    assert_eq!(published[0].manifest, digest);
+    assert_eq!(published[0].manifest, Some(digest));
     assert_eq!(published[0].affinity_key, "aff");
     assert!(share.take_published().is_empty(), "taken once");
     assert!(!share.due(KEY), "not republished at once");
@@ -89,9 +89,16 @@ async fn a_snapshot_round_trips_through_the_cas_in_deduplicated_chunks() {
     let shared = SharedSnapshot {
         affinity_key: "aff".into(),
         runner_key: KEY.into(),
-        manifest: digest,
+        manifest: Some(digest),
     };
     assert_eq!(share.fetch(&shared, KEY, &into).await.unwrap(), meta());
+
+    share.withdraw(KEY, "aff");
+    assert!(share.due(KEY), "the next one is published at once");
+    let withdrawn = share.take_published();
+    assert_eq!(withdrawn[0].manifest, None);
+    let e = share.fetch(&withdrawn[0], KEY, &into).await.unwrap_err();
+    assert!(e.to_string().contains("withdrawn"), "{e}");
     for f in FILES {
         assert_eq!(
             std::fs::read(vm.join(f)).unwrap(),
@@ -119,7 +126,7 @@ async fn a_damaged_chunk_another_format_or_another_configuration_is_refused() {
     let shared = SharedSnapshot {
         affinity_key: "aff".into(),
         runner_key: KEY.into(),
-        manifest: digest,
+        manifest: Some(digest),
     };
 
     // Another VM configuration (the runner key covers QEMU, kernel, agent,
