@@ -94,6 +94,12 @@ pub fn render(s: &StatusResponse) -> String {
             s.requeued_actions
         ));
     }
+    if !s.shared_snapshots.is_empty() {
+        out.push_str(&format!(
+            "shared     {} warm runner snapshot(s) in the CAS\n",
+            s.shared_snapshots.len()
+        ));
+    }
     if !s.operations.is_empty() {
         out.push_str("in flight  (oldest first)\n");
     }

@@ -208,3 +208,101 @@ fn seed_docker_test_bazel_4_2_fresh_recycled_server_pattern_and_restore() {
 fn seed_docker_test_bazel_2_1_unprefixed_fresh_and_recycled() {
     seed_scenario("2.1", "_unprefixed", false);
 }
+
+/// The seed's `docker_test` (Bazel 4.2) on a second executor: run 1 warms
+/// the key on `hearth executor` e1, which shares the runner's snapshot
+/// through the CAS; e1 is killed, and run 2 on e2, which never ran the key,
+/// starts from that snapshot: run 1's files, the same dockerd, the image
+/// already pulled.
+#[test]
+fn seed_docker_test_bazel_4_2_on_a_second_executor_starts_warm() {
+    let version = "4.2";
+    require_bazel(version);
+    let _serial = serial();
+    std::env::set_var(
+        "HEARTH_E2E_WORKSPACE",
+        repo_root().join("tests/e2e/docker-workspace"),
+    );
+    let s = setup();
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let data = tmp.path().join("data");
+    let (_server, port) = Hearth::spawn_listening(
+        "hearth-server",
+        &[
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.to_str().expect("utf-8 path"),
+        ],
+        tmp.path(),
+    );
+    let mirror = format!("http://{}", s.registry.host);
+    let server = format!("grpc://127.0.0.1:{port}");
+    let executor = |id: &str| {
+        let work = tmp.path().join(format!("exec-{id}"));
+        let args = [
+            "executor",
+            "--server",
+            &server,
+            "--executor-id",
+            id,
+            "--capacity",
+            "1",
+            "--vm",
+            "tcg",
+            "--insecure-registry",
+            &s.registry.host,
+            "--docker-mirror",
+            &mirror,
+            "--work-dir",
+            work.to_str().expect("utf-8 path"),
+        ];
+        let h = Hearth::spawn(&format!("exec-{id}"), &args, tmp.path());
+        poll(
+            &format!("{id} to offer firecracker"),
+            Duration::from_secs(180),
+            || {
+                let status = hearth_status(port);
+                status
+                    .lines()
+                    .any(|l| l.contains(id) && l.contains("firecracker"))
+                    .then_some(())
+            },
+        );
+        h
+    };
+    let client = Client {
+        version,
+        root: tmp.path().join(format!("bazel-{version}")),
+    };
+    let _bazel_server = BazelServer {
+        version,
+        root: client.root.clone(),
+    };
+
+    let mut e1 = executor("e1");
+    let (out, fresh) = client.test(port, "//:docker_test", 1, &s.db_image);
+    assert_eq!(field(&out, "runs-before"), "0", "{out}");
+    let dockerd = field(&out, "dockerd-started").to_string();
+    poll(
+        "e1 to share the warm runner",
+        Duration::from_secs(300),
+        || {
+            hearth_status(port)
+                .contains("shared     1 warm runner")
+                .then_some(())
+        },
+    );
+    let _e2 = executor("e2");
+    e1.kill9();
+    let (out, second) = client.test(port, "//:docker_test", 2, &s.db_image);
+    assert_eq!(
+        field(&out, "runs-before"),
+        "1",
+        "e2 must start from run 1's VM: {out}"
+    );
+    assert_eq!(field(&out, "image-before"), "present", "{out}");
+    assert_eq!(field(&out, "dockerd-started"), dockerd, "{out}");
+    eprintln!("seed docker_test (Bazel 4.2): fresh on e1 {fresh:?}, warm on e2 {second:?}");
+}
