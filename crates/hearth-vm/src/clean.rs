@@ -73,6 +73,22 @@ struct Inner {
     clock: u64,
 }
 
+impl Inner {
+    /// Makes the snapshot in `dir` the live one of its key, the most
+    /// recently used; returns the one it replaces.
+    fn add(&mut self, dir: PathBuf, meta: &CleanMeta) -> Option<Entry> {
+        self.clock += 1;
+        let entry = Entry {
+            bytes: allocated(&dir),
+            last_used: self.clock,
+            hold: Arc::new(()),
+            dir,
+            meta: meta.clone(),
+        };
+        self.live.insert(meta.key.clone(), entry)
+    }
+}
+
 pub struct CleanStore {
     dir: PathBuf,
     max_bytes: u64,
@@ -128,15 +144,7 @@ impl CleanStore {
         }
         found.sort_by_key(|(_, m)| m.saved_unix_secs);
         for (dir, meta) in found {
-            inner.clock += 1;
-            let entry = Entry {
-                bytes: allocated(&dir),
-                last_used: inner.clock,
-                hold: Arc::new(()),
-                dir,
-                meta: meta.clone(),
-            };
-            if let Some(older) = inner.live.insert(meta.key.clone(), entry) {
+            if let Some(older) = inner.add(dir, &meta) {
                 delete(&older.dir);
             }
         }
@@ -177,15 +185,7 @@ impl CleanStore {
         std::fs::rename(staging, &dir)
             .map_err(|e| VmError::io(format!("moving {} into place", staging.display()), e))?;
         let mut inner = self.lock();
-        inner.clock += 1;
-        let entry = Entry {
-            bytes: allocated(&dir),
-            last_used: inner.clock,
-            hold: Arc::new(()),
-            dir,
-            meta: meta.clone(),
-        };
-        if let Some(old) = inner.live.insert(meta.key.clone(), entry) {
+        if let Some(old) = inner.add(dir, meta) {
             inner.retired.push(old);
         }
         self.evict(&mut inner);
@@ -207,6 +207,16 @@ impl CleanStore {
             meta: e.meta.clone(),
             _hold: e.hold.clone(),
         })
+    }
+
+    /// How long ago the snapshot of `key` was saved, if there is one.
+    pub fn age(&self, key: &str) -> Option<std::time::Duration> {
+        let saved = self.lock().live.get(key)?.meta.saved_unix_secs;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        Some(std::time::Duration::from_secs(now.saturating_sub(saved)))
     }
 
     /// Drops `snap` from the store (it failed to clone: damaged, or not

@@ -146,7 +146,12 @@ fn a_discarded_snapshot_goes_but_a_newer_one_of_its_key_stays() {
     store.discard(&old);
     assert_eq!(mem_of(&store.get("k").unwrap()), b'c');
 
+    assert!(
+        store.age("k").is_some_and(|a| a.as_secs() > 1000),
+        "saved at 3"
+    );
     store.discard_key("k");
     assert!(store.get("k").is_none());
+    assert!(store.age("k").is_none());
     store.discard_key("never-stored");
 }

@@ -202,17 +202,7 @@ impl VmRunner {
         let mut snap = store.get(&snap_key);
         if snap.is_none() {
             if let (Some(share), Some(shared)) = (&self.parking.share, shared) {
-                let maker = self
-                    .makers
-                    .lock()
-                    .await
-                    .entry(snap_key.clone())
-                    .or_default()
-                    .clone();
-                let _fetching = tokio::select! {
-                    g = maker.lock() => g,
-                    _ = cancel.cancelled() => return Err(ExecError::Cancelled),
-                };
+                let _fetching = self.maker_of(&snap_key, cancel).await?;
                 snap = store.get(&snap_key);
                 if snap.is_none() {
                     let t = Instant::now();
@@ -252,6 +242,26 @@ impl VmRunner {
         }
     }
 
+    /// Becomes the one maker (or fetcher) of the snapshot `key`, waiting
+    /// for the one before.
+    async fn maker_of(
+        &self,
+        key: &str,
+        cancel: &CancellationToken,
+    ) -> Result<tokio::sync::OwnedMutexGuard<()>, ExecError> {
+        let maker = self
+            .makers
+            .lock()
+            .await
+            .entry(key.to_string())
+            .or_default()
+            .clone();
+        tokio::select! {
+            g = maker.lock_owned() => Ok(g),
+            _ = cancel.cancelled() => Err(ExecError::Cancelled),
+        }
+    }
+
     /// The clean snapshot for `want`, made now if there is none (one maker
     /// per key; the others wait for it). None if it could not be made.
     async fn clean_snapshot(
@@ -264,17 +274,7 @@ impl VmRunner {
         if let Some(s) = store.get(&key) {
             return Ok(Some(s));
         }
-        let maker = self
-            .makers
-            .lock()
-            .await
-            .entry(key.clone())
-            .or_default()
-            .clone();
-        let _making = tokio::select! {
-            g = maker.lock() => g,
-            _ = cancel.cancelled() => return Err(ExecError::Cancelled),
-        };
+        let _making = self.maker_of(&key, cancel).await?;
         if let Some(s) = store.get(&key) {
             return Ok(Some(s));
         }

@@ -14,6 +14,7 @@ pub mod clean;
 mod content_id;
 pub mod deadline;
 mod disks;
+mod dockerd;
 mod error;
 pub mod forward;
 mod fresh;

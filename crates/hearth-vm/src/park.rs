@@ -22,6 +22,12 @@ use crate::snapshots::{
 };
 use crate::VmError;
 
+/// A key's runner snapshot is taken again at a park only once the last one
+/// is this old: the next sequential action waits for a snapshot being
+/// taken (~50 ms under emulation), and a burst's clones may start from
+/// state a few seconds old, as they may find any of the key's VMs.
+const RESNAPSHOT_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The clean store's key of a runner key's newest snapshot.
 pub(crate) fn runner_snapshot_key(runner_key: &str) -> String {
     format!("runner:{runner_key}")
@@ -129,7 +135,13 @@ impl Parking {
         mut lease: Lease,
         _parking: OwnedRwLockWriteGuard<()>,
     ) -> bool {
-        if let Some(store) = &self.clean {
+        let due = self.clean.as_ref().filter(|store| {
+            store
+                .age(&runner_snapshot_key(&key))
+                .is_none_or(|age| age >= RESNAPSHOT_AFTER)
+        });
+        let snapshotted = due.is_some();
+        if let Some(store) = due {
             let t = Instant::now();
             match snapshot(store, &key, &mut lease).await {
                 Ok(()) => tracing::debug!(
@@ -147,7 +159,7 @@ impl Parking {
         for (key, evicted) in self.pool.put(key, lease, memory) {
             self.save(key, evicted).await;
         }
-        self.clean.is_some()
+        snapshotted
     }
 
     /// Saves a paused VM to the snapshot store, or stops it if it can't be.

@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
-
 use common::remote::*;
 use common::vm::*;
 use common::*;
@@ -25,24 +23,28 @@ async fn wait_for_vm(c: &Channel, id: &str) {
     .await;
 }
 
-async fn wait_for_within(
-    c: &Channel,
-    what: &str,
-    secs: u64,
-    cond: impl Fn(&hearth_proto::worker::StatusResponse) -> bool,
-) -> hearth_proto::worker::StatusResponse {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        let s = status(c).await;
-        if cond(&s) {
-            return s;
+/// A shared snapshot's manifest: the files' sizes, the data chunks, and
+/// the bytes its blobs take.
+async fn manifest_stats(c: &Channel, s: &hearth_proto::worker::SharedSnapshot) -> (u64, u64, u64) {
+    let d = s.manifest.clone().unwrap();
+    let body = read_blob(
+        c,
+        &hearth_proto::reapi::Digest {
+            hash: d.hash,
+            size_bytes: d.size_bytes,
+        },
+    )
+    .await;
+    let m: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let (mut files, mut chunks, mut stored) = (0, 0, 0);
+    for f in m["files"].as_array().unwrap() {
+        files += f["size"].as_u64().unwrap();
+        for chunk in f["chunks"].as_array().unwrap() {
+            chunks += 1;
+            stored += chunk["blob_size"].as_u64().unwrap();
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {s:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    (files, chunks, stored)
 }
 
 /// Files under `dir` whose name holds `hash`.
@@ -102,6 +104,14 @@ async fn a_warm_runner_moves_to_another_executor_through_the_cas() {
     .await;
     assert_eq!(shared.shared_snapshots.len(), 1, "{shared:?}");
     let docker_key = shared.shared_snapshots[0].affinity_key.clone();
+    let (files, chunks, stored) = manifest_stats(&c, &shared.shared_snapshots[0]).await;
+    eprintln!(
+        "shared snapshot of a recycled Docker VM: {files} bytes of files, {chunks} data chunks, {stored} bytes stored"
+    );
+    assert!(
+        stored > 0 && stored < files,
+        "zero chunks left out, others compressed"
+    );
 
     // e2 has never run the key; e1 goes away (killed: its warm VM with it).
     let e2 = executor_with(&srv, &srv.addr, "e2", &flags);

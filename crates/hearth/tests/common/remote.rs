@@ -66,7 +66,17 @@ pub async fn wait_for(
     what: &str,
     cond: impl Fn(&StatusResponse) -> bool,
 ) -> StatusResponse {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    wait_for_within(c, what, 20, cond).await
+}
+
+/// Polls `hearth status` until `cond` holds (`secs` at most).
+pub async fn wait_for_within(
+    c: &Channel,
+    what: &str,
+    secs: u64,
+    cond: impl Fn(&StatusResponse) -> bool,
+) -> StatusResponse {
+    let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
         let s = status(c).await;
         if cond(&s) {
