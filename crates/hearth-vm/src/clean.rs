@@ -212,11 +212,17 @@ impl CleanStore {
     /// How long ago the snapshot of `key` was saved, if there is one.
     pub fn age(&self, key: &str) -> Option<std::time::Duration> {
         let saved = self.lock().live.get(key)?.meta.saved_unix_secs;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        Some(std::time::Duration::from_secs(now.saturating_sub(saved)))
+        Some(std::time::Duration::from_secs(
+            crate::snapshots::now_secs().saturating_sub(saved),
+        ))
+    }
+
+    /// [`CleanStore::staging`] off the async threads.
+    pub async fn staging_async(self: &Arc<Self>) -> Result<PathBuf, VmError> {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.staging())
+            .await
+            .map_err(|e| VmError::Setup(format!("making a staging directory: {e}")))?
     }
 
     /// Drops `snap` from the store (it failed to clone: damaged, or not

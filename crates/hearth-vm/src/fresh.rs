@@ -312,14 +312,8 @@ impl VmRunner {
         let blocking = |what: &'static str| {
             move |e: tokio::task::JoinError| ExecError::Internal(format!("{what}: {e}"))
         };
-        let s = store.clone();
         // Removed if anything below fails (or the action is cancelled).
-        let dir = VmDir(
-            tokio::task::spawn_blocking(move || s.staging())
-                .await
-                .map_err(blocking("making a staging directory"))?
-                .map_err(vm_error)?,
-        );
+        let dir = VmDir(store.staging_async().await.map_err(vm_error)?);
         let work_size = clean_work_size(want.size);
         let (scratch, work) = (dir.0.join(SCRATCH_FILE), dir.0.join(WORK_FILE));
         let (a, b) = tokio::join!(
@@ -498,12 +492,7 @@ async fn fetch_into(
     shared: &SharedSnapshot,
     key: &str,
 ) -> Result<(), VmError> {
-    let s = store.clone();
-    let staging = VmDir(
-        tokio::task::spawn_blocking(move || s.staging())
-            .await
-            .map_err(|e| VmError::Setup(format!("making a staging directory: {e}")))??,
-    );
+    let staging = VmDir(store.staging_async().await?);
     let meta = share.fetch(shared, key, &staging.0).await?;
     let store = store.clone();
     tokio::task::spawn_blocking(move || store.put(&staging.0, &meta))

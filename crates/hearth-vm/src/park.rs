@@ -225,10 +225,7 @@ async fn snapshot(store: &Arc<CleanStore>, key: &str, lease: &mut Lease) -> Resu
             "the VM's memory is not in a file of its own".into(),
         ));
     }
-    let s = store.clone();
-    let staging = tokio::task::spawn_blocking(move || s.staging())
-        .await
-        .map_err(|e| VmError::Setup(format!("making a staging directory: {e}")))??;
+    let staging = store.staging_async().await?;
     // Back to plain paused, with its disks, whatever the copies did; an
     // error here leaves the VM in doubt.
     lease.vm.checkpoint(&staging.join(STATE_FILE)).await?;
