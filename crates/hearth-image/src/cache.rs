@@ -244,6 +244,10 @@ impl Inner {
                 tracing::warn!(path = %image.display(), error = %err, "evicting a cached image");
             }
             let _ = fs::remove_file(self.record_path(&stem));
+            // The content hash the VM runner records beside an image.
+            let mut hash_record = image.into_os_string();
+            hash_record.push(".blake3");
+            let _ = fs::remove_file(hash_record);
             tracing::info!(
                 digest = %e.key.digest, registry = %e.key.registry, repository = %e.key.repository,
                 bytes = e.disk_bytes, cache_bytes = index.bytes,

@@ -31,7 +31,7 @@ pub struct QemuVmm {
     /// What `qemu --version` printed: a saved VM restores only into the
     /// same QEMU.
     pub version: String,
-    /// The kernel's SHA-256 ([`crate::hash_file`]): runner keys name it by
+    /// The kernel's hash ([`crate::hash_file`]): runner keys name it by
     /// content, to agree across hosts.
     pub kernel_id: String,
 }
