@@ -26,10 +26,8 @@ use tokio_util::sync::CancellationToken;
 use crate::clean::{CleanMeta, CleanSnapshot, CleanStore, CLEAN_FORMAT};
 use crate::images::{ResolvedImage, VmSize};
 use crate::outputs;
-use crate::park::runner_snapshot_key;
 use crate::pool::{Lease, VmDir};
 use crate::runner::{dir_size, vm_error, VmRunner, OUT_SLACK};
-use crate::share::Sharing;
 use crate::snapshots::{now_secs, MEMORY_FILE, OUT_FILE, SCRATCH_FILE, STATE_FILE, WORK_FILE};
 use crate::warm::mount_request;
 use crate::{disks, file_identity, DiskFormat, DiskSpec, VmError, VmSpec};
@@ -59,7 +57,7 @@ fn clean_work_size(size: VmSize) -> u64 {
 
 /// The cold path's workspace disk size for these inputs, which a clone's
 /// disk must be able to hold too.
-fn needed_work_size(ws_src: &Path, size: VmSize) -> u64 {
+pub(crate) fn needed_work_size(ws_src: &Path, size: VmSize) -> u64 {
     dir_size(ws_src) * 2 + size.disk_bytes
 }
 
@@ -185,66 +183,9 @@ impl VmRunner {
         })
     }
 
-    /// A clone of the runner key's newest snapshot: the local one, else
-    /// the shared one fetched into the local store first (one fetch per
-    /// key at a time). None if there is neither, or it would not do.
-    async fn runner_clone(
-        &self,
-        store: &Arc<CleanStore>,
-        key: &str,
-        shared: Option<&SharedSnapshot>,
-        want: &Wanted<'_>,
-        ws_src: &Path,
-        cancel: &CancellationToken,
-    ) -> Result<Option<(Lease, StartKind)>, ExecError> {
-        let snap_key = runner_snapshot_key(key);
-        let mut kind = StartKind::Clone;
-        let mut snap = store.get(&snap_key);
-        if snap.is_none() {
-            if let (Some(share), Some(shared)) = (&self.parking.share, shared) {
-                let _fetching = self.maker_of(&snap_key, cancel).await?;
-                snap = store.get(&snap_key);
-                if snap.is_none() {
-                    let t = Instant::now();
-                    let fetched = tokio::select! {
-                        r = fetch_into(store, share, shared, key) => r,
-                        _ = cancel.cancelled() => return Err(ExecError::Cancelled),
-                    };
-                    match fetched {
-                        Ok(()) => {
-                            tracing::info!(
-                                fetch_ms = t.elapsed().as_millis() as u64,
-                                "fetched a shared runner snapshot"
-                            );
-                            kind = StartKind::Fetched;
-                            snap = store.get(&snap_key);
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "a shared runner snapshot did not fetch; booting fresh")
-                        }
-                    }
-                }
-            }
-        }
-        let Some(snap) = snap else {
-            return Ok(None);
-        };
-        if needed_work_size(ws_src, want.size) > snap.meta.work_size {
-            return Ok(None);
-        }
-        match self.clone_of(&snap, want, ws_src).await {
-            Ok(lease) => Ok(Some((lease, kind))),
-            Err(e) => {
-                tracing::warn!(error = %e, "a runner snapshot did not clone; discarded it");
-                store.discard(&snap);
-                Ok(None)
-            }
-        }
-    }
-
     /// Becomes the one maker (or fetcher) of the snapshot `key`, waiting
     /// for the one before.
-    async fn maker_of(
+    pub(crate) async fn maker_of(
         &self,
         key: &str,
         cancel: &CancellationToken,
@@ -377,16 +318,55 @@ impl VmRunner {
 
     /// A clone of `snap` with the workspace built from `ws_src`, its first
     /// requests (reseed and clock, then the mount) pending.
-    async fn clone_of(
+    pub(crate) async fn clone_of(
         &self,
         snap: &CleanSnapshot,
         want: &Wanted<'_>,
         ws_src: &Path,
     ) -> Result<Lease, VmError> {
-        let t = Instant::now();
+        let dir = self.new_vm_dir().await?;
+        let (base_mem, own_mem) = (snap.dir.join(MEMORY_FILE), dir.0.join(MEMORY_FILE));
+        let (base_scratch, own_scratch) = (snap.dir.join(SCRATCH_FILE), dir.0.join(SCRATCH_FILE));
+        let overlay = dir.0.join(OVERLAY_FILE);
+        let files = async {
+            if want.saveable {
+                let (a, b) = tokio::join!(
+                    sparse_copy(&base_mem, &own_mem),
+                    sparse_copy(&base_scratch, &own_scratch)
+                );
+                a.and(b)
+            } else {
+                disks::overlay(&base_scratch, &overlay).await
+            }
+        };
+        self.boot_clone(dir, &snap.meta, &snap.dir, want, ws_src, files)
+            .await
+    }
+
+    /// An empty directory for a new VM.
+    pub(crate) async fn new_vm_dir(&self) -> Result<VmDir, VmError> {
         let dir = VmDir(self.config.work_dir.join(uuid::Uuid::new_v4().to_string()));
-        std::fs::create_dir_all(&dir.0).map_err(|e| VmError::io("creating the VM directory", e))?;
-        let meta = &snap.meta;
+        tokio::fs::create_dir_all(&dir.0)
+            .await
+            .map_err(|e| VmError::io("creating the VM directory", e))?;
+        Ok(dir)
+    }
+
+    /// Boots, in `dir`, a clone of the snapshot `meta` whose device state is
+    /// in `base`, once `files` has put its memory file and scratch disk in
+    /// place (while the workspace disk is made). A clone that is not
+    /// saveable maps `base`'s memory file privately and sees `base`'s
+    /// scratch disk through its overlay instead.
+    pub(crate) async fn boot_clone(
+        &self,
+        dir: VmDir,
+        meta: &CleanMeta,
+        base: &Path,
+        want: &Wanted<'_>,
+        ws_src: &Path,
+        files: impl std::future::Future<Output = Result<(), VmError>>,
+    ) -> Result<Lease, VmError> {
+        let t = Instant::now();
         let work_image = dir.0.join(WORK_FILE);
         let out_image = dir.0.join(OUT_FILE);
         let out_size = meta.work_size + OUT_SLACK;
@@ -398,28 +378,14 @@ impl VmRunner {
             meta.network,
             true,
         );
-        let base_scratch = snap.dir.join(SCRATCH_FILE);
-        let (base_mem, own_mem) = (snap.dir.join(MEMORY_FILE), dir.0.join(MEMORY_FILE));
-        let own_scratch = dir.0.join(SCRATCH_FILE);
-        let scratch = async {
-            if want.saveable {
-                let (a, b) = tokio::join!(
-                    sparse_copy(&base_mem, &own_mem),
-                    sparse_copy(&base_scratch, &own_scratch)
-                );
-                a.and(b)
-            } else {
-                disks::overlay(&base_scratch, &dir.0.join(OVERLAY_FILE)).await
-            }
-        };
         let (a, b) = tokio::join!(
-            scratch,
+            files,
             disks::mkfs(&work_image, meta.work_size, Some(ws_src))
         );
         a.and(b)?;
         outputs::reset_disk(&out_image, out_size)?;
         if !want.saveable {
-            spec.memory_file = Some(snap.dir.join(MEMORY_FILE));
+            spec.memory_file = Some(base.join(MEMORY_FILE));
             spec.memory_private = true;
             if let Some(d) = spec.disks.iter_mut().find(|d| d.serial == SCRATCH_SERIAL) {
                 *d = DiskSpec {
@@ -433,7 +399,7 @@ impl VmRunner {
         let vm = self
             .vmm
             .boot(&VmSpec {
-                incoming: Some(snap.dir.join(STATE_FILE)),
+                incoming: Some(base.join(STATE_FILE)),
                 ..spec.clone()
             })
             .await?;
@@ -441,7 +407,7 @@ impl VmRunner {
             files_ms = prepared.as_millis() as u64,
             clone_ms = t.elapsed().as_millis() as u64,
             saveable = want.saveable,
-            "microVM cloned from a clean snapshot"
+            "microVM cloned from a snapshot"
         );
         Ok(Lease {
             vm,
@@ -456,10 +422,15 @@ impl VmRunner {
         })
     }
 
-    /// Makes the clean snapshot of the default image at the default size
-    /// (no network, no dockerd) unless there is one: run once at start, so
-    /// that even the first plain action gets a clone.
+    /// Hashes the default image, and makes its clean snapshot at the
+    /// default size (no network, no dockerd) unless there is one: run once
+    /// at start, so that even the first action gets a clone and a key.
     pub async fn prepare_default_snapshot(&self) {
+        // The first recyclable action of the default image would otherwise
+        // hash it (its runner key names it by content) while it waits.
+        if let Err(e) = self.content_ids.of(&self.config.default_image).await {
+            tracing::warn!(error = %e, "could not hash the default image");
+        }
         if self.clean.is_none() {
             return;
         }
@@ -482,22 +453,6 @@ impl VmRunner {
                 .await;
         }
     }
-}
-
-/// Fetches `shared` into a staging directory of `store` and makes it the
-/// runner key's snapshot there.
-async fn fetch_into(
-    store: &Arc<CleanStore>,
-    share: &Sharing,
-    shared: &SharedSnapshot,
-    key: &str,
-) -> Result<(), VmError> {
-    let staging = VmDir(store.staging_async().await?);
-    let meta = share.fetch(shared, key, &staging.0).await?;
-    let store = store.clone();
-    tokio::task::spawn_blocking(move || store.put(&staging.0, &meta))
-        .await
-        .map_err(|e| VmError::Setup(format!("storing a fetched snapshot: {e}")))?
 }
 
 /// Tells a restored VM's agent to reseed its kernel's random numbers from

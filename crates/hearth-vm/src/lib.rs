@@ -16,6 +16,7 @@ pub mod deadline;
 mod disks;
 mod dockerd;
 mod error;
+mod fetched;
 pub mod forward;
 mod fresh;
 mod images;

@@ -74,7 +74,7 @@ pub struct VmRunner {
     pub(crate) parking: Arc<Parking>,
     pub(crate) clean: Option<Arc<CleanStore>>,
     /// Images by content, for runner keys.
-    content_ids: ContentIds,
+    pub(crate) content_ids: ContentIds,
     /// One lock per clean-snapshot key: the first action of a configuration
     /// makes its snapshot, the others wait for it. (One small entry per VM
     /// configuration ever seen.)

@@ -6,6 +6,21 @@ use super::*;
 
 const KEY: &str = "aff.conf";
 
+/// Fetches the snapshot `shared` names into the empty directory `into`
+/// (chunks already in the local cache are not fetched again), as an
+/// executor does, and returns its metadata.
+async fn fetch(
+    share: &Sharing,
+    shared: &SharedSnapshot,
+    runner_key: &str,
+    into: &Path,
+) -> Result<CleanMeta, VmError> {
+    let manifest = share.manifest(shared, runner_key).await?;
+    let meta = manifest.meta.clone();
+    share.unpack(manifest, into).await?;
+    Ok(meta)
+}
+
 fn meta() -> CleanMeta {
     CleanMeta {
         format: CLEAN_FORMAT,
@@ -91,13 +106,13 @@ async fn a_snapshot_round_trips_through_the_cas_in_deduplicated_chunks() {
         runner_key: KEY.into(),
         manifest: Some(digest),
     };
-    assert_eq!(share.fetch(&shared, KEY, &into).await.unwrap(), meta());
+    assert_eq!(fetch(&share, &shared, KEY, &into).await.unwrap(), meta());
 
     share.withdraw(KEY, "aff");
     assert!(share.due(KEY), "the next one is published at once");
     let withdrawn = share.take_published();
     assert_eq!(withdrawn[0].manifest, None);
-    let e = share.fetch(&withdrawn[0], KEY, &into).await.unwrap_err();
+    let e = fetch(&share, &withdrawn[0], KEY, &into).await.unwrap_err();
     assert!(e.to_string().contains("withdrawn"), "{e}");
     for f in FILES {
         assert_eq!(
@@ -131,8 +146,7 @@ async fn a_damaged_chunk_another_format_or_another_configuration_is_refused() {
 
     // Another VM configuration (the runner key covers QEMU, kernel, agent,
     // image and size).
-    let e = share
-        .fetch(&shared, "aff.other", tmp.path())
+    let e = fetch(&share, &shared, "aff.other", tmp.path())
         .await
         .unwrap_err();
     assert!(e.to_string().contains("another VM configuration"), "{e}");
@@ -170,6 +184,6 @@ async fn a_damaged_chunk_another_format_or_another_configuration_is_refused() {
     std::fs::write(&path, &bytes).unwrap();
     let into = tmp.path().join("fetched");
     std::fs::create_dir(&into).unwrap();
-    let e = share.fetch(&shared, KEY, &into).await.unwrap_err();
+    let e = fetch(&share, &shared, KEY, &into).await.unwrap_err();
     assert!(e.to_string().contains("damaged"), "{e}");
 }

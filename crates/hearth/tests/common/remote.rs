@@ -45,7 +45,12 @@ pub fn executor_with(h: &Hearth, addr: &str, id: &str, args: &[&str]) -> Executo
         .args(args)
         .arg("--work-dir")
         .arg(&work)
-        .env("HEARTH_LOG", "warn")
+        // HEARTH_TEST_EXECUTOR_LOG (a HEARTH_LOG filter) to see what the
+        // executors do while a test runs.
+        .env(
+            "HEARTH_LOG",
+            std::env::var("HEARTH_TEST_EXECUTOR_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::null())
         .spawn()
         .expect("starting executor");
