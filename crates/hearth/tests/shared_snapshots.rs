@@ -1,7 +1,8 @@
 //! Warm runners shared across executors through the CAS (issue 11): a key
 //! warmed on one executor is started on another from the snapshot the first
 //! stored (its file and its cached Docker image are there); a snapshot with
-//! a damaged chunk is not used, and the action runs in a fresh VM.
+//! a damaged chunk, or of another format, is not used, and the action runs
+//! in a fresh VM.
 
 mod common;
 
@@ -190,5 +191,70 @@ async fn a_warm_runner_moves_to_another_executor_through_the_cas() {
     assert_eq!(r.code, 0, "{}", r.text);
     assert!(r.text.contains("fresh"), "{}", r.text);
     assert_ne!(r.kind(), "fetched", "{}", r.text);
+
+    // e3 shares the plain runner it just ran. An executor of another
+    // version reports a snapshot of another format for it (the same files,
+    // intact): e4 refuses it, saying why, and runs the action fresh.
+    let damaged_hash = manifest.hash.clone();
+    let s = wait_for_within(&c, "e3 to share the plain runner", 300, |s| {
+        s.shared_snapshots.iter().any(|x| {
+            x.affinity_key != docker_key
+                && x.manifest.as_ref().is_some_and(|m| m.hash != damaged_hash)
+        })
+    })
+    .await;
+    let ours = s
+        .shared_snapshots
+        .iter()
+        .find(|s| s.affinity_key != docker_key)
+        .unwrap()
+        .clone();
+    let theirs = ours.manifest.clone().unwrap();
+    let body = read_blob(
+        &c,
+        &hearth_proto::reapi::Digest {
+            hash: theirs.hash,
+            size_bytes: theirs.size_bytes,
+        },
+    )
+    .await;
+    let mut m: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(m["format"], 1, "the format this executor writes");
+    m["format"] = 2.into();
+    let other = serde_json::to_vec(&m).unwrap();
+    let other_digest = upload(&c, &[&other]).await.remove(0).to_proto();
+    let newer = common::worker::FakeExecutor::connect(&c, "newer", vec![]).await;
+    newer.report(hearth_proto::worker::Report {
+        shared_snapshots: vec![hearth_proto::worker::SharedSnapshot {
+            manifest: Some(hearth_proto::worker::Digest {
+                hash: other_digest.hash.clone(),
+                size_bytes: other_digest.size_bytes,
+            }),
+            ..ours.clone()
+        }],
+        ..Default::default()
+    });
+    wait_for(&c, "the server to know the other format", |s| {
+        s.shared_snapshots.iter().any(|x| {
+            x.manifest
+                .as_ref()
+                .is_some_and(|m| m.hash == other_digest.hash)
+        })
+    })
+    .await;
+    let log = srv.dir.path().join("e4.log");
+    let e4 = executor_logging(&srv, &srv.addr, "e4", &flags, &log);
+    wait_for_vm(&c, "e4").await;
     drop(e3);
+    let r = run_vm_script(&c, "cat /tmp/state 2>/dev/null || echo fresh", &plain).await;
+    assert_eq!(r.code, 0, "{}", r.text);
+    assert!(r.text.contains("fresh"), "{}", r.text);
+    assert_ne!(r.kind(), "fetched", "{}", r.text);
+    drop(e4);
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        log.contains("has format 2/"),
+        "e4 names the format it refused:\n{log}"
+    );
+    drop(newer);
 }

@@ -33,6 +33,22 @@ pub fn executor_at(h: &Hearth, addr: &str, id: &str) -> Executor {
 /// `hearth executor` with `id`, connected to `addr`, with `args` (its
 /// capacity, runners, registries).
 pub fn executor_with(h: &Hearth, addr: &str, id: &str, args: &[&str]) -> Executor {
+    spawn_executor(h, addr, id, args, Stdio::inherit())
+}
+
+/// As `executor_with`, its log (warnings and errors) written to `log`.
+pub fn executor_logging(
+    h: &Hearth,
+    addr: &str,
+    id: &str,
+    args: &[&str],
+    log: &std::path::Path,
+) -> Executor {
+    let file = std::fs::File::create(log).expect("creating the executor's log");
+    spawn_executor(h, addr, id, args, Stdio::from(file))
+}
+
+fn spawn_executor(h: &Hearth, addr: &str, id: &str, args: &[&str], stderr: Stdio) -> Executor {
     let work = h.dir.path().join(format!("exec-{id}"));
     let child = Proc::new(bin())
         .args([
@@ -52,6 +68,7 @@ pub fn executor_with(h: &Hearth, addr: &str, id: &str, args: &[&str]) -> Executo
             std::env::var("HEARTH_TEST_EXECUTOR_LOG").unwrap_or_else(|_| "warn".into()),
         )
         .stdout(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .expect("starting executor");
     Executor(child)

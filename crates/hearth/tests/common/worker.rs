@@ -2,7 +2,7 @@
 
 use hearth_proto::worker::{
     server_message, worker_message, worker_service_client::WorkerServiceClient, Assignment,
-    Finished, Hello, ServerMessage, WorkerMessage,
+    Finished, Hello, Report, ServerMessage, WorkerMessage,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -90,6 +90,14 @@ impl FakeExecutor {
                 kind: Some(worker_message::Kind::Finished(f)),
             })
             .expect("sending finished");
+    }
+
+    pub fn report(&self, r: Report) {
+        self.tx
+            .send(WorkerMessage {
+                kind: Some(worker_message::Kind::Report(r)),
+            })
+            .expect("sending a report");
     }
 
     pub fn finish(&self, op: String, warm_keys: Vec<String>) {
