@@ -168,9 +168,7 @@ impl Parking {
             lease.vm.kill().await;
             return;
         };
-        // A clone mapping a snapshot's memory privately has its RAM in
-        // anonymous pages: saving it would mean streaming all of it.
-        if lease.spec.memory_file.is_none() || lease.spec.memory_private {
+        if !lease.owns_memory() {
             lease.vm.kill().await;
             return;
         }
@@ -220,7 +218,7 @@ impl Parking {
 /// its disks back, paused again. Fails only if the VM may be unusable; a
 /// snapshot that could not be stored is logged.
 async fn snapshot(store: &Arc<CleanStore>, key: &str, lease: &mut Lease) -> Result<(), VmError> {
-    if lease.spec.memory_file.is_none() || lease.spec.memory_private {
+    if !lease.owns_memory() {
         return Err(VmError::Setup(
             "the VM's memory is not in a file of its own".into(),
         ));

@@ -28,6 +28,16 @@ pub struct Lease {
     pub dockerd_up: bool,
 }
 
+impl Lease {
+    /// Its memory is a file of its own: it can be snapshotted and saved by
+    /// copying that file. A clone mapping a snapshot's memory privately has
+    /// its RAM in anonymous pages (saving it would mean streaming all of
+    /// it); a VM without a memory file has it nowhere to copy from.
+    pub fn owns_memory(&self) -> bool {
+        self.spec.memory_file.is_some() && !self.spec.memory_private
+    }
+}
+
 /// Removes a VM's directory when dropped.
 pub struct VmDir(pub PathBuf);
 
