@@ -248,7 +248,9 @@ async fn a_pooled_vm_whose_qemu_is_wedged_is_killed_not_resumed() {
     assert!(runner.parking.pool.put("key".into(), lease, 256).is_empty());
     let t = Instant::now();
     assert!(
-        within(runner.warm("key", &ws)).await.is_none(),
+        within(runner.warm("key", crate::runner::Inputs { dir: &ws, bytes: 0 }))
+            .await
+            .is_none(),
         "a VM whose QEMU does not answer `cont` was handed out"
     );
     assert!(t.elapsed() < SLACK, "{:?}", t.elapsed());

@@ -6,7 +6,6 @@
 //! of a snapshot is made. An executor keeps no fetched snapshot: once the
 //! clone is parked, its own runner snapshot serves the next burst.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -17,7 +16,7 @@ use crate::clean::CleanStore;
 use crate::fresh::{needed_work_size, Wanted};
 use crate::park::runner_snapshot_key;
 use crate::pool::Lease;
-use crate::runner::VmRunner;
+use crate::runner::{Inputs, VmRunner};
 use crate::share::Sharing;
 use crate::VmError;
 
@@ -31,14 +30,14 @@ impl VmRunner {
         key: &str,
         shared: Option<&SharedSnapshot>,
         want: &Wanted<'_>,
-        ws_src: &Path,
+        inputs: Inputs<'_>,
         cancel: &CancellationToken,
     ) -> Result<Option<(Lease, StartKind)>, ExecError> {
         if let Some(snap) = store.get(&runner_snapshot_key(key)) {
-            if needed_work_size(ws_src, want.size) > snap.meta.work_size {
+            if needed_work_size(inputs, want.size) > snap.meta.work_size {
                 return Ok(None);
             }
-            return match self.clone_of(&snap, want, ws_src).await {
+            return match self.clone_of(&snap, want, inputs).await {
                 Ok(lease) => Ok(Some((lease, StartKind::Clone))),
                 Err(e) => {
                     tracing::warn!(error = %e, "a runner snapshot did not clone; discarded it");
@@ -55,7 +54,7 @@ impl VmRunner {
         let _fetching = self.maker_of(&runner_snapshot_key(key), cancel).await?;
         let t = Instant::now();
         let fetched = tokio::select! {
-            r = self.fetched_clone(share, shared, key, want, ws_src) => r,
+            r = self.fetched_clone(share, shared, key, want, inputs) => r,
             _ = cancel.cancelled() => return Err(ExecError::Cancelled),
         };
         match fetched {
@@ -82,17 +81,17 @@ impl VmRunner {
         shared: &SharedSnapshot,
         key: &str,
         want: &Wanted<'_>,
-        ws_src: &Path,
+        inputs: Inputs<'_>,
     ) -> Result<Option<Lease>, VmError> {
         let manifest = share.manifest(shared, key).await?;
         let meta = manifest.meta.clone();
-        if needed_work_size(ws_src, want.size) > meta.work_size {
+        if needed_work_size(inputs, want.size) > meta.work_size {
             return Ok(None);
         }
         let dir = self.new_vm_dir().await?;
         let base = dir.0.clone();
         let files = share.unpack(manifest, &base);
-        self.boot_clone(dir, &meta, &base, want, ws_src, files)
+        self.boot_clone(dir, &meta, &base, want, inputs, files)
             .await
             .map(Some)
     }

@@ -27,7 +27,7 @@ use crate::clean::{CleanMeta, CleanSnapshot, CleanStore, CLEAN_FORMAT};
 use crate::images::{ResolvedImage, VmSize};
 use crate::outputs;
 use crate::pool::{Lease, VmDir};
-use crate::runner::{dir_size, vm_error, VmRunner, OUT_SLACK};
+use crate::runner::{vm_error, Inputs, VmRunner, OUT_SLACK};
 use crate::snapshots::{now_secs, MEMORY_FILE, OUT_FILE, SCRATCH_FILE, STATE_FILE, WORK_FILE};
 use crate::warm::mount_request;
 use crate::{disks, file_identity, DiskFormat, DiskSpec, VmError, VmSpec};
@@ -57,8 +57,8 @@ fn clean_work_size(size: VmSize) -> u64 {
 
 /// The cold path's workspace disk size for these inputs, which a clone's
 /// disk must be able to hold too.
-pub(crate) fn needed_work_size(ws_src: &Path, size: VmSize) -> u64 {
-    dir_size(ws_src) * 2 + size.disk_bytes
+pub(crate) fn needed_work_size(inputs: Inputs<'_>, size: VmSize) -> u64 {
+    inputs.bytes * 2 + size.disk_bytes
 }
 
 impl VmRunner {
@@ -90,7 +90,7 @@ impl VmRunner {
         hex::encode(h.finalize())
     }
 
-    /// A VM for the workspace in `ws_src` that is not a pooled or saved
+    /// A VM for the workspace in `inputs` that is not a pooled or saved
     /// one, and how it started. For a runner key (with the shared snapshot
     /// the server knows of it): a clone of the key's newest snapshot, here
     /// (its VM is busy: a burst) or fetched from the CAS; else a fresh VM.
@@ -98,21 +98,21 @@ impl VmRunner {
         &self,
         want: &Wanted<'_>,
         runner: Option<(&str, Option<&SharedSnapshot>)>,
-        ws_src: &Path,
+        inputs: Inputs<'_>,
         cancel: &CancellationToken,
     ) -> Result<(Lease, StartKind), ExecError> {
         if let (Some(store), Some((key, shared))) = (&self.clean, runner) {
             if let Some(started) = self
-                .runner_clone(store, key, shared, want, ws_src, cancel)
+                .runner_clone(store, key, shared, want, inputs, cancel)
                 .await?
             {
                 return Ok(started);
             }
         }
         if let Some(store) = &self.clean {
-            if needed_work_size(ws_src, want.size) <= clean_work_size(want.size) {
+            if needed_work_size(inputs, want.size) <= clean_work_size(want.size) {
                 if let Some(snap) = self.clean_snapshot(store, want, cancel).await? {
-                    match self.clone_of(&snap, want, ws_src).await {
+                    match self.clone_of(&snap, want, inputs).await {
                         Ok(lease) => return Ok((lease, StartKind::Clone)),
                         Err(e) => {
                             tracing::warn!(error = %e, "a clean snapshot did not clone; discarded it, booting cold");
@@ -123,19 +123,19 @@ impl VmRunner {
             }
         }
         let lease = self
-            .cold(want.image, want.size, want.network, want.saveable, ws_src)
+            .cold(want.image, want.size, want.network, want.saveable, inputs)
             .await?;
         Ok((lease, StartKind::Cold))
     }
 
-    /// A fresh VM with the workspace built from `ws_src`.
+    /// A fresh VM with the workspace built from `inputs`.
     pub(crate) async fn cold(
         &self,
         image: &ResolvedImage,
         size: VmSize,
         network: bool,
         saveable: bool,
-        ws_src: &Path,
+        inputs: Inputs<'_>,
     ) -> Result<Lease, ExecError> {
         let started = std::time::Instant::now();
         let dir = VmDir(self.config.work_dir.join(uuid::Uuid::new_v4().to_string()));
@@ -143,10 +143,10 @@ impl VmRunner {
             .map_err(|e| ExecError::io("creating the VM directory", e))?;
         let scratch = dir.0.join(SCRATCH_FILE);
         let work_image = dir.0.join(WORK_FILE);
-        let work_size = dir_size(ws_src) * 2 + size.disk_bytes;
+        let work_size = inputs.bytes * 2 + size.disk_bytes;
         let (a, b) = tokio::join!(
             disks::mkfs(&scratch, size.disk_bytes, None),
-            disks::mkfs(&work_image, work_size, Some(ws_src))
+            disks::mkfs(&work_image, work_size, Some(inputs.dir))
         );
         a.and(b).map_err(vm_error)?;
         let out_image = dir.0.join(OUT_FILE);
@@ -316,13 +316,13 @@ impl VmRunner {
         .map_err(vm_error)
     }
 
-    /// A clone of `snap` with the workspace built from `ws_src`, its first
+    /// A clone of `snap` with the workspace built from `inputs`, its first
     /// requests (reseed and clock, then the mount) pending.
     pub(crate) async fn clone_of(
         &self,
         snap: &CleanSnapshot,
         want: &Wanted<'_>,
-        ws_src: &Path,
+        inputs: Inputs<'_>,
     ) -> Result<Lease, VmError> {
         let dir = self.new_vm_dir().await?;
         let (base_mem, own_mem) = (snap.dir.join(MEMORY_FILE), dir.0.join(MEMORY_FILE));
@@ -339,7 +339,7 @@ impl VmRunner {
                 disks::overlay(&base_scratch, &overlay).await
             }
         };
-        self.boot_clone(dir, &snap.meta, &snap.dir, want, ws_src, files)
+        self.boot_clone(dir, &snap.meta, &snap.dir, want, inputs, files)
             .await
     }
 
@@ -363,7 +363,7 @@ impl VmRunner {
         meta: &CleanMeta,
         base: &Path,
         want: &Wanted<'_>,
-        ws_src: &Path,
+        inputs: Inputs<'_>,
         files: impl std::future::Future<Output = Result<(), VmError>>,
     ) -> Result<Lease, VmError> {
         let t = Instant::now();
@@ -380,7 +380,7 @@ impl VmRunner {
         );
         let (a, b) = tokio::join!(
             files,
-            disks::mkfs(&work_image, meta.work_size, Some(ws_src))
+            disks::mkfs(&work_image, meta.work_size, Some(inputs.dir))
         );
         a.and(b)?;
         outputs::reset_disk(&out_image, out_size)?;

@@ -124,7 +124,26 @@ pub(crate) fn vm_error(e: VmError) -> ExecError {
     }
 }
 
-pub(crate) fn dir_size(path: &Path) -> u64 {
+/// An action's inputs, to be built into its workspace disk: where they are
+/// and about how many bytes they take (measured once per action).
+#[derive(Clone, Copy)]
+pub(crate) struct Inputs<'a> {
+    pub dir: &'a Path,
+    pub bytes: u64,
+}
+
+impl<'a> Inputs<'a> {
+    /// Walks `dir` off the async threads.
+    pub async fn measure(dir: &'a Path) -> Result<Inputs<'a>, ExecError> {
+        let owned = dir.to_path_buf();
+        let bytes = tokio::task::spawn_blocking(move || dir_size(&owned))
+            .await
+            .map_err(|e| ExecError::Internal(format!("measuring the inputs: {e}")))?;
+        Ok(Inputs { dir, bytes })
+    }
+}
+
+fn dir_size(path: &Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(path) else {
         return 0;
     };
@@ -476,6 +495,7 @@ impl Runner for VmRunner {
             .input_root
             .parent()
             .ok_or_else(|| ExecError::Internal("input root has no parent".into()))?;
+        let inputs = Inputs::measure(ws_src).await?;
         // By content: shared snapshots restore only over the same bytes.
         let image_id = if recycle {
             self.content_ids.of(&image.path).await.map_err(vm_error)?
@@ -490,7 +510,7 @@ impl Runner for VmRunner {
             &self.config.forwards,
         );
         let warm = if recycle {
-            self.warm(&key, ws_src).await
+            self.warm(&key, inputs).await
         } else {
             None
         };
@@ -504,7 +524,7 @@ impl Runner for VmRunner {
         let (mut lease, kind) = match warm {
             Some(w) => w,
             None => tokio::select! {
-                l = self.fresh(&want, recycle.then_some((key.as_str(), spec.shared_snapshot.as_ref())), ws_src, &cancel) => l?,
+                l = self.fresh(&want, recycle.then_some((key.as_str(), spec.shared_snapshot.as_ref())), inputs, &cancel) => l?,
                 _ = cancel.cancelled() => return Err(ExecError::Cancelled),
             },
         };

@@ -2,7 +2,6 @@
 //! the next action with an equal runner key, or restoring one saved to disk
 //! when the pool evicted it or the executor stopped.
 
-use std::path::Path;
 use std::time::Instant;
 
 use hearth_executor::StartKind;
@@ -10,7 +9,7 @@ use hearth_guest::protocol::{Request, WORK_SERIAL};
 
 use crate::outputs::reset_disk;
 use crate::pool::{Lease, VmDir};
-use crate::runner::{dir_size, VmRunner};
+use crate::runner::{Inputs, VmRunner};
 use crate::snapshots::{OUT_FILE, STATE_FILE, WORK_FILE};
 use crate::{disks, VmError, VmSpec};
 
@@ -18,22 +17,22 @@ use crate::{disks, VmError, VmSpec};
 const WORKSPACE_SLACK: u64 = 64 << 20;
 
 impl VmRunner {
-    /// A warm VM for this key with a fresh workspace built from `ws_src`:
+    /// A warm VM for this key with a fresh workspace built from `inputs`:
     /// a paused one from the pool, else one restored from a snapshot. None
     /// if there is neither, or waking it failed (the action then boots a
     /// fresh VM).
-    pub(crate) async fn warm(&self, key: &str, ws_src: &Path) -> Option<(Lease, StartKind)> {
+    pub(crate) async fn warm(&self, key: &str, inputs: Inputs<'_>) -> Option<(Lease, StartKind)> {
         // A VM of this key being parked is the one to resume.
         self.parking.settled(key).await;
         if let Some(lease) = self.parking.pool.take(key) {
-            match self.resume(lease, ws_src).await {
+            match self.resume(lease, inputs).await {
                 Ok(l) => return Some((l, StartKind::Resume)),
                 Err(e) => {
                     tracing::warn!(error = %e, "recycled VM did not resume; booting a fresh one")
                 }
             }
         }
-        match self.restore(key, ws_src).await {
+        match self.restore(key, inputs).await {
             Ok(l) => l.map(|l| (l, StartKind::Restore)),
             Err(e) => {
                 tracing::warn!(error = %e, "VM snapshot did not restore; deleted it, booting a fresh VM");
@@ -45,9 +44,9 @@ impl VmRunner {
     /// Wakes a paused VM and gives it a fresh workspace and an empty output
     /// disk. On failure (a wedged QEMU among them: QMP `cont` is bounded)
     /// the VM is killed.
-    async fn resume(&self, mut lease: Lease, ws_src: &Path) -> Result<Lease, VmError> {
+    async fn resume(&self, mut lease: Lease, inputs: Inputs<'_>) -> Result<Lease, VmError> {
         let t = Instant::now();
-        let mkfs_ms = match Self::wake(&mut lease, ws_src).await {
+        let mkfs_ms = match Self::wake(&mut lease, inputs).await {
             Ok(ms) => ms,
             Err(e) => {
                 lease.vm.kill().await;
@@ -64,13 +63,13 @@ impl VmRunner {
     }
 
     /// Returns how long the disks took, in milliseconds.
-    async fn wake(lease: &mut Lease, ws_src: &Path) -> Result<u64, VmError> {
+    async fn wake(lease: &mut Lease, inputs: Inputs<'_>) -> Result<u64, VmError> {
         let t = Instant::now();
-        check_fits(ws_src, lease.work_size, "recycled")?;
+        check_fits(inputs, lease.work_size, "recycled")?;
         // The guest unmounted the old workspace and dropped its cached
         // blocks; rewrite the same file in place. The mount goes out with
         // the command.
-        disks::mkfs(&lease.work_image, lease.work_size, Some(ws_src)).await?;
+        disks::mkfs(&lease.work_image, lease.work_size, Some(inputs.dir)).await?;
         reset_disk(&lease.out_image, lease.out_size)?;
         let mkfs_ms = t.elapsed().as_millis() as u64;
         lease.vm.set_running(true).await?;
@@ -79,7 +78,7 @@ impl VmRunner {
 
     /// Restores the newest snapshot with this key, if there is one. The
     /// snapshot's directory becomes the VM's; on failure it is deleted.
-    async fn restore(&self, key: &str, ws_src: &Path) -> Result<Option<Lease>, VmError> {
+    async fn restore(&self, key: &str, inputs: Inputs<'_>) -> Result<Option<Lease>, VmError> {
         let Some(store) = &self.parking.snapshots else {
             return Ok(None);
         };
@@ -89,8 +88,8 @@ impl VmRunner {
         };
         let t = Instant::now();
         let work_image = dir.0.join(WORK_FILE);
-        check_fits(ws_src, meta.work_size, "saved")?;
-        disks::mkfs(&work_image, meta.work_size, Some(ws_src)).await?;
+        check_fits(inputs, meta.work_size, "saved")?;
+        disks::mkfs(&work_image, meta.work_size, Some(inputs.dir)).await?;
         // The saved VM had this disk; its size is fixed with the VM.
         let out_image = dir.0.join(OUT_FILE);
         let out_size = std::fs::metadata(&out_image)
@@ -135,10 +134,10 @@ impl VmRunner {
     }
 }
 
-/// Whether the inputs in `ws_src` fit a warm VM's workspace disk of
+/// Whether `inputs` fit a warm VM's workspace disk of
 /// `work_size` bytes (the disk's size is fixed when the VM boots).
-fn check_fits(ws_src: &Path, work_size: u64, which: &str) -> Result<(), VmError> {
-    if dir_size(ws_src) * 2 + WORKSPACE_SLACK > work_size {
+fn check_fits(inputs: Inputs<'_>, work_size: u64, which: &str) -> Result<(), VmError> {
+    if inputs.bytes * 2 + WORKSPACE_SLACK > work_size {
         return Err(VmError::Setup(format!(
             "the inputs do not fit the {which} VM's workspace"
         )));
