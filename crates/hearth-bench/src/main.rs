@@ -42,8 +42,11 @@ struct Args {
     /// init-dockerd=true), `recycled` (recycle-runner: resumed from the
     /// pool), `restored` (two runner keys taking turns; start the server
     /// with `--vm-pool-size 1` so each action restores its VM from disk),
-    /// or `burst` (per round, a fresh runner key warmed by one action, then
-    /// three actions of it at once: start the server with capacity 3).
+    /// `burst` (per round, a fresh runner key warmed by one action, then
+    /// three actions of it at once: start the server with capacity 3), or
+    /// `docker-run` (the seed's `docker run --rm ubuntu:20.04` in a fresh
+    /// VM with init-dockerd=true: start the server with a registry holding
+    /// it as dockerd's mirror, as scripts/bench-seed-fresh.sh does).
     #[arg(long, default_value = "cold")]
     vm_start: String,
     /// API key to send (a server with --auth-keys).

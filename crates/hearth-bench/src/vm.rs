@@ -19,21 +19,21 @@ fn prop(name: &str, value: &str) -> Property {
     }
 }
 
-/// One action printing its start time first (then, for dockerd, asking
-/// dockerd something): its round trip and runner start → command start.
+/// One action printing its start time first (then running `script`, if
+/// any): its round trip and runner start → command start.
 async fn timed(
     c: &Channel,
     properties: Vec<Property>,
-    docker: bool,
+    script: &str,
 ) -> Result<(Duration, Duration)> {
-    let arguments = if docker {
+    let arguments = if script.is_empty() {
+        vec!["/bin/date".into(), "+%s%N".into()]
+    } else {
         vec![
             "/bin/sh".into(),
             "-c".into(),
-            "date +%s%N; docker info >/dev/null".into(),
+            format!("date +%s%N; {script}"),
         ]
-    } else {
-        vec!["/bin/date".into(), "+%s%N".into()]
     };
     let action = upload_action(
         c,
@@ -79,8 +79,11 @@ pub async fn vm_actions(c: &Channel, n: usize, mode: &str) -> Result<()> {
         "recycled" => "recycled (resumed from the pool)",
         "restored" => "restored from a snapshot on disk",
         "burst" => "burst of 3 equal-key actions after one warm-up",
+        "docker-run" => "fresh VM with init-dockerd=true running the seed's `docker run`",
         other => {
-            anyhow::bail!("--vm-start {other}: expected cold, dockerd, recycled, restored or burst")
+            anyhow::bail!(
+                "--vm-start {other}: expected cold, dockerd, recycled, restored, burst or docker-run"
+            )
         }
     };
     let mut to_start = Vec::new();
@@ -95,11 +98,11 @@ pub async fn vm_actions(c: &Channel, n: usize, mode: &str) -> Result<()> {
                     prop("runner-recycling-key", &key),
                 ]
             };
-            timed(c, props(), false).await?;
+            timed(c, props(), "").await?;
             let (a, b, d) = tokio::join!(
-                timed(c, props(), false),
-                timed(c, props(), false),
-                timed(c, props(), false)
+                timed(c, props(), ""),
+                timed(c, props(), ""),
+                timed(c, props(), "")
             );
             for (took, start) in [a?, b?, d?] {
                 totals.push(took);
@@ -113,7 +116,7 @@ pub async fn vm_actions(c: &Channel, n: usize, mode: &str) -> Result<()> {
         for i in 0..n + warmup {
             let mut properties = vec![fc()];
             match mode {
-                "dockerd" => properties.push(prop("init-dockerd", "true")),
+                "dockerd" | "docker-run" => properties.push(prop("init-dockerd", "true")),
                 "recycled" => properties.push(prop("recycle-runner", "true")),
                 "restored" => {
                     properties.push(prop("recycle-runner", "true"));
@@ -121,7 +124,14 @@ pub async fn vm_actions(c: &Channel, n: usize, mode: &str) -> Result<()> {
                 }
                 _ => {}
             }
-            let (took, start) = timed(c, properties, mode == "dockerd").await?;
+            let script = match mode {
+                "dockerd" => "docker info >/dev/null",
+                // The seed's test (tests/e2e/docker-workspace/docker_test.sh):
+                // the image comes from the registry dockerd mirrors.
+                "docker-run" => "docker run --rm ubuntu:20.04 echo PASS",
+                _ => "",
+            };
+            let (took, start) = timed(c, properties, script).await?;
             if i >= warmup {
                 totals.push(took);
                 to_start.push(start);
