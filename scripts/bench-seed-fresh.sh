@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 rounds=${1:-2}
 actions=${2:-2}
 cargo build --release --locked -q -p hearth -p hearth-bench -p hearth-testkit
-bin=target/release
+. scripts/bench-lib.sh
 port=19891
 tmp=$(mktemp -d)
 trap 'exec 3>&-; rm -rf "$tmp"' EXIT
@@ -22,20 +22,11 @@ registry=$(cat "$tmp/registry")
 run() {
     label=$1
     shift
-    dir=$(mktemp -d)
-    "$bin/hearth" up --listen 127.0.0.1:$port --data-dir "$dir" --vm tcg \
-        --insecure-registry "$registry" --docker-mirror "http://$registry" "$@" \
-        >"$dir/log" 2>&1 &
-    pid=$!
-    until "$bin/hearth" status --server grpc://127.0.0.1:$port 2>/dev/null | grep -q firecracker; do
-        sleep 0.5
-    done
+    hearth_start $port --insecure-registry "$registry" --docker-mirror "http://$registry" "$@"
     echo "== clean snapshots $label"
     "$bin/hearth-bench" --server grpc://127.0.0.1:$port --vm-actions "$actions" --vm-start docker-run |
         grep MicroVM
-    kill "$pid"
-    wait "$pid" || true
-    rm -rf "$dir"
+    hearth_stop
 }
 i=0
 while [ "$i" -lt "$rounds" ]; do

@@ -7,27 +7,19 @@
 set -eu
 cd "$(dirname "$0")/.."
 rounds=${1:-2}
-bin=target/release
+. scripts/bench-lib.sh
 port=19890
 run() {
     label=$1
     shift
-    dir=$(mktemp -d)
-    "$bin/hearth" up --listen 127.0.0.1:$port --data-dir "$dir" --vm tcg --capacity 3 "$@" \
-        >"$dir/log" 2>&1 &
-    pid=$!
-    until "$bin/hearth" status --server grpc://127.0.0.1:$port 2>/dev/null | grep -q firecracker; do
-        sleep 0.5
-    done
+    hearth_start $port --capacity 3 "$@"
     echo "== clean snapshots $label"
     for mode in "cold 10" "dockerd 3" "burst 3" "recycled 10"; do
         set -- $mode
         "$bin/hearth-bench" --server grpc://127.0.0.1:$port --vm-actions "$2" --vm-start "$1" |
             grep MicroVM
     done
-    kill "$pid"
-    wait "$pid" || true
-    rm -rf "$dir"
+    hearth_stop
 }
 i=0
 while [ "$i" -lt "$rounds" ]; do
