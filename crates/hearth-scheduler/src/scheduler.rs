@@ -348,7 +348,13 @@ impl Scheduler {
             completed: st.completed,
             cache_hits: self.cache_hits.load(Ordering::Relaxed),
             requeued: st.requeued,
-            shared_snapshots: st.snapshots.newest(MAX_LISTED_JOBS),
+            // The index knows affinity keys (hashes), not whose they are:
+            // listed to admins (and in anonymous mode) only.
+            shared_snapshots: if tenant.is_none() {
+                st.snapshots.newest(MAX_LISTED_JOBS)
+            } else {
+                vec![]
+            },
             executors,
             jobs,
         }

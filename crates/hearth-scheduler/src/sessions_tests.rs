@@ -266,3 +266,21 @@ async fn what_crossed_a_farewell_is_requeued_when_the_leaver_goes() {
     assert_eq!(b.borrow().stage, Stage::Queued, "not held for 300 s");
     assert!(s.stats(None).executors.is_empty());
 }
+
+/// Shared snapshots are listed to admins only: a tenant's status would
+/// otherwise show every tenant's warm runners (and their manifests).
+#[tokio::test]
+async fn shared_snapshots_are_listed_to_admins_only() {
+    let s = scheduler(Duration::from_secs(5));
+    let shared = hearth_proto::worker::SharedSnapshot {
+        affinity_key: "aff".into(),
+        runner_key: "aff.vm".into(),
+        manifest: Some(hearth_proto::worker::Digest {
+            hash: "a".repeat(64),
+            size_bytes: 10,
+        }),
+    };
+    assert_eq!(s.note_shared_snapshots("e1", vec![shared]).len(), 1);
+    assert_eq!(s.stats(None).shared_snapshots.len(), 1);
+    assert!(s.stats(Some("team-a")).shared_snapshots.is_empty());
+}
