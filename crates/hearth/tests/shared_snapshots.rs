@@ -15,15 +15,6 @@ fn accel() -> String {
 }
 
 /// Waits until executor `id` offers microVMs.
-async fn wait_for_vm(c: &Channel, id: &str) {
-    wait_for_within(c, &format!("{id} to offer firecracker"), 180, |s| {
-        s.executors
-            .iter()
-            .any(|e| e.executor_id == id && e.isolation_types.iter().any(|t| t == "firecracker"))
-    })
-    .await;
-}
-
 /// A shared snapshot's manifest: the files' sizes, the data chunks, and
 /// the bytes its blobs take.
 async fn manifest_stats(c: &Channel, s: &hearth_proto::worker::SharedSnapshot) -> (u64, u64, u64) {
@@ -83,7 +74,7 @@ async fn a_warm_runner_moves_to_another_executor_through_the_cas() {
         &mirror,
     ];
     let e1 = executor_with(&srv, &srv.addr, "e1", &flags);
-    wait_for_vm(&c, "e1").await;
+    wait_for_vm_on(&c, "e1").await;
 
     // Warmed on e1: a file and a pulled image.
     let docker = [
@@ -116,7 +107,7 @@ async fn a_warm_runner_moves_to_another_executor_through_the_cas() {
 
     // e2 has never run the key; e1 goes away (killed: its warm VM with it).
     let e2 = executor_with(&srv, &srv.addr, "e2", &flags);
-    wait_for_vm(&c, "e2").await;
+    wait_for_vm_on(&c, "e2").await;
     drop(e1);
     let r = run_vm_script(
         &c,
@@ -185,7 +176,7 @@ async fn a_warm_runner_moves_to_another_executor_through_the_cas() {
     }
     assert!(damaged > 0, "found the chunks in the server's CAS");
     let e3 = executor_with(&srv, &srv.addr, "e3", &flags);
-    wait_for_vm(&c, "e3").await;
+    wait_for_vm_on(&c, "e3").await;
     drop(e2);
     let r = run_vm_script(&c, "cat /tmp/state 2>/dev/null || echo fresh", &plain).await;
     assert_eq!(r.code, 0, "{}", r.text);
@@ -244,7 +235,7 @@ async fn a_warm_runner_moves_to_another_executor_through_the_cas() {
     .await;
     let log = srv.dir.path().join("e4.log");
     let e4 = executor_logging(&srv, &srv.addr, "e4", &flags, &log);
-    wait_for_vm(&c, "e4").await;
+    wait_for_vm_on(&c, "e4").await;
     drop(e3);
     let r = run_vm_script(&c, "cat /tmp/state 2>/dev/null || echo fresh", &plain).await;
     assert_eq!(r.code, 0, "{}", r.text);

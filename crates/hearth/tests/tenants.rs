@@ -20,25 +20,13 @@ use tonic::Code;
 
 /// `hearth up` or `hearth server` (`cmd`) with the test keys.
 fn with_keys(cmd: &str) -> Hearth {
-    let dir = tempfile::tempdir().unwrap();
-    let file = keys_file(dir.path());
     match cmd {
-        "up" => up_in(dir, &["--auth-keys", &file]),
-        _ => {
-            let data = dir.path().join("data").to_str().unwrap().to_string();
-            spawn_listening(
-                &[
-                    "server",
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--data-dir",
-                    &data,
-                    "--auth-keys",
-                    &file,
-                ],
-                dir,
-            )
+        "up" => {
+            let dir = tempfile::tempdir().unwrap();
+            let file = keys_file(dir.path());
+            up_in(dir, &["--auth-keys", &file])
         }
+        _ => server_with_keys(),
     }
 }
 

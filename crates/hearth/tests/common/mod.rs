@@ -157,6 +157,26 @@ pub fn keys_file(dir: &std::path::Path) -> String {
     file.to_str().expect("utf-8 path").to_string()
 }
 
+/// `hearth server` with the test keys ([`test_keys`]) on a free port.
+pub fn server_with_keys() -> Hearth {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let keys = keys_file(dir.path());
+    let data = dir.path().join("data");
+    let data = data.to_str().expect("utf-8 path").to_string();
+    spawn_listening(
+        &[
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            &data,
+            "--auth-keys",
+            &keys,
+        ],
+        dir,
+    )
+}
+
 /// `hearth server` (no executor of its own) on a free port.
 pub fn server(extra: &[&str]) -> Hearth {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -111,3 +111,13 @@ pub async fn wait_for_within(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Waits until the executor `id` offers microVMs.
+pub async fn wait_for_vm_on(c: &Channel, id: &str) {
+    wait_for_within(c, &format!("{id} to offer firecracker"), 180, |s| {
+        s.executors
+            .iter()
+            .any(|e| e.executor_id == id && e.isolation_types.iter().any(|t| t == "firecracker"))
+    })
+    .await;
+}
