@@ -12,13 +12,18 @@ use std::time::Instant;
 use hearth_executor::{ExecError, SharedSnapshot, StartKind};
 use tokio_util::sync::CancellationToken;
 
-use crate::clean::CleanStore;
+use crate::clean::{CleanMeta, CleanStore};
 use crate::fresh::{needed_work_size, Wanted};
+use crate::images::VmSize;
 use crate::park::runner_snapshot_key;
 use crate::pool::Lease;
 use crate::runner::{Inputs, VmRunner};
 use crate::share::Sharing;
 use crate::VmError;
+
+/// Largest workspace disk a fetched snapshot may ask for (sparse, but
+/// bounded whatever a manifest says).
+const MAX_WORK_SIZE: u64 = 1 << 40;
 
 impl VmRunner {
     /// A clone of the runner key's newest snapshot: the local one, else
@@ -85,6 +90,7 @@ impl VmRunner {
     ) -> Result<Option<Lease>, VmError> {
         let manifest = share.manifest(shared, key).await?;
         let meta = manifest.meta.clone();
+        check_size(&meta, want.size)?;
         if needed_work_size(inputs, want.size) > meta.work_size {
             return Ok(None);
         }
@@ -94,5 +100,61 @@ impl VmRunner {
         self.boot_clone(dir, &meta, &base, want, inputs, files)
             .await
             .map(Some)
+    }
+}
+
+/// The runner key names the VM's size, but a fetched VM is booted from
+/// what its manifest says: it must say the same, whoever wrote it.
+fn check_size(meta: &CleanMeta, size: VmSize) -> Result<(), VmError> {
+    if (meta.vcpus, meta.memory_mib) != (size.vcpus, size.memory_mib)
+        || meta.work_size > MAX_WORK_SIZE
+    {
+        return Err(VmError::Setup(format!(
+            "the shared snapshot is of a VM of {} vCPUs, {} MiB and a {}-byte workspace, not of this key's size",
+            meta.vcpus, meta.memory_mib, meta.work_size
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_manifest_must_name_the_size_the_key_names() {
+        let size = VmSize {
+            vcpus: 2,
+            memory_mib: 1024,
+            disk_bytes: 4 << 30,
+        };
+        let meta = CleanMeta {
+            format: crate::clean::CLEAN_FORMAT,
+            key: "runner:k".into(),
+            vcpus: 2,
+            memory_mib: 1024,
+            network: true,
+            dockerd: true,
+            work_size: 8 << 30,
+            saved_unix_secs: 0,
+        };
+        check_size(&meta, size).unwrap();
+        for hostile in [
+            CleanMeta {
+                memory_mib: 1 << 30,
+                ..meta.clone()
+            },
+            CleanMeta {
+                vcpus: 64,
+                ..meta.clone()
+            },
+            CleanMeta {
+                work_size: u64::MAX,
+                ..meta.clone()
+            },
+        ] {
+            let e = check_size(&hostile, size).unwrap_err();
+            assert!(e.to_string().contains("not of this key's size"), "{e}");
+        }
     }
 }
