@@ -26,8 +26,9 @@ pub(crate) struct ContentIds {
 }
 
 /// BLAKE3 of the file's bytes, hex (blocking). An image is hundreds of
-/// megabytes and a recyclable action waits for its hash: BLAKE3 is several
-/// times faster than SHA-256 here (and only Hearth compares these ids).
+/// megabytes and a recyclable action waits for its hash: BLAKE3 is ~2.5x
+/// faster than SHA-256 here (0.20 s against 0.50 s for the 880 MB default
+/// image in memory), and only Hearth compares these ids.
 pub fn hash_file(path: &Path) -> Result<String, VmError> {
     // Read, not mapped: a file cut short under a mapping would kill the
     // executor (SIGBUS) rather than fail this one action.
