@@ -23,3 +23,14 @@ hearth_stop() {
     wait "$hearth_pid" || true
     rm -rf "$hearth_dir"
 }
+
+# on_off_rounds N: calls the script's `run LABEL ARGS...` N times with clean
+# snapshots on, then off, alternating (A B A B) so drift cancels.
+on_off_rounds() {
+    local i=0
+    while [ "$i" -lt "$1" ]; do
+        run on
+        run off --vm-clean-snapshots off
+        i=$((i + 1))
+    done
+}

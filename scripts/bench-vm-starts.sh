@@ -21,9 +21,4 @@ run() {
     done
     hearth_stop
 }
-i=0
-while [ "$i" -lt "$rounds" ]; do
-    run on
-    run off --vm-clean-snapshots off
-    i=$((i + 1))
-done
+on_off_rounds "$rounds"
