@@ -37,6 +37,7 @@ pub(crate) fn dispatch(st: &mut State) {
             continue;
         };
         st.queue.remove(i);
+        crate::metrics::dispatched(js.enqueued.elapsed());
         let sequence = exec.sequence + 1;
         let queued_at = js
             .queued_at

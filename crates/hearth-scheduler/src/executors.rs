@@ -155,6 +155,15 @@ impl Executor {
     }
 }
 
+/// Warm runners (pooled or saved) of one affinity key on an executor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WarmKey {
+    pub affinity_key: String,
+    pub count: u32,
+    /// A snapshot of the key is shared through the CAS too.
+    pub shared: bool,
+}
+
 /// A copy of an executor's state for `hearth status`.
 #[derive(Debug, Clone)]
 pub struct ExecutorSnapshot {
@@ -163,6 +172,8 @@ pub struct ExecutorSnapshot {
     pub connected_seconds: u64,
     /// Warm runners it holds, as the scheduler believes.
     pub warm_runners: u32,
+    /// The same by affinity key, most first.
+    pub warm_keys: Vec<WarmKey>,
     /// Its session broke; the scheduler waits for it to come back.
     pub reconnecting: bool,
 }

@@ -5,8 +5,10 @@
 mod affinity;
 mod dispatch;
 mod executors;
+pub mod history;
 #[cfg(test)]
 mod invariants;
+pub mod metrics;
 mod operation;
 pub mod paths;
 pub mod platform;
@@ -17,7 +19,8 @@ mod shared_snapshots;
 mod test_support;
 
 pub use affinity::affinity_key;
-pub use executors::{ExecutorInfo, ExecutorSnapshot};
+pub use executors::{ExecutorInfo, ExecutorSnapshot, WarmKey};
+pub use history::{ExecutionRecord, History, HistoryFilter, RecordBase};
 pub use operation::{OpSnapshot, Stage};
 pub use platform::{Platform, PlatformError};
 pub use scheduler::{

@@ -93,6 +93,22 @@ impl Platform {
         self.props.iter().map(|(k, v)| (k.as_str(), v.as_str()))
     }
 
+    /// The properties with secret values replaced by `<redacted>`, fit to
+    /// show an operator.
+    pub fn shown_pairs(&self) -> Vec<(String, String)> {
+        self.props
+            .iter()
+            .map(|(k, v)| {
+                let v = if SECRET.contains(&k.as_str()) {
+                    "<redacted>".to_string()
+                } else {
+                    v.clone()
+                };
+                (k.clone(), v)
+            })
+            .collect()
+    }
+
     /// `workload-isolation-type`, defaulting to `none`.
     pub fn isolation(&self) -> &str {
         match self.get(ISOLATION) {

@@ -14,7 +14,8 @@ use hearth_storage::{Digest, PinGuard};
 use tokio::sync::watch;
 
 use crate::dispatch::dispatch;
-use crate::executors::{Executor, ExecutorSnapshot};
+use crate::executors::{Executor, ExecutorSnapshot, WarmKey};
+use crate::history::{ExecutionRecord, History, RecordBase};
 use crate::shared_snapshots::SnapshotIndex;
 use crate::{affinity_key, OpSnapshot, Platform, Stage};
 
@@ -110,6 +111,8 @@ pub struct SchedulerStats {
     /// Runner snapshots shared through the CAS, newest first (at most
     /// [`MAX_LISTED_JOBS`]).
     pub shared_snapshots: Vec<hearth_proto::worker::SharedSnapshot>,
+    /// How many runner snapshots are shared through the CAS in all.
+    pub shared_snapshots_total: usize,
     pub executors: Vec<ExecutorSnapshot>,
     /// The oldest actions in flight, at most [`MAX_LISTED_JOBS`].
     pub jobs: Vec<JobSnapshot>,
@@ -162,6 +165,8 @@ pub(crate) struct State {
     pub(crate) requeued: u64,
     /// Runner snapshots executors shared through the CAS, by affinity key.
     pub(crate) snapshots: SnapshotIndex,
+    /// Finished operations, for operators.
+    pub(crate) history: Arc<History>,
 }
 
 pub struct Scheduler {
@@ -299,6 +304,12 @@ impl Scheduler {
         self.cache_hits.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Recent finished operations (the ones it ran, and cache hits the API
+    /// layer records).
+    pub fn history(&self) -> Arc<History> {
+        self.lock().history.clone()
+    }
+
     /// Counts and executors; given a tenant, the queued and running counts
     /// are that tenant's only.
     pub fn stats(&self, tenant: Option<&str>) -> SchedulerStats {
@@ -324,6 +335,23 @@ impl Scheduler {
                 running: e.busy(),
                 connected_seconds: e.connected_at.elapsed().as_secs(),
                 warm_runners: e.warm_runners(),
+                warm_keys: {
+                    let mut keys: Vec<WarmKey> = e
+                        .warm
+                        .iter()
+                        .map(|(k, n)| WarmKey {
+                            affinity_key: k.clone(),
+                            count: *n,
+                            shared: st.snapshots.get(k).is_some(),
+                        })
+                        .collect();
+                    keys.sort_by(|a, b| {
+                        b.count
+                            .cmp(&a.count)
+                            .then(a.affinity_key.cmp(&b.affinity_key))
+                    });
+                    keys
+                },
                 reconnecting: e.disconnected_at.is_some(),
             })
             .collect();
@@ -355,6 +383,7 @@ impl Scheduler {
             } else {
                 vec![]
             },
+            shared_snapshots_total: st.snapshots.len(),
             executors,
             jobs,
         }
@@ -471,6 +500,23 @@ pub(crate) fn publish_stage(st: &State, op: &str, stage: Stage) {
 /// work may still be running there (a cancelled VM shutting down).
 pub(crate) fn complete_locked(st: &mut State, op: &str, response: ExecuteResponse) {
     let Some(js) = st.jobs.remove(op) else { return };
+    let record = ExecutionRecord::new(
+        RecordBase {
+            operation_name: op.to_string(),
+            tenant: js.job.tenant.clone(),
+            instance_name: js.job.instance_name.clone(),
+            action_digest: js.job.action_digest,
+            arguments: crate::history::arguments_of(&js.job.command),
+            platform: js.job.platform.shown_pairs(),
+            isolation: js.job.platform.isolation().to_string(),
+            executor: js.executor.clone(),
+            attempts: js.attempts,
+            queued_at: js.queued_at,
+        },
+        &response,
+    );
+    crate::metrics::completed(&record);
+    st.history.record(record);
     let key = shared_key(&js.job);
     if st.shared.get(&key).map(String::as_str) == Some(op) {
         st.shared.remove(&key);

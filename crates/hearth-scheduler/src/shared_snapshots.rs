@@ -63,7 +63,6 @@ impl SnapshotIndex {
         all.into_iter().take(n).map(|(s, _)| s.clone()).collect()
     }
 
-    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.by_key.len()
     }

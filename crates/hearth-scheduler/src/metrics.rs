@@ -1,0 +1,107 @@
+//! What the scheduler tells `/metrics`, through the `metrics` facade (each
+//! call is a no-op unless the binary installed an exporter).
+
+use std::time::Duration;
+
+use hearth_proto::protobuf::Timestamp;
+use metrics::{counter, gauge, histogram};
+
+use crate::history::ExecutionRecord;
+use crate::SchedulerStats;
+
+/// A job left the queue for an executor after waiting `wait`.
+pub(crate) fn dispatched(wait: Duration) {
+    histogram!("hearth_queue_wait_seconds").record(wait.as_secs_f64());
+}
+
+/// Seconds from `a` to `b`, when both are set and in order.
+fn between(a: Option<&Timestamp>, b: Option<&Timestamp>) -> Option<f64> {
+    let (a, b) = (a?, b?);
+    if a.seconds == 0 && a.nanos == 0 {
+        return None;
+    }
+    let secs = (b.seconds - a.seconds) as f64 + f64::from(b.nanos - a.nanos) / 1e9;
+    (secs >= 0.0).then_some(secs)
+}
+
+/// An operation the scheduler ran finished.
+pub(crate) fn completed(r: &ExecutionRecord) {
+    let outcome = if r.status_code != 0 {
+        "error"
+    } else if r.succeeded() {
+        "ok"
+    } else {
+        "failed"
+    };
+    counter!("hearth_executions_total", "isolation" => r.isolation.clone(), "outcome" => outcome)
+        .increment(1);
+    let Some(meta) = r
+        .result
+        .as_ref()
+        .and_then(|r| r.execution_metadata.as_ref())
+    else {
+        return;
+    };
+    let stages = [
+        (
+            "queued",
+            between(
+                meta.queued_timestamp.as_ref(),
+                meta.worker_start_timestamp.as_ref(),
+            ),
+        ),
+        (
+            "input_fetch",
+            between(
+                meta.input_fetch_start_timestamp.as_ref(),
+                meta.input_fetch_completed_timestamp.as_ref(),
+            ),
+        ),
+        (
+            "execution",
+            between(
+                meta.execution_start_timestamp.as_ref(),
+                meta.execution_completed_timestamp.as_ref(),
+            ),
+        ),
+        (
+            "output_upload",
+            between(
+                meta.output_upload_start_timestamp.as_ref(),
+                meta.output_upload_completed_timestamp.as_ref(),
+            ),
+        ),
+    ];
+    for (stage, secs) in stages {
+        if let Some(secs) = secs {
+            histogram!(
+                "hearth_execution_stage_seconds",
+                "stage" => stage,
+                "isolation" => r.isolation.clone()
+            )
+            .record(secs);
+        }
+    }
+    if let Some(start) = r.runner_start() {
+        counter!("hearth_vm_starts_total", "kind" => start.kind.clone()).increment(1);
+        histogram!("hearth_vm_start_seconds", "kind" => start.kind)
+            .record(start.ready_millis as f64 / 1000.0);
+    }
+}
+
+/// Sets the gauges of the queue and the executors from `stats` (the
+/// exporter calls it before each scrape).
+pub fn publish(stats: &SchedulerStats) {
+    gauge!("hearth_queue_length").set(f64::from(stats.queued));
+    gauge!("hearth_actions_running").set(f64::from(stats.running));
+    let connected = stats.executors.iter().filter(|e| !e.reconnecting).count();
+    gauge!("hearth_executors_connected").set(connected as f64);
+    let capacity: u32 = stats.executors.iter().map(|e| e.info.capacity).sum();
+    let busy: u32 = stats.executors.iter().map(|e| e.running).sum();
+    gauge!("hearth_executor_slots", "state" => "busy").set(f64::from(busy));
+    gauge!("hearth_executor_slots", "state" => "free")
+        .set(f64::from(capacity.saturating_sub(busy)));
+    let warm: u32 = stats.executors.iter().map(|e| e.warm_runners).sum();
+    gauge!("hearth_warm_runners").set(f64::from(warm));
+    gauge!("hearth_shared_runner_snapshots").set(stats.shared_snapshots_total as f64);
+}
