@@ -107,6 +107,7 @@ impl ActionCacheApi for ActionCacheService {
             .await
             .map_err(|e| store_status(e, "GetActionResult"))?
         else {
+            self.ctx.usage.lookup(&who.tenant, false);
             return Err(not_found());
         };
         let cas = store.as_ref();
@@ -118,9 +119,11 @@ impl ActionCacheApi for ActionCacheService {
         if !missing.is_empty() {
             tracing::info!(action = %action, missing = missing.len(), "dropping cached result whose outputs were evicted");
             let _ = self.ctx.ac.remove(&key).await;
+            self.ctx.usage.lookup(&who.tenant, false);
             return Err(not_found());
         }
         self.ctx.scheduler.note_cache_hit();
+        self.ctx.usage.lookup(&who.tenant, true);
         let max = self.ctx.limits.max_inline_bytes;
         if req.inline_stdout {
             result.stdout_raw = inline(cas, &result.stdout_digest, max).await;
@@ -168,6 +171,7 @@ impl ActionCacheApi for ActionCacheService {
             .put(&key, &result)
             .await
             .map_err(|e| store_status(e, "UpdateActionResult"))?;
+        self.ctx.usage.write(&who.tenant);
         Ok(Response::new(result))
     }
 }

@@ -105,7 +105,7 @@ impl BlobStore for TenantView {
 
 impl Context {
     /// The store as the caller may use it.
-    pub(crate) fn store_for(&self, who: &Principal) -> Arc<dyn BlobStore> {
+    pub fn store_for(&self, who: &Principal) -> Arc<dyn BlobStore> {
         match &self.owners {
             Some(owners) if !who.sees_all_blobs() => Arc::new(TenantView {
                 inner: self.cas.clone(),

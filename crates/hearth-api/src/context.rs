@@ -1,4 +1,6 @@
 use std::sync::Arc;
+
+use crate::usage::CacheUsage;
 use std::time::{Duration, Instant};
 
 use hearth_scheduler::Scheduler;
@@ -55,6 +57,8 @@ pub struct Context {
     pub auth: Auth,
     /// Which tenant may read which blob; set when keys are.
     pub owners: Option<Arc<Owners>>,
+    /// Action-cache use by tenant.
+    pub usage: Arc<CacheUsage>,
 }
 
 impl Context {
@@ -72,6 +76,7 @@ impl Context {
             started: Instant::now(),
             auth: Auth::anonymous(),
             owners: None,
+            usage: Arc::default(),
         }
     }
 

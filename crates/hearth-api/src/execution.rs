@@ -5,7 +5,9 @@ use hearth_proto::longrunning::Operation;
 use hearth_proto::reapi::{
     execution_server::Execution, ExecuteRequest, ExecuteResponse, WaitExecutionRequest,
 };
-use hearth_scheduler::{affinity_key, Job, OpSnapshot, Platform, Stage, SubmitError};
+use hearth_scheduler::{
+    affinity_key, ExecutionRecord, Job, OpSnapshot, Platform, RecordBase, Stage, SubmitError,
+};
 use hearth_storage::{action_key, Digest, PinGuard};
 use tonic::{Request, Response, Status};
 
@@ -75,10 +77,29 @@ impl Execution for ExecutionService {
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         if !req.skip_cache_lookup {
             let scoped = action_key(&who.tenant, &req.instance_name, &key);
-            if let Some(response) = self.cached(store.as_ref(), &scoped).await? {
+            let cached = self.cached(store.as_ref(), &scoped).await?;
+            self.ctx.usage.lookup(&who.tenant, cached.is_some());
+            if let Some(response) = cached {
                 self.ctx.scheduler.note_cache_hit();
+                let name = format!("operations/cached-{}", uuid::Uuid::new_v4());
+                self.ctx.scheduler.history().record(ExecutionRecord::new(
+                    RecordBase {
+                        operation_name: name.clone(),
+                        tenant: who.tenant.clone(),
+                        instance_name: req.instance_name.clone(),
+                        action_digest: key,
+                        // A cache hit reads neither the Action nor the Command.
+                        arguments: vec![],
+                        platform: vec![],
+                        isolation: String::new(),
+                        executor: None,
+                        attempts: 0,
+                        queued_at: std::time::SystemTime::now(),
+                    },
+                    &response,
+                ));
                 let snap = OpSnapshot {
-                    name: format!("operations/cached-{}", uuid::Uuid::new_v4()),
+                    name,
                     action_digest: key,
                     stage: Stage::Completed,
                     response: Some(response),

@@ -16,14 +16,17 @@ mod context;
 mod error;
 mod execution;
 mod operations;
+mod request_metrics;
 mod resource;
 mod runner_snapshots;
+pub mod usage;
 mod validate;
 mod worker;
 
 pub use bytestream::PARKED_UPLOAD_OVERHEAD;
 pub use context::{Context, Limits};
 pub use error::{missing_blobs_status, store_status};
+pub use request_metrics::RequestMetricsLayer;
 
 use hearth_proto::{bytestream as bs, longrunning, reapi, worker as wp};
 

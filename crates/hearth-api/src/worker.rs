@@ -189,8 +189,11 @@ async fn finished(ctx: &Context, executor: &str, capacity: u32, session: u64, mu
                 ctx.grant(&job.tenant, &blobs);
                 if status.code == 0 && r.exit_code == 0 && !job.do_not_cache {
                     let key = action_key(&job.tenant, &job.instance_name, &job.action_digest);
-                    if let Err(e) = ctx.ac.put(&key, r).await {
-                        tracing::error!(action = %job.action_digest, error = %e, "could not store the action result");
+                    match ctx.ac.put(&key, r).await {
+                        Ok(()) => ctx.usage.write(&job.tenant),
+                        Err(e) => {
+                            tracing::error!(action = %job.action_digest, error = %e, "could not store the action result")
+                        }
                     }
                 }
             }
