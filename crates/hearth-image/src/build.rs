@@ -70,9 +70,19 @@ impl Inner {
         .map_err(|e| ImageError::internal(&shown, format!("conversion thread: {e}")))?;
         // Removing a big staging tree takes seconds: not on the caller's time.
         tokio::task::spawn_blocking(move || drop(cleanup));
-        let image = image?;
+        let image = match image {
+            Ok(i) => i,
+            Err(e) => {
+                metrics::counter!("hearth_image_conversions_total", "result" => "failed")
+                    .increment(1);
+                return Err(e);
+            }
+        };
         drop(downloads);
         self.conversions.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("hearth_image_conversions_total", "result" => "ok").increment(1);
+        metrics::histogram!("hearth_image_conversion_seconds")
+            .record(started.elapsed().as_secs_f64());
         info!(
             image = %shown, %digest, size = image.size_bytes,
             total_ms = started.elapsed().as_millis() as u64, "image converted"

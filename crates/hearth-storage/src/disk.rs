@@ -173,6 +173,11 @@ impl Inner {
         for d in &victims {
             tracing::debug!(digest = %d, "evicting blob");
         }
+        if !victims.is_empty() {
+            let bytes: u64 = victims.iter().map(Digest::size).sum();
+            metrics::counter!("hearth_cas_evictions_total").increment(victims.len() as u64);
+            metrics::counter!("hearth_cas_evicted_bytes_total").increment(bytes);
+        }
         self.unlink(&victims);
     }
 

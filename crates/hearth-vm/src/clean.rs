@@ -269,6 +269,18 @@ impl CleanStore {
     /// soon as their clone has started, seconds later, and counting them
     /// would evict snapshots that are still wanted.
     fn evict(&self, inner: &mut Inner) {
+        self.evict_to_bound(inner);
+        let bytes: u64 = inner
+            .live
+            .values()
+            .chain(&inner.retired)
+            .map(|e| e.bytes)
+            .sum();
+        metrics::gauge!("hearth_vm_clean_snapshots").set(inner.live.len() as f64);
+        metrics::gauge!("hearth_vm_clean_snapshot_bytes").set(bytes as f64);
+    }
+
+    fn evict_to_bound(&self, inner: &mut Inner) {
         let retired = std::mem::take(&mut inner.retired);
         let (held, free): (Vec<Entry>, Vec<Entry>) = retired.into_iter().partition(Entry::held);
         inner.retired = held;

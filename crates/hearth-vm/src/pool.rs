@@ -73,11 +73,20 @@ impl<T> Pool<T> {
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Tells `/metrics` what the pool holds now.
+    fn publish(entries: &[Entry<T>]) {
+        let mib: u64 = entries.iter().map(|e| e.memory_mib).sum();
+        metrics::gauge!("hearth_vm_pool_runners").set(entries.len() as f64);
+        metrics::gauge!("hearth_vm_pool_memory_bytes").set((mib << 20) as f64);
+    }
+
     /// The most recently added item with this key, if any.
     pub fn take(&self, key: &str) -> Option<T> {
         let mut entries = self.lock();
         let i = entries.iter().rposition(|e| e.key == key)?;
-        Some(entries.remove(i).item)
+        let item = entries.remove(i).item;
+        Self::publish(&entries);
+        Some(item)
     }
 
     /// Adds an item; returns those evicted (least recently added first) to
@@ -107,12 +116,16 @@ impl<T> Pool<T> {
             let e = entries.remove(oldest);
             evicted.push((e.key, e.item));
         }
+        Self::publish(&entries);
         evicted
     }
 
     /// Empties the pool (at shutdown).
     pub fn drain(&self) -> Vec<(String, T)> {
-        self.lock().drain(..).map(|e| (e.key, e.item)).collect()
+        let mut entries = self.lock();
+        let all = entries.drain(..).map(|e| (e.key, e.item)).collect();
+        Self::publish(&entries);
+        all
     }
 
     /// The keys held, for the scheduler's affinity.

@@ -113,6 +113,7 @@ impl SnapshotStore {
             tracing::info!(key = %old.key, "deleting the oldest VM snapshot beyond the bound");
             let _ = std::fs::remove_dir_all(path);
         }
+        metrics::gauge!("hearth_vm_saved_snapshots").set(entries.len() as f64);
         Ok(())
     }
 
@@ -122,6 +123,7 @@ impl SnapshotStore {
         let mut entries = self.lock();
         let i = entries.iter().rposition(|(_, m)| m.key == key)?;
         let (path, meta) = entries.remove(i);
+        metrics::gauge!("hearth_vm_saved_snapshots").set(entries.len() as f64);
         match std::fs::rename(&path, into) {
             Ok(()) => Some(meta),
             Err(e) => {
