@@ -14,6 +14,10 @@ use clap::{Args, Parser, Subcommand};
 )]
 #[command(args_override_self = true)]
 pub struct Cli {
+    /// Log lines as human-readable text or as one JSON object per line (for
+    /// log shippers). HEARTH_LOG sets the filter (e.g. `info,hearth_vm=debug`).
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -98,6 +102,16 @@ pub struct ServerArgs {
     /// PEM CA certificate(s): clients must present a certificate it signed.
     #[arg(long, requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
+    /// Address to serve Prometheus metrics on, at /metrics (off when unset),
+    /// e.g. 127.0.0.1:9185.
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Address of the web view (executions, executors, cache), or `off`.
+    /// `hearth up` serves it by default on the gRPC address's IP and the
+    /// next port (127.0.0.1:1986; a free port when --listen has port 0);
+    /// `hearth server` only when set.
+    #[arg(long)]
+    pub web_listen: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -277,6 +291,10 @@ pub struct ExecutorArgs {
     /// Instance name used for the server's CAS.
     #[arg(long, default_value = "")]
     pub instance: String,
+    /// Address to serve this executor's Prometheus metrics on, at /metrics
+    /// (off when unset).
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
     pub options: ExecutorOptions,
 }

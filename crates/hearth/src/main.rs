@@ -2,6 +2,7 @@
 
 mod cli;
 mod config;
+mod observe;
 mod serve;
 mod server;
 mod status;
@@ -17,13 +18,7 @@ fn main() -> Result<()> {
         // Runs per forwarded connection: no logging, no runtime.
         return Ok(hearth_vm::forward::stdio_to_unix(socket)?);
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("HEARTH_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging(&cli.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -36,4 +31,20 @@ fn main() -> Result<()> {
             cli::Command::ForwardUnix { .. } => Ok(()),
         }
     })
+}
+
+/// Logs to stderr, filtered by HEARTH_LOG (default `info`), as text or as
+/// JSON lines (`--log-format json`: one object per event, its fields and
+/// the spans it is in, for log shippers).
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HEARTH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        fmt.json().flatten_event(true).init();
+    } else {
+        fmt.init();
+    }
 }

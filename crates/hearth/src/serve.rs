@@ -12,7 +12,10 @@ use hearth_storage::DiskStore;
 use tokio::net::TcpListener;
 
 use crate::cli::{ExecutorArgs, ExecutorOptions, ServerArgs, UpArgs};
-use crate::server::{build_server, serve, shutdown_on_signal};
+use crate::observe;
+use crate::server::{build_server, serve, shutdown_on_signal, Server};
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio_util::sync::CancellationToken;
 
 /// The host sandbox as the flags ask for it; an error if it is asked for
 /// and cannot work here (never a silent fallback to running unconfined).
@@ -59,11 +62,7 @@ fn executor_config(
     }
 }
 
-fn session_config(
-    opts: &ExecutorOptions,
-    server: String,
-    vm_unavailable: String,
-) -> session::SessionConfig {
+fn session_config(opts: &ExecutorOptions, server: String, vms: VmOffer) -> session::SessionConfig {
     let capacity = opts.capacity.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get() as u32)
@@ -83,44 +82,135 @@ fn session_config(
         properties,
         capacity,
         description: format!(
-            "hearth {} on {}",
+            "hearth {} on {}{}",
             env!("CARGO_PKG_VERSION"),
-            std::env::consts::OS
+            std::env::consts::OS,
+            match vms.accel {
+                Some(hearth_vm::Accel::Kvm) => ", microVMs on KVM",
+                Some(hearth_vm::Accel::Tcg) => ", microVMs under software emulation (TCG)",
+                None => "",
+            }
         ),
-        vm_unavailable,
+        vm_unavailable: vms.unavailable,
         report_interval: session::REPORT_INTERVAL,
     }
 }
 
-/// The executor's runners, and why microVMs are not among them (empty if
-/// they are).
+/// Whether an executor offers microVMs: on which accelerator, or why not.
+#[derive(Default)]
+struct VmOffer {
+    accel: Option<hearth_vm::Accel>,
+    /// Empty when it offers them.
+    unavailable: String,
+}
+
+/// The executor's runners, and what it offers of microVMs.
 async fn runners(
     opts: &ExecutorOptions,
     work_dir: &std::path::Path,
     sandbox: Option<Sandbox>,
     cas: &LocalCas,
-) -> (Vec<Arc<dyn Runner>>, String) {
+) -> (Vec<Arc<dyn Runner>>, VmOffer) {
     let mut runners: Vec<Arc<dyn Runner>> = vec![Arc::new(HostRunner::new(sandbox))];
-    let vm_unavailable = match crate::vm::runner(&opts.vm, work_dir, cas).await {
-        Ok(vm) => {
+    let offer = match crate::vm::runner(&opts.vm, work_dir, cas).await {
+        Ok((vm, accel)) => {
             runners.push(vm);
-            String::new()
+            VmOffer {
+                accel: Some(accel),
+                unavailable: String::new(),
+            }
         }
-        Err(why) => why,
+        Err(why) => VmOffer {
+            accel: None,
+            unavailable: why,
+        },
     };
-    (runners, vm_unavailable)
+    (runners, offer)
+}
+
+/// The metrics recorder, when --metrics-listen asks for one (installed
+/// before anything records).
+fn recorder(addr: Option<std::net::SocketAddr>) -> Result<Option<PrometheusHandle>> {
+    addr.map(|_| observe::install_recorder()).transpose()
+}
+
+/// Starts what operators look at: /metrics and the web view, as asked.
+async fn observe_server(
+    server: &mut Server,
+    args: &ServerArgs,
+    handle: Option<PrometheusHandle>,
+    web: Option<std::net::SocketAddr>,
+    shutdown: &CancellationToken,
+) -> Result<()> {
+    if let (Some(addr), Some(handle)) = (args.metrics_listen, handle) {
+        let refresh = observe::server_refresh(&server.ctx, server.ac.clone());
+        observe::serve_metrics(addr, handle, refresh, shutdown.clone()).await?;
+    }
+    if let Some(addr) = web {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("--web-listen {addr}"))?;
+        let bound = listener.local_addr()?;
+        let ctx = server.ctx.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(e) = hearth_web::serve(listener, ctx, stop).await {
+                tracing::error!(error = %e, "the web view stopped");
+            }
+        });
+        tracing::info!(addr = %bound, "serving the web view");
+        server.web = Some(bound);
+    }
+    Ok(())
+}
+
+/// The web view's address: `off`, an address, or (None) the default given.
+fn web_addr(
+    flag: Option<&str>,
+    default: Option<std::net::SocketAddr>,
+) -> Result<Option<std::net::SocketAddr>> {
+    match flag.map(str::trim) {
+        Some("off") => Ok(None),
+        Some(a) => a
+            .parse()
+            .map(Some)
+            .with_context(|| format!("--web-listen {a:?}: expected HOST:PORT or off")),
+        None => Ok(default),
+    }
 }
 
 pub async fn server(args: ServerArgs) -> Result<()> {
     let shutdown = shutdown_on_signal();
-    let server = build_server(&args).await?;
+    let handle = recorder(args.metrics_listen)?;
+    let mut server = build_server(&args).await?;
+    let web = web_addr(args.web_listen.as_deref(), None)?;
+    observe_server(&mut server, &args, handle, web, &shutdown).await?;
+    server
+        .health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
     serve(server, vec![], shutdown).await
 }
 
 pub async fn up(args: UpArgs) -> Result<()> {
     let shutdown = shutdown_on_signal();
-    let server = build_server(&args.server).await?;
+    let handle = recorder(args.server.metrics_listen)?;
+    let mut server = build_server(&args.server).await?;
     let (addr, tls) = server.local_url()?;
+    // By default the web view is on the gRPC address's IP and the next port
+    // (a free one when the gRPC port was picked freely).
+    let next = match args.server.listen.port() {
+        0 => 0,
+        p => p.checked_add(1).unwrap_or(0),
+    };
+    let default_web = std::net::SocketAddr::new(args.server.listen.ip(), next);
+    let web = web_addr(args.server.web_listen.as_deref(), Some(default_web))?;
+    observe_server(&mut server, &args.server, handle, web, &shutdown).await?;
+    observe::serving_once_executor_joins(
+        server.health.clone(),
+        server.ctx.scheduler.clone(),
+        shutdown.clone(),
+    );
     // The local executor connects in plaintext over loopback: to the main
     // listener, or (when that one is TLS) to a loopback listener of its own.
     let mut extra = Vec::new();
@@ -154,10 +244,10 @@ pub async fn up(args: UpArgs) -> Result<()> {
     // The executor joins once its runners are ready (a VM probe boot takes
     // seconds); the server answers meanwhile.
     let sess = tokio::spawn(async move {
-        let (runners, vm_unavailable) = runners(&opts, &config.work_dir, sandbox, &cas).await;
+        let (runners, vms) = runners(&opts, &config.work_dir, sandbox, &cas).await;
         match Executor::new(config, cas, runners) {
             Ok(executor) => {
-                let sc = session_config(&opts, connect, vm_unavailable);
+                let sc = session_config(&opts, connect, vms);
                 let executor = Arc::new(executor);
                 session::run(executor.clone(), sc, channel, stop).await;
                 executor.shutdown().await;
@@ -173,6 +263,11 @@ pub async fn up(args: UpArgs) -> Result<()> {
 
 pub async fn executor(args: ExecutorArgs) -> Result<()> {
     let shutdown = shutdown_on_signal();
+    if let Some(addr) = args.metrics_listen {
+        let handle = observe::install_recorder()?;
+        // The executor's gauges (pools, snapshots) are set as they change.
+        observe::serve_metrics(addr, handle, Arc::new(|| {}), shutdown.clone()).await?;
+    }
     let address = args
         .client
         .address(&args.server)
@@ -193,12 +288,12 @@ pub async fn executor(args: ExecutorArgs) -> Result<()> {
     let cas = LocalCas::caching(local, upstream);
     let sandbox = host_sandbox(&args.options).await?;
     let config = executor_config(&args.options, args.work_dir.clone(), sandbox.as_ref());
-    let (runners, vm_unavailable) = runners(&args.options, &args.work_dir, sandbox, &cas).await;
+    let (runners, vms) = runners(&args.options, &args.work_dir, sandbox, &cas).await;
     let executor = Arc::new(Executor::new(config, cas, runners).context("starting the executor")?);
     tracing::info!(executor = executor.id(), server = %url, "executor starting");
     session::run(
         executor.clone(),
-        session_config(&args.options, url, vm_unavailable),
+        session_config(&args.options, url, vms),
         channel,
         shutdown,
     )

@@ -8,13 +8,16 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use hearth_api::auth::{Auth, AuthLayer, Capability};
-use hearth_api::Context;
+use hearth_api::{Context, RequestMetricsLayer};
 use hearth_scheduler::{Scheduler, SchedulerConfig};
 use hearth_storage::{DiskActionCache, DiskStore, Owners};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+use tonic_health::pb::health_server::HealthServer;
+use tonic_health::server::{HealthReporter, HealthService};
+use tonic_health::ServingStatus;
 
 use crate::cli::ServerArgs;
 
@@ -63,8 +66,14 @@ fn reload_keys_on_sighup(auth: Auth) {
 
 pub struct Server {
     pub store: Arc<DiskStore>,
+    pub ac: Arc<DiskActionCache>,
     pub listener: TcpListener,
     pub ctx: Context,
+    /// The status `grpc.health.v1.Health` answers with.
+    pub health: HealthReporter,
+    health_service: HealthServer<HealthService>,
+    /// Where the web view listens, once started.
+    pub web: Option<SocketAddr>,
     tls: Option<ServerTlsConfig>,
 }
 
@@ -106,7 +115,7 @@ pub async fn build_server(args: &ServerArgs) -> Result<Server> {
         ..Default::default()
     });
     scheduler.spawn_sweeper();
-    let mut ctx = Context::new(store.clone(), ac, scheduler);
+    let mut ctx = Context::new(store.clone(), ac.clone(), scheduler);
     ctx.instances = Arc::new(args.instances.clone());
     ctx.limits.max_metadata_blob_bytes = args.max_metadata_blob_bytes;
     ctx.limits.partial_upload_idle = Duration::from_secs(args.partial_upload_idle_secs);
@@ -129,10 +138,21 @@ pub async fn build_server(args: &ServerArgs) -> Result<Server> {
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
+    // NOT_SERVING until the caller says otherwise (storage is open now; `up`
+    // also waits for its executor).
+    let health = HealthReporter::new();
+    let health_service = HealthServer::new(HealthService::from_health_reporter(health.clone()));
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
     Ok(Server {
         store,
+        ac,
         listener,
         ctx,
+        health,
+        health_service,
+        web: None,
         tls,
     })
 }
@@ -173,26 +193,34 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<()> {
     let addr = server.listener.local_addr()?;
-    // Tests and scripts read this line to find the port.
-    println!("hearth listening on {addr}");
+    // Tests and scripts read these lines to find the ports.
+    crate::observe::announce(&format!("hearth listening on {addr}"));
+    if let Some(web) = server.web {
+        crate::observe::announce(&format!("hearth web view on http://{web}/"));
+    }
     tracing::info!(%addr, tls = server.tls.is_some(), "serving");
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = server.tls.clone() {
         builder = builder.tls_config(tls).context("the TLS configuration")?;
     }
     let layer = AuthLayer::new(server.ctx.auth.clone());
+    crate::observe::not_serving_at_shutdown(server.health.clone(), shutdown.clone());
+    let routes =
+        || hearth_api::routes(server.ctx.clone()).add_service(server.health_service.clone());
     let incoming = TcpIncoming::from(server.listener).with_nodelay(Some(true));
     let main = builder
+        .layer(RequestMetricsLayer)
         .layer(layer.clone())
-        .add_routes(hearth_api::routes(server.ctx.clone()))
+        .add_routes(routes())
         .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
     let mut servers = vec![tokio::spawn(main)];
     for listener in extra {
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         servers.push(tokio::spawn(
             tonic::transport::Server::builder()
+                .layer(RequestMetricsLayer)
                 .layer(layer.clone())
-                .add_routes(hearth_api::routes(server.ctx.clone()))
+                .add_routes(routes())
                 .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned()),
         ));
     }

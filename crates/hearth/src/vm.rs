@@ -179,7 +179,7 @@ pub async fn runner(
     opts: &VmOptions,
     work_dir: &Path,
     cas: &hearth_executor::LocalCas,
-) -> Result<Arc<dyn Runner>, String> {
+) -> Result<(Arc<dyn Runner>, Accel), String> {
     let why = if opts.mode == "off" {
         "off (--vm off)".to_string()
     } else {
@@ -200,7 +200,7 @@ async fn setup(
     opts: &VmOptions,
     work_dir: &Path,
     cas: hearth_executor::LocalCas,
-) -> Result<Arc<dyn Runner>> {
+) -> Result<(Arc<dyn Runner>, Accel)> {
     let max_size = max_vm_size(opts)?;
     let kdir = &opts.vm_kernel_dir;
     let release = std::fs::read_to_string(kdir.join("release")).with_context(|| {
@@ -334,5 +334,5 @@ async fn setup(
     );
     let r = runner.clone();
     tokio::spawn(async move { r.prepare_default_snapshot().await });
-    Ok(runner)
+    Ok((runner, accel))
 }

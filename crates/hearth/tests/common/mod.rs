@@ -26,6 +26,7 @@ pub type Channel = InterceptedService<tonic::transport::Channel, ApiKey>;
 pub mod remote;
 pub mod tls;
 pub mod vm;
+pub mod web;
 pub mod worker;
 
 /// A running `hearth` process, killed when dropped.
