@@ -6,6 +6,9 @@ cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 
 ./scripts/install-bazel.sh
+# The web view's browser test drives Debian's Chromium.
+. scripts/apt.sh
+DEBIAN_FRONTEND=noninteractive apt_install_missing chromium
 cargo fmt --all --check
 cargo clippy --release --locked --all-targets -- -D warnings
 cargo test --release --locked --workspace

@@ -292,6 +292,21 @@ mod tests {
     }
 
     #[test]
+    fn the_web_view_never_shows_the_registry_password() {
+        let p = Platform::from_pairs([
+            ("container-registry-username", "ci-bot"),
+            ("container-registry-password", "hunter2-secret"),
+        ]);
+        let shown = p.shown_pairs();
+        assert!(
+            shown.iter().all(|(_, v)| !v.contains("hunter2")),
+            "{shown:?}"
+        );
+        assert!(shown.contains(&("container-registry-username".into(), "ci-bot".into())));
+        assert!(shown.contains(&("container-registry-password".into(), "<redacted>".into())));
+    }
+
+    #[test]
     fn debug_never_prints_the_registry_password() {
         let p = Platform::from_pairs([
             ("container-registry-username", "ci-bot"),

@@ -64,7 +64,7 @@ pub(crate) async fn page(
             }
         }
         h2 { "Where the time went" }
-        table { tbody { (Phases::of(&r).rows()) } }
+        table.narrow { tbody { (Phases::of(&r).rows()) } }
         h2 { "stdout" }
         (output_block(&stdout, &result.stdout_digest, "stdout"))
         h2 { "stderr" }
@@ -216,7 +216,7 @@ fn timestamps(r: &ExecutionRecord, result: &reapi::ActionResult) -> Markup {
     ];
     let origin = rows[0].1;
     html! {
-        table { tbody {
+        table.narrow { tbody {
             @for (name, t) in &rows {
                 tr {
                     th { (name) }

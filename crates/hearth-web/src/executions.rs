@@ -181,7 +181,7 @@ fn row(r: &ExecutionRecord) -> Markup {
         .unwrap_or_default();
     html! {
         tr {
-            td.muted { (layout::ago(r.finished_at)) }
+            td.muted.nowrap { (layout::ago(r.finished_at)) }
             td {
                 a href=(format!("/executions/{}", r.operation_name)) { code { (short_op(&r.operation_name)) } }
                 br;
@@ -191,7 +191,7 @@ fn row(r: &ExecutionRecord) -> Markup {
             td { code { (command_line(r, 80)) } }
             td { (if r.isolation.is_empty() { "—" } else { &r.isolation }) }
             td { @match r.runner_start() { Some(s) => (s.kind), None => span.muted { "—" } } }
-            td { (result_cell(r)) }
+            td.nowrap { (result_cell(r)) }
             td.num { (layout::duration(total)) }
             td { (phases.bar()) }
         }

@@ -22,7 +22,8 @@ h1 { font-size:20px; margin:4px 0 14px; } h2 { font-size:16px; margin:22px 0 8px
 table { border-collapse:collapse; width:100%; background:#fff; border:1px solid var(--line); }
 th, td { text-align:left; padding:6px 9px; border-bottom:1px solid var(--line); vertical-align:top; }
 th { background:#eef0f4; font-weight:600; font-size:12px; color:#444c5c; }
-td.num, th.num { text-align:right; font-variant-numeric:tabular-nums; }
+td.num, th.num { text-align:right; font-variant-numeric:tabular-nums; white-space:nowrap; }
+td.nowrap { white-space:nowrap; } table.narrow { width:auto; min-width:360px; }
 code, pre { font-family:ui-monospace,SFMono-Regular,Menlo,monospace; font-size:12.5px; }
 pre { background:#fff; border:1px solid var(--line); padding:10px; overflow:auto; max-height:480px; white-space:pre-wrap; word-break:break-all; }
 a { color:#2257c4; }
