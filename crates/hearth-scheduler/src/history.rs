@@ -21,20 +21,8 @@ pub const MAX_KEPT_ARGUMENT_BYTES: usize = 2048;
 /// One finished operation as an operator sees it.
 #[derive(Debug, Clone)]
 pub struct ExecutionRecord {
-    pub operation_name: String,
-    pub tenant: String,
-    pub instance_name: String,
-    pub action_digest: Digest,
-    /// The command line, cut to [`MAX_KEPT_ARGUMENT_BYTES`]; empty for a
-    /// cache hit (its Command is not read).
-    pub arguments: Vec<String>,
-    /// The action's platform properties as it named them.
-    pub platform: Vec<(String, String)>,
-    pub isolation: String,
-    /// The executor of its last attempt, if it ran.
-    pub executor: Option<String>,
-    pub attempts: u32,
-    pub queued_at: SystemTime,
+    /// What was known of it before it finished.
+    pub base: RecordBase,
     pub finished_at: SystemTime,
     /// Answered from the action cache without running.
     pub cached: bool,
@@ -89,16 +77,7 @@ impl ExecutionRecord {
             r.stderr_raw.clear();
         }
         ExecutionRecord {
-            operation_name: base.operation_name,
-            tenant: base.tenant,
-            instance_name: base.instance_name,
-            action_digest: base.action_digest,
-            arguments: base.arguments,
-            platform: base.platform,
-            isolation: base.isolation,
-            executor: base.executor,
-            attempts: base.attempts,
-            queued_at: base.queued_at,
+            base,
             finished_at: SystemTime::now(),
             cached: response.cached_result,
             status_code: status.code,
@@ -110,14 +89,19 @@ impl ExecutionRecord {
 }
 
 /// What is known of an operation before its response.
+#[derive(Debug, Clone)]
 pub struct RecordBase {
     pub operation_name: String,
     pub tenant: String,
     pub instance_name: String,
     pub action_digest: Digest,
+    /// The command line, cut to [`MAX_KEPT_ARGUMENT_BYTES`]; empty for a
+    /// cache hit (its Command is not read).
     pub arguments: Vec<String>,
+    /// The action's platform properties as it named them, secrets redacted.
     pub platform: Vec<(String, String)>,
     pub isolation: String,
+    /// The executor of its last attempt, if it ran.
     pub executor: Option<String>,
     pub attempts: u32,
     pub queued_at: SystemTime,
@@ -158,11 +142,11 @@ pub struct HistoryFilter {
 
 impl HistoryFilter {
     fn admits(&self, r: &ExecutionRecord) -> bool {
-        self.tenant.as_ref().is_none_or(|t| &r.tenant == t)
+        self.tenant.as_ref().is_none_or(|t| &r.base.tenant == t)
             && self
                 .instance_name
                 .as_ref()
-                .is_none_or(|i| &r.instance_name == i)
+                .is_none_or(|i| &r.base.instance_name == i)
             && match self.status.as_deref() {
                 Some("ok") => r.succeeded(),
                 Some("failed") => !r.succeeded(),
@@ -230,7 +214,7 @@ impl History {
     pub fn find(&self, name: &str, tenant: Option<&str>) -> Option<Arc<ExecutionRecord>> {
         self.lock()
             .iter()
-            .find(|r| r.operation_name == name && tenant.is_none_or(|t| r.tenant == t))
+            .find(|r| r.base.operation_name == name && tenant.is_none_or(|t| r.base.tenant == t))
             .cloned()
     }
 
@@ -286,7 +270,7 @@ mod tests {
         }
         let (all, n) = h.recent(&HistoryFilter::default(), 0, 10);
         assert_eq!(n, 3, "the oldest fell out");
-        let names: Vec<_> = all.iter().map(|r| r.operation_name.as_str()).collect();
+        let names: Vec<_> = all.iter().map(|r| r.base.operation_name.as_str()).collect();
         assert_eq!(names, ["op3", "op2", "op1"]);
         let failed = HistoryFilter {
             status: Some("failed".into()),
@@ -301,14 +285,14 @@ mod tests {
         };
         let (a, _) = h.recent(&mine, 0, 10);
         assert_eq!(a.len(), 1);
-        assert_eq!(a[0].operation_name, "op2");
+        assert_eq!(a[0].base.operation_name, "op2");
         assert!(
             h.find("op1", Some("a")).is_none(),
             "b's record, hidden from a"
         );
         assert!(h.find("op1", Some("b")).is_some());
         let (page, total) = h.recent(&HistoryFilter::default(), 1, 1);
-        assert_eq!((page[0].operation_name.as_str(), total), ("op2", 3));
+        assert_eq!((page[0].base.operation_name.as_str(), total), ("op2", 3));
     }
 
     #[test]

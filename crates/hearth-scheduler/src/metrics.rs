@@ -33,7 +33,7 @@ pub(crate) fn completed(r: &ExecutionRecord) {
     } else {
         "failed"
     };
-    counter!("hearth_executions_total", "isolation" => r.isolation.clone(), "outcome" => outcome)
+    counter!("hearth_executions_total", "isolation" => r.base.isolation.clone(), "outcome" => outcome)
         .increment(1);
     let Some(meta) = r
         .result
@@ -77,7 +77,7 @@ pub(crate) fn completed(r: &ExecutionRecord) {
             histogram!(
                 "hearth_execution_stage_seconds",
                 "stage" => stage,
-                "isolation" => r.isolation.clone()
+                "isolation" => r.base.isolation.clone()
             )
             .record(secs);
         }

@@ -49,12 +49,12 @@ pub(crate) async fn page(
             tbody {
                 tr { th { "result" } td { (result_cell(&r)) } }
                 @if r.status_code != 0 { tr { th { "status" } td { (r.status_message) } } }
-                tr { th { "command" } td { code { (r.arguments.join(" ")) } } }
-                tr { th { "action" } td { code { (r.action_digest.hash_hex()) "/" (r.action_digest.size()) } } }
-                @if !r.tenant.is_empty() { tr { th { "tenant" } td { (r.tenant) } } }
-                @if !r.instance_name.is_empty() { tr { th { "instance" } td { (r.instance_name) } } }
-                tr { th { "executor" } td { (r.executor.clone().unwrap_or_else(|| "—".into())) } }
-                tr { th { "attempts" } td { (r.attempts) } }
+                tr { th { "command" } td { code { (r.base.arguments.join(" ")) } } }
+                tr { th { "action" } td { code { (r.base.action_digest.hash_hex()) "/" (r.base.action_digest.size()) } } }
+                @if !r.base.tenant.is_empty() { tr { th { "tenant" } td { (r.base.tenant) } } }
+                @if !r.base.instance_name.is_empty() { tr { th { "instance" } td { (r.base.instance_name) } } }
+                tr { th { "executor" } td { (r.base.executor.clone().unwrap_or_else(|| "—".into())) } }
+                tr { th { "attempts" } td { (r.base.attempts) } }
                 tr { th { "runner start" } td {
                     @match r.runner_start() {
                         Some(s) => { (s.kind) " · ready in " (s.ready_millis) " ms" }
@@ -156,11 +156,11 @@ fn outputs(r: &ExecutionRecord, result: &reapi::ActionResult) -> Markup {
 
 fn platform(r: &ExecutionRecord) -> Markup {
     html! {
-        @if r.platform.is_empty() {
+        @if r.base.platform.is_empty() {
             p.muted { "none" @if r.cached { " (a cache hit's action is not read)" } }
         } @else {
             table { tbody {
-                @for (k, v) in &r.platform { tr { th { (k) } td { code { (v) } } } }
+                @for (k, v) in &r.base.platform { tr { th { (k) } td { code { (v) } } } }
             } }
         }
     }
@@ -174,7 +174,7 @@ fn timestamps(r: &ExecutionRecord, result: &reapi::ActionResult) -> Markup {
             m.queued_timestamp
                 .as_ref()
                 .and_then(to_system)
-                .or(Some(r.queued_at)),
+                .or(Some(r.base.queued_at)),
         ),
         (
             "worker start",

@@ -132,12 +132,12 @@ pub(crate) fn urlencode(s: &str) -> String {
 /// The command line as a row shows it: the first argument's file name and
 /// the rest, cut short.
 pub(crate) fn command_line(r: &ExecutionRecord, max: usize) -> String {
-    let Some(first) = r.arguments.first() else {
+    let Some(first) = r.base.arguments.first() else {
         return String::new();
     };
     let name = first.rsplit('/').next().unwrap_or(first);
     let mut line = name.to_string();
-    for a in &r.arguments[1..] {
+    for a in &r.base.arguments[1..] {
         line.push(' ');
         line.push_str(a);
         if line.len() > max {
@@ -177,19 +177,19 @@ fn row(r: &ExecutionRecord) -> Markup {
     let phases = Phases::of(r);
     let total = r
         .finished_at
-        .duration_since(r.queued_at)
+        .duration_since(r.base.queued_at)
         .unwrap_or_default();
     html! {
         tr {
             td.muted.nowrap { (layout::ago(r.finished_at)) }
             td {
-                a href=(format!("/executions/{}", r.operation_name)) { code { (short_op(&r.operation_name)) } }
+                a href=(format!("/executions/{}", r.base.operation_name)) { code { (short_op(&r.base.operation_name)) } }
                 br;
-                span.muted { code { (short_hash(&r.action_digest.hash_hex())) } }
-                @if !r.tenant.is_empty() { " " span.muted { "· " (r.tenant) } }
+                span.muted { code { (short_hash(&r.base.action_digest.hash_hex())) } }
+                @if !r.base.tenant.is_empty() { " " span.muted { "· " (r.base.tenant) } }
             }
             td { code { (command_line(r, 80)) } }
-            td { (if r.isolation.is_empty() { "—" } else { &r.isolation }) }
+            td { (if r.base.isolation.is_empty() { "—" } else { &r.base.isolation }) }
             td { @match r.runner_start() { Some(s) => (s.kind), None => span.muted { "—" } } }
             td.nowrap { (result_cell(r)) }
             td.num { (layout::duration(total)) }
