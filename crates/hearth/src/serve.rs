@@ -147,9 +147,9 @@ async fn observe_server(
         observe::serve_metrics(addr, handle, refresh, shutdown.clone()).await?;
     }
     if let Some(addr) = web {
-        let listener = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("--web-listen {addr}"))?;
+        let listener = TcpListener::bind(addr).await.with_context(|| {
+            format!("serving the web view on {addr} (--web-listen ADDR or off)")
+        })?;
         let bound = listener.local_addr()?;
         let ctx = server.ctx.clone();
         let stop = shutdown.clone();
