@@ -95,7 +95,9 @@ pub struct CleanStore {
     inner: Mutex<Inner>,
 }
 
-fn allocated(dir: &Path) -> u64 {
+/// Disk blocks the files directly in `dir` take, in bytes (sparse files
+/// count what they hold, not their length).
+pub(crate) fn allocated(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
         .into_iter()
         .flatten()

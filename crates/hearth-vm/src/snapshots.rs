@@ -69,6 +69,7 @@ impl SnapshotStore {
             }
         }
         entries.sort_by_key(|(_, m)| m.saved_unix_secs);
+        Self::publish(&entries);
         Ok(SnapshotStore {
             dir: dir.to_path_buf(),
             max,
@@ -78,6 +79,17 @@ impl SnapshotStore {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(PathBuf, SnapshotMeta)>> {
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Tells `/metrics` how many snapshots the store holds and their disk
+    /// blocks (a few files each: cheap to stat).
+    fn publish(entries: &[(PathBuf, SnapshotMeta)]) {
+        let bytes: u64 = entries
+            .iter()
+            .map(|(p, _)| crate::clean::allocated(p))
+            .sum();
+        metrics::gauge!("hearth_vm_saved_snapshots").set(entries.len() as f64);
+        metrics::gauge!("hearth_vm_saved_snapshot_bytes").set(bytes as f64);
     }
 
     /// The keys of the snapshots held.
@@ -113,7 +125,7 @@ impl SnapshotStore {
             tracing::info!(key = %old.key, "deleting the oldest VM snapshot beyond the bound");
             let _ = std::fs::remove_dir_all(path);
         }
-        metrics::gauge!("hearth_vm_saved_snapshots").set(entries.len() as f64);
+        Self::publish(&entries);
         Ok(())
     }
 
@@ -123,7 +135,7 @@ impl SnapshotStore {
         let mut entries = self.lock();
         let i = entries.iter().rposition(|(_, m)| m.key == key)?;
         let (path, meta) = entries.remove(i);
-        metrics::gauge!("hearth_vm_saved_snapshots").set(entries.len() as f64);
+        Self::publish(&entries);
         match std::fs::rename(&path, into) {
             Ok(()) => Some(meta),
             Err(e) => {

@@ -75,6 +75,13 @@ async fn a_vm_evicted_from_the_pool_is_saved_and_restored() {
     assert!(restored < cold, "restored {restored:?} vs cold {cold:?}");
 }
 
+async fn scrape(addr: &str) -> String {
+    let addr = addr.to_string();
+    tokio::task::spawn_blocking(move || common::web::get(&addr, "/metrics", &[]).body)
+        .await
+        .expect("scrape thread")
+}
+
 #[tokio::test]
 async fn pooled_vms_are_saved_at_shutdown_and_restored_after_a_restart() {
     // A networked VM: after the restore it must still reach the allowed
@@ -91,9 +98,24 @@ async fn pooled_vms_are_saved_at_shutdown_and_restored_after_a_restart() {
     let dir = h.stop();
     assert_eq!(snapshots(dir.path()).len(), 1, "the pooled VM is saved");
 
-    let mut h = up_in(dir, &flags);
+    // The restart's /metrics: the saved VM, then its restore.
+    let metrics = format!("127.0.0.1:{}", common::web::free_port());
+    let with_metrics: Vec<&str> = flags
+        .iter()
+        .copied()
+        .chain(["--metrics-listen", metrics.as_str()])
+        .collect();
+    let mut h = up_in(dir, &with_metrics);
     let c = channel(&h).await;
     wait_for_vm_executor(&c).await;
+    let m = scrape(&metrics).await;
+    assert_eq!(
+        common::web::sample(&m, "hearth_vm_saved_snapshots"),
+        Some(1.0),
+        "{m}"
+    );
+    let bytes = common::web::sample(&m, "hearth_vm_saved_snapshot_bytes").unwrap_or(0.0);
+    assert!(bytes > 1e6, "the saved VM's files are counted: {bytes}");
     let reach = format!(
         "{FIND_STATE}; echo \"registry=$(timeout 10 bash -c 'head -c 11 < /dev/tcp/127.0.0.1/{registry}')\""
     );
@@ -110,6 +132,17 @@ async fn pooled_vms_are_saved_at_shutdown_and_restored_after_a_restart() {
     assert!(
         snapshots(h.dir.path()).is_empty(),
         "a snapshot is used once"
+    );
+    let m = scrape(&metrics).await;
+    assert_eq!(
+        common::web::sample(&m, "hearth_vm_saved_snapshots"),
+        Some(0.0),
+        "{m}"
+    );
+    assert_eq!(
+        common::web::sample(&m, r#"hearth_vm_starts_total{kind="restore"}"#),
+        Some(1.0),
+        "{m}"
     );
 
     // A snapshot that cannot be restored (its device state is damaged) is
