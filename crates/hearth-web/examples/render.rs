@@ -107,7 +107,7 @@ async fn main() {
     for i in 0..HISTORY_CAPACITY {
         history.record(record(i));
     }
-    let app = hearth_web::router(ctx);
+    let app = hearth_web::router(ctx, "0.0.0.0:1986".parse().expect("address"));
     let last = format!(
         "/executions/operations/{:08x}-0000-4000-8000-{:012x}",
         7919 * 17,

@@ -13,6 +13,7 @@ mod execution;
 mod executions;
 mod executors;
 mod layout;
+mod origin;
 mod timing;
 mod viewer;
 
@@ -22,8 +23,10 @@ use hearth_api::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// Every route of the web view.
-pub fn router(ctx: Context) -> Router {
+/// Every route of the web view, for a listener bound to `bound` (see
+/// [`origin`] for what that decides).
+pub fn router(ctx: Context, bound: std::net::SocketAddr) -> Router {
+    let guard = axum::middleware::from_fn(move |req, next| origin::guard(bound, req, next));
     Router::new()
         .route("/", get(executions::page))
         .route("/executions", get(executions::page))
@@ -32,6 +35,7 @@ pub fn router(ctx: Context) -> Router {
         .route("/cache", get(cache::page))
         .route("/blobs/{hash}/{size}", get(blobs::download))
         .route("/login", post(viewer::login))
+        .layer(guard)
         .with_state(ctx)
 }
 
@@ -41,7 +45,8 @@ pub async fn serve(
     ctx: Context,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(ctx))
+    let bound = listener.local_addr()?;
+    axum::serve(listener, router(ctx, bound))
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
 }

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::web::{free_port, get, Answer};
+use common::web::{free_port, get, request, Answer};
 use common::*;
 
 fn page(web: &str, path: &str, key: Option<&str>) -> Answer {
@@ -117,6 +117,49 @@ async fn tenants_see_only_their_own_and_outputs_stay_text() {
         assert!(cache.body.contains("team-a"));
         let bogus = page(&web, "/blobs/zz/1", Some("key-admin"));
         assert_eq!(bogus.status, 400, "a malformed digest is refused");
+
+        // Another site's page in the operator's browser: DNS rebinding (a
+        // foreign Host on the loopback listener) and a cross-site sign-in.
+        let rebound = get(
+            &web,
+            "/executions",
+            &[
+                ("host", "evil.example:80"),
+                ("x-hearth-api-key", "key-admin"),
+            ],
+        );
+        assert_eq!(rebound.status, 403);
+        assert!(!rebound.body.contains(&short));
+        let form = "key=key-b";
+        let ctype = ("content-type", "application/x-www-form-urlencoded");
+        let cross = request(
+            &web,
+            "POST",
+            "/login",
+            &[ctype, ("origin", "http://evil.example")],
+            form,
+        );
+        assert_eq!(cross.status, 403, "a form posted from another site");
+        assert!(cross.header("set-cookie").is_none());
+        let own = format!("http://{web}");
+        let signed = request(&web, "POST", "/login", &[ctype, ("origin", &own)], form);
+        assert_eq!(
+            signed.status, 303,
+            "the sign-in form itself works: {}",
+            signed.body
+        );
+        let cookie = signed.header("set-cookie").unwrap_or_default();
+        assert!(cookie.starts_with("hearth_key=key-b;"), "{cookie}");
+        assert!(
+            cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+            "{cookie}"
+        );
+        let wrong = request(&web, "POST", "/login", &[ctype], "key=nope");
+        assert_eq!(wrong.status, 401);
+        assert!(
+            wrong.header("set-cookie").is_none(),
+            "no cookie for a bad key"
+        );
     })
     .await
     .expect("the page checks");

@@ -29,13 +29,31 @@ impl Answer {
 
 /// GET `path` from `addr` (HOST:PORT) with extra request headers.
 pub fn get(addr: &str, path: &str, headers: &[(&str, &str)]) -> Answer {
+    request(addr, "GET", path, headers, "")
+}
+
+/// One HTTP/1.1 request; `Host` is `addr` unless `headers` name another.
+pub fn request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Answer {
     let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    let mut req = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\n");
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        req.push_str(&format!("Host: {addr}\r\n"));
+    }
+    if !body.is_empty() {
+        req.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
     req.push_str("\r\n");
+    req.push_str(body);
     s.write_all(req.as_bytes()).expect("sending the request");
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).expect("reading the answer");
