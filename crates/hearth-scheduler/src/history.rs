@@ -4,8 +4,9 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use hearth_proto::protobuf::Timestamp;
 use hearth_proto::reapi::{ActionResult, Command, ExecuteResponse};
 use hearth_proto::worker::RunnerStart;
 use hearth_storage::Digest;
@@ -36,7 +37,74 @@ pub struct ExecutionRecord {
     pub outputs_total: usize,
 }
 
+/// A protobuf timestamp as a time, if it is a real one (after 1970).
+pub fn to_system(t: &Timestamp) -> Option<SystemTime> {
+    if t.seconds <= 0 {
+        return None;
+    }
+    let nanos = u32::try_from(t.nanos).ok()?;
+    UNIX_EPOCH.checked_add(Duration::new(u64::try_from(t.seconds).ok()?, nanos))
+}
+
+/// From `a` to `b`, when both are set and in order.
+fn span(a: Option<&Timestamp>, b: Option<&Timestamp>) -> Option<Duration> {
+    to_system(b?)?.duration_since(to_system(a?)?).ok()
+}
+
+/// The stages of ExecutedActionMetadata; any may be unknown (a cache hit,
+/// or an executor that did not say).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Stages {
+    /// Queued until a worker took it.
+    pub queued: Option<Duration>,
+    pub input_fetch: Option<Duration>,
+    /// The runner's whole run, its start (VM boot, clone, resume) included.
+    pub execution: Option<Duration>,
+    pub output_upload: Option<Duration>,
+}
+
+impl Stages {
+    /// Each stage by its `/metrics` label.
+    pub fn named(&self) -> [(&'static str, Option<Duration>); 4] {
+        [
+            ("queued", self.queued),
+            ("input_fetch", self.input_fetch),
+            ("execution", self.execution),
+            ("output_upload", self.output_upload),
+        ]
+    }
+}
+
 impl ExecutionRecord {
+    /// Where its time went, from the result's metadata.
+    pub fn stages(&self) -> Stages {
+        let Some(m) = self
+            .result
+            .as_ref()
+            .and_then(|r| r.execution_metadata.as_ref())
+        else {
+            return Stages::default();
+        };
+        Stages {
+            queued: span(
+                m.queued_timestamp.as_ref(),
+                m.worker_start_timestamp.as_ref(),
+            ),
+            input_fetch: span(
+                m.input_fetch_start_timestamp.as_ref(),
+                m.input_fetch_completed_timestamp.as_ref(),
+            ),
+            execution: span(
+                m.execution_start_timestamp.as_ref(),
+                m.execution_completed_timestamp.as_ref(),
+            ),
+            output_upload: span(
+                m.output_upload_start_timestamp.as_ref(),
+                m.output_upload_completed_timestamp.as_ref(),
+            ),
+        }
+    }
+
     pub fn exit_code(&self) -> Option<i32> {
         self.result.as_ref().map(|r| r.exit_code)
     }
@@ -293,6 +361,42 @@ mod tests {
         assert!(h.find("op1", Some("b")).is_some());
         let (page, total) = h.recent(&HistoryFilter::default(), 1, 1);
         assert_eq!((page[0].base.operation_name.as_str(), total), ("op2", 3));
+    }
+
+    #[test]
+    fn stages_need_both_ends_in_order() {
+        let at = |s: i64, ms: i32| {
+            Some(Timestamp {
+                seconds: s,
+                nanos: ms * 1_000_000,
+            })
+        };
+        let mut response = ran(0);
+        response.result.as_mut().unwrap().execution_metadata =
+            Some(hearth_proto::reapi::ExecutedActionMetadata {
+                queued_timestamp: at(100, 0),
+                worker_start_timestamp: at(100, 250),
+                input_fetch_start_timestamp: at(101, 0),
+                input_fetch_completed_timestamp: at(100, 0),
+                execution_start_timestamp: at(0, 0),
+                execution_completed_timestamp: at(102, 0),
+                output_upload_start_timestamp: at(102, 0),
+                ..Default::default()
+            });
+        let stages = ExecutionRecord::new(base("op", "a"), &response).stages();
+        assert_eq!(
+            stages,
+            Stages {
+                queued: Some(Duration::from_millis(250)),
+                input_fetch: None,   // ends before it starts
+                execution: None,     // no start
+                output_upload: None, // no end
+            }
+        );
+        assert_eq!(
+            ExecutionRecord::new(base("op", "a"), &ran(0)).stages(),
+            Stages::default()
+        );
     }
 
     #[test]

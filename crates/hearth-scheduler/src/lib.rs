@@ -20,7 +20,7 @@ mod test_support;
 
 pub use affinity::affinity_key;
 pub use executors::{ExecutorInfo, ExecutorSnapshot, WarmKey};
-pub use history::{ExecutionRecord, History, HistoryFilter, RecordBase, HISTORY_CAPACITY};
+pub use history::{ExecutionRecord, History, HistoryFilter, RecordBase, Stages, HISTORY_CAPACITY};
 pub use operation::{OpSnapshot, Stage};
 pub use platform::{Platform, PlatformError};
 pub use scheduler::{

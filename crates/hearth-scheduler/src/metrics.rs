@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use hearth_proto::protobuf::Timestamp;
 use metrics::{counter, gauge, histogram};
 
 use crate::history::ExecutionRecord;
@@ -12,16 +11,6 @@ use crate::SchedulerStats;
 /// A job left the queue for an executor after waiting `wait`.
 pub(crate) fn dispatched(wait: Duration) {
     histogram!("hearth_queue_wait_seconds").record(wait.as_secs_f64());
-}
-
-/// Seconds from `a` to `b`, when both are set and in order.
-fn between(a: Option<&Timestamp>, b: Option<&Timestamp>) -> Option<f64> {
-    let (a, b) = (a?, b?);
-    if a.seconds == 0 && a.nanos == 0 {
-        return None;
-    }
-    let secs = (b.seconds - a.seconds) as f64 + f64::from(b.nanos - a.nanos) / 1e9;
-    (secs >= 0.0).then_some(secs)
 }
 
 /// An operation the scheduler ran finished.
@@ -35,51 +24,14 @@ pub(crate) fn completed(r: &ExecutionRecord) {
     };
     counter!("hearth_executions_total", "isolation" => r.base.isolation.clone(), "outcome" => outcome)
         .increment(1);
-    let Some(meta) = r
-        .result
-        .as_ref()
-        .and_then(|r| r.execution_metadata.as_ref())
-    else {
-        return;
-    };
-    let stages = [
-        (
-            "queued",
-            between(
-                meta.queued_timestamp.as_ref(),
-                meta.worker_start_timestamp.as_ref(),
-            ),
-        ),
-        (
-            "input_fetch",
-            between(
-                meta.input_fetch_start_timestamp.as_ref(),
-                meta.input_fetch_completed_timestamp.as_ref(),
-            ),
-        ),
-        (
-            "execution",
-            between(
-                meta.execution_start_timestamp.as_ref(),
-                meta.execution_completed_timestamp.as_ref(),
-            ),
-        ),
-        (
-            "output_upload",
-            between(
-                meta.output_upload_start_timestamp.as_ref(),
-                meta.output_upload_completed_timestamp.as_ref(),
-            ),
-        ),
-    ];
-    for (stage, secs) in stages {
-        if let Some(secs) = secs {
+    for (stage, took) in r.stages().named() {
+        if let Some(took) = took {
             histogram!(
                 "hearth_execution_stage_seconds",
                 "stage" => stage,
                 "isolation" => r.base.isolation.clone()
             )
-            .record(secs);
+            .record(took.as_secs_f64());
         }
     }
     if let Some(start) = r.runner_start() {

@@ -9,6 +9,7 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use hearth_api::Context;
 use hearth_proto::reapi;
+use hearth_scheduler::history::to_system;
 use hearth_scheduler::ExecutionRecord;
 use hearth_storage::{BlobStore, Digest};
 use maud::{html, Markup};
@@ -16,7 +17,7 @@ use maud::{html, Markup};
 use crate::blobs::blob_link;
 use crate::executions::{command_line, result_cell, short_hash};
 use crate::layout;
-use crate::timing::{to_system, Phases};
+use crate::timing::Phases;
 use crate::viewer::{tenant_scope, viewer};
 
 /// How much of stdout and stderr a page shows.

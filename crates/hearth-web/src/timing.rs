@@ -2,9 +2,8 @@
 //! input fetch, VM start (reported by the runner, inside the execution
 //! span), run, output upload.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use hearth_proto::protobuf::Timestamp;
 use hearth_scheduler::ExecutionRecord;
 use maud::{html, Markup};
 
@@ -20,49 +19,20 @@ pub(crate) struct Phases {
     pub upload: Option<Duration>,
 }
 
-pub(crate) fn to_system(t: &Timestamp) -> Option<SystemTime> {
-    if t.seconds <= 0 {
-        return None;
-    }
-    let nanos = u32::try_from(t.nanos).ok()?;
-    UNIX_EPOCH.checked_add(Duration::new(u64::try_from(t.seconds).ok()?, nanos))
-}
-
-fn span(a: Option<&Timestamp>, b: Option<&Timestamp>) -> Option<Duration> {
-    to_system(b?)?.duration_since(to_system(a?)?).ok()
-}
-
 impl Phases {
     pub(crate) fn of(r: &ExecutionRecord) -> Phases {
-        let Some(m) = r
-            .result
-            .as_ref()
-            .and_then(|x| x.execution_metadata.as_ref())
-        else {
-            return Phases::default();
-        };
+        let stages = r.stages();
         let vm_start = r
             .runner_start()
             .map(|s| Duration::from_millis(s.ready_millis));
-        let execution = span(
-            m.execution_start_timestamp.as_ref(),
-            m.execution_completed_timestamp.as_ref(),
-        );
         Phases {
-            queue: span(
-                m.queued_timestamp.as_ref(),
-                m.worker_start_timestamp.as_ref(),
-            ),
-            fetch: span(
-                m.input_fetch_start_timestamp.as_ref(),
-                m.input_fetch_completed_timestamp.as_ref(),
-            ),
+            queue: stages.queued,
+            fetch: stages.input_fetch,
             vm_start,
-            run: execution.map(|e| e.saturating_sub(vm_start.unwrap_or_default())),
-            upload: span(
-                m.output_upload_start_timestamp.as_ref(),
-                m.output_upload_completed_timestamp.as_ref(),
-            ),
+            run: stages
+                .execution
+                .map(|e| e.saturating_sub(vm_start.unwrap_or_default())),
+            upload: stages.output_upload,
         }
     }
 
