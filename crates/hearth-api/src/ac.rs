@@ -122,7 +122,6 @@ impl ActionCacheApi for ActionCacheService {
             self.ctx.usage.lookup(&who.tenant, false);
             return Err(not_found());
         }
-        self.ctx.scheduler.note_cache_hit();
         self.ctx.usage.lookup(&who.tenant, true);
         let max = self.ctx.limits.max_inline_bytes;
         if req.inline_stdout {

@@ -80,7 +80,6 @@ impl Execution for ExecutionService {
             let cached = self.cached(store.as_ref(), &scoped).await?;
             self.ctx.usage.lookup(&who.tenant, cached.is_some());
             if let Some(response) = cached {
-                self.ctx.scheduler.note_cache_hit();
                 let name = format!("operations/cached-{}", uuid::Uuid::new_v4());
                 self.ctx.scheduler.history().record(ExecutionRecord::new(
                     RecordBase {

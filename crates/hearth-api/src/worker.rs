@@ -350,7 +350,8 @@ impl WorkerApi for WorkerService {
             cas_blobs: cas.blobs,
             cas_limit_bytes: cas.limit_bytes,
             completed_actions: stats.completed,
-            cache_hits: stats.cache_hits,
+            // Every tenant's, as `completed_actions` is.
+            cache_hits: self.ctx.usage.totals(None).hits,
             uptime_seconds: self.ctx.started.elapsed().as_secs(),
         }))
     }

@@ -3,7 +3,6 @@
 //! the state and runs `dispatch` before letting go.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -104,7 +103,6 @@ pub struct SchedulerStats {
     pub queued: u32,
     pub running: u32,
     pub completed: u64,
-    pub cache_hits: u64,
     /// Times an action went back to the queue because its executor went
     /// away or no longer ran it.
     pub requeued: u64,
@@ -172,7 +170,6 @@ pub(crate) struct State {
 pub struct Scheduler {
     pub(crate) config: SchedulerConfig,
     state: Mutex<State>,
-    cache_hits: AtomicU64,
 }
 
 impl Scheduler {
@@ -180,7 +177,6 @@ impl Scheduler {
         Arc::new(Scheduler {
             config,
             state: Mutex::default(),
-            cache_hits: AtomicU64::new(0),
         })
     }
 
@@ -300,10 +296,6 @@ impl Scheduler {
         complete_locked(&mut st, op, response);
     }
 
-    pub fn note_cache_hit(&self) {
-        self.cache_hits.fetch_add(1, Ordering::Relaxed);
-    }
-
     /// Recent finished operations (the ones it ran, and cache hits the API
     /// layer records).
     pub fn history(&self) -> Arc<History> {
@@ -374,7 +366,6 @@ impl Scheduler {
             queued,
             running,
             completed: st.completed,
-            cache_hits: self.cache_hits.load(Ordering::Relaxed),
             requeued: st.requeued,
             // The index knows affinity keys (hashes), not whose they are:
             // listed to admins (and in anonymous mode) only.
