@@ -34,17 +34,8 @@ const SECRET: &[&str] = &["container-registry-password"];
 
 impl std::fmt::Debug for Platform {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let shown = self.props.iter().map(|(k, v)| {
-            let v = if SECRET.contains(&k.as_str()) {
-                "<redacted>"
-            } else {
-                v.as_str()
-            };
-            (k, v)
-        });
-        f.debug_struct("Platform")
-            .field("props", &shown.collect::<BTreeMap<_, _>>())
-            .finish()
+        let shown: BTreeMap<String, String> = self.shown_pairs().into_iter().collect();
+        f.debug_struct("Platform").field("props", &shown).finish()
     }
 }
 
