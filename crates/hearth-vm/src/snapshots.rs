@@ -43,7 +43,22 @@ pub struct SnapshotStore {
     /// The complete snapshots, oldest first. The store is the only writer
     /// of `dir`, so this is read from disk once, at open; the lock also
     /// serialises moves in and out of `dir`.
-    entries: Mutex<Vec<(PathBuf, SnapshotMeta)>>,
+    entries: Mutex<Vec<Entry>>,
+}
+
+/// One stored snapshot: its directory, metadata and the disk blocks its
+/// files took when it was stored (measured once, for `/metrics`).
+struct Entry {
+    path: PathBuf,
+    meta: SnapshotMeta,
+    bytes: u64,
+}
+
+impl Entry {
+    fn new(path: PathBuf, meta: SnapshotMeta) -> Entry {
+        let bytes = crate::clean::allocated(&path);
+        Entry { path, meta, bytes }
+    }
 }
 
 fn read_meta(entry: &Path) -> Option<SnapshotMeta> {
@@ -61,14 +76,14 @@ impl SnapshotStore {
         let mut entries = Vec::new();
         for path in list.flatten().map(|e| e.path()).filter(|p| p.is_dir()) {
             match read_meta(&path) {
-                Some(meta) => entries.push((path, meta)),
+                Some(meta) => entries.push(Entry::new(path, meta)),
                 None => {
                     tracing::info!(path = %path.display(), "deleting an incomplete VM snapshot");
                     let _ = std::fs::remove_dir_all(&path);
                 }
             }
         }
-        entries.sort_by_key(|(_, m)| m.saved_unix_secs);
+        entries.sort_by_key(|e| e.meta.saved_unix_secs);
         Self::publish(&entries);
         Ok(SnapshotStore {
             dir: dir.to_path_buf(),
@@ -77,24 +92,21 @@ impl SnapshotStore {
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(PathBuf, SnapshotMeta)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Entry>> {
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Tells `/metrics` how many snapshots the store holds and their disk
-    /// blocks (a few files each: cheap to stat).
-    fn publish(entries: &[(PathBuf, SnapshotMeta)]) {
-        let bytes: u64 = entries
-            .iter()
-            .map(|(p, _)| crate::clean::allocated(p))
-            .sum();
+    /// blocks.
+    fn publish(entries: &[Entry]) {
+        let bytes: u64 = entries.iter().map(|e| e.bytes).sum();
         metrics::gauge!("hearth_vm_saved_snapshots").set(entries.len() as f64);
         metrics::gauge!("hearth_vm_saved_snapshot_bytes").set(bytes as f64);
     }
 
     /// The keys of the snapshots held.
     pub fn keys(&self) -> Vec<String> {
-        self.lock().iter().map(|(_, m)| m.key.clone()).collect()
+        self.lock().iter().map(|e| e.meta.key.clone()).collect()
     }
 
     /// Moves a saved VM's directory (holding the files named above) into
@@ -119,11 +131,11 @@ impl SnapshotStore {
             let _ = std::fs::remove_dir_all(&entry);
             return Err(VmError::io("writing the snapshot metadata", e));
         }
-        entries.push((entry, meta.clone()));
+        entries.push(Entry::new(entry, meta.clone()));
         while entries.len() > self.max {
-            let (path, old) = entries.remove(0);
-            tracing::info!(key = %old.key, "deleting the oldest VM snapshot beyond the bound");
-            let _ = std::fs::remove_dir_all(path);
+            let old = entries.remove(0);
+            tracing::info!(key = %old.meta.key, "deleting the oldest VM snapshot beyond the bound");
+            let _ = std::fs::remove_dir_all(old.path);
         }
         Self::publish(&entries);
         Ok(())
@@ -133,8 +145,8 @@ impl SnapshotStore {
     /// exist) and returns its metadata.
     pub fn take(&self, key: &str, into: &Path) -> Option<SnapshotMeta> {
         let mut entries = self.lock();
-        let i = entries.iter().rposition(|(_, m)| m.key == key)?;
-        let (path, meta) = entries.remove(i);
+        let i = entries.iter().rposition(|e| e.meta.key == key)?;
+        let Entry { path, meta, .. } = entries.remove(i);
         Self::publish(&entries);
         match std::fs::rename(&path, into) {
             Ok(()) => Some(meta),
