@@ -1,13 +1,13 @@
 use std::sync::Arc;
-
-use crate::usage::CacheUsage;
 use std::time::{Duration, Instant};
 
 use hearth_scheduler::Scheduler;
 use hearth_storage::{ActionCache, BlobStore, Owners};
 
-use crate::auth::Auth;
 use tonic::Status;
+
+use crate::auth::Auth;
+use crate::usage::CacheUsage;
 
 /// Size limits the services enforce and advertise.
 #[derive(Debug, Clone)]
