@@ -19,8 +19,10 @@ use hearth_proto::reapi::{
 use hearth_storage::Digest;
 use prost::Message;
 
+mod breakdown;
 mod load;
 mod vm;
+mod workspace;
 use load::{big_action, under_uploads};
 /// A channel that sends `--api-key` with every call (grpc:// or grpcs://).
 type Channel = hearth_executor::client::ServerChannel;
@@ -69,6 +71,24 @@ struct Args {
     /// peak RSS afterwards).
     #[arg(long)]
     big_action: Option<usize>,
+    /// Instead of measuring a server, write a generated C workspace into
+    /// this directory (for scripts/bench-build.sh) and exit.
+    #[arg(long)]
+    generate_workspace: Option<std::path::PathBuf>,
+    /// Libraries of the generated workspace.
+    #[arg(long, default_value_t = 60)]
+    libraries: usize,
+    /// Layers the libraries are stacked in (each depends on the one below).
+    #[arg(long, default_value_t = 6)]
+    layers: usize,
+    /// Instead of measuring a server, summarize this Bazel JSON profile
+    /// (`--profile=FILE`): its spawn-related tasks, summed.
+    #[arg(long)]
+    bazel_profile: Option<std::path::PathBuf>,
+    /// With --bazel-profile: also the means of a `/metrics` page saved to
+    /// this file after the build (stages, queue wait, gRPC calls).
+    #[arg(long)]
+    metrics_file: Option<std::path::PathBuf>,
 }
 
 fn cas(c: &Channel) -> ContentAddressableStorageClient<Channel> {
@@ -381,6 +401,20 @@ async fn noop_actions(c: &Channel, n: usize) -> Result<()> {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
+    if let Some(dir) = &args.generate_workspace {
+        let shape = workspace::Shape {
+            libraries: args.libraries,
+            layers: args.layers,
+        };
+        return workspace::generate(dir, shape);
+    }
+    if let Some(profile) = &args.bazel_profile {
+        breakdown::print_profile(profile)?;
+        if let Some(metrics) = &args.metrics_file {
+            breakdown::print_metrics(metrics)?;
+        }
+        return Ok(());
+    }
     let c = hearth_executor::client::connect(&hearth_executor::client::ServerAddress {
         url: args.server.clone(),
         tls_ca: args.tls_ca.clone(),
