@@ -61,16 +61,21 @@ pub struct Stages {
     /// The runner's whole run, its start (VM boot, clone, resume) included.
     pub execution: Option<Duration>,
     pub output_upload: Option<Duration>,
+    /// The executor's whole handling, from taking the job to its result:
+    /// the three stages above and what lies between them (the workspace
+    /// made, the result assembled).
+    pub worker: Option<Duration>,
 }
 
 impl Stages {
     /// Each stage by its `/metrics` label.
-    pub fn named(&self) -> [(&'static str, Option<Duration>); 4] {
+    pub fn named(&self) -> [(&'static str, Option<Duration>); 5] {
         [
             ("queued", self.queued),
             ("input_fetch", self.input_fetch),
             ("execution", self.execution),
             ("output_upload", self.output_upload),
+            ("worker", self.worker),
         ]
     }
 }
@@ -101,6 +106,10 @@ impl ExecutionRecord {
             output_upload: span(
                 m.output_upload_start_timestamp.as_ref(),
                 m.output_upload_completed_timestamp.as_ref(),
+            ),
+            worker: span(
+                m.worker_start_timestamp.as_ref(),
+                m.worker_completed_timestamp.as_ref(),
             ),
         }
     }
@@ -381,6 +390,7 @@ mod tests {
                 execution_start_timestamp: at(0, 0),
                 execution_completed_timestamp: at(102, 0),
                 output_upload_start_timestamp: at(102, 0),
+                worker_completed_timestamp: at(102, 500),
                 ..Default::default()
             });
         let stages = ExecutionRecord::new(base("op", "a"), &response).stages();
@@ -391,6 +401,7 @@ mod tests {
                 input_fetch: None,   // ends before it starts
                 execution: None,     // no start
                 output_upload: None, // no end
+                worker: Some(Duration::from_millis(2250)),
             }
         );
         assert_eq!(

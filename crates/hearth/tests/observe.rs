@@ -120,7 +120,13 @@ async fn metrics_move_with_the_work_done() {
         sum(&m, "hearth_executions_total", &[r#"outcome="failed""#]),
         1.0
     );
-    for stage in ["queued", "input_fetch", "execution", "output_upload"] {
+    for stage in [
+        "queued",
+        "input_fetch",
+        "execution",
+        "output_upload",
+        "worker",
+    ] {
         let n = sum(
             &m,
             "hearth_execution_stage_seconds_count",
