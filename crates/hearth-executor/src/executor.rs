@@ -78,15 +78,6 @@ fn remove_workspace(path: &std::path::Path) {
     });
 }
 
-/// Runs file-system work on the blocking pool.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> ExecResult<T> + Send + 'static,
-) -> ExecResult<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ExecError::Internal(format!("workspace thread: {e}")))?
-}
-
 fn make_dirs_writable(path: &std::path::Path) {
     use std::os::unix::fs::PermissionsExt;
     let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755));
@@ -250,27 +241,22 @@ impl Executor {
 
         let ws = Workspace(self.actions_dir.join(uuid::Uuid::new_v4().to_string()));
         let input_root = ws.0.join("root");
-        let root = input_root.clone();
-        blocking(move || {
-            std::fs::create_dir_all(&root).ctx(|| format!("creating {}", root.display()))
-        })
-        .await?;
 
         meta.input_fetch_start_timestamp = timestamp(SystemTime::now());
+        let (root, cmd, owner) = (
+            input_root.clone(),
+            command.clone(),
+            self.config.action_owner,
+        );
         materialize(
             &self.cas,
             root_digest,
             &input_root,
             &self.exec_cache,
             self.config.action_owner,
+            move || outputs::prepare(&root, &cmd, owner),
         )
         .await?;
-        let (root, cmd, owner) = (
-            input_root.clone(),
-            command.clone(),
-            self.config.action_owner,
-        );
-        blocking(move || outputs::prepare(&root, &cmd, owner)).await?;
         meta.input_fetch_completed_timestamp = timestamp(SystemTime::now());
 
         let timeout = action
