@@ -4,6 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 
+use futures::{stream, StreamExt, TryStreamExt};
 use hearth_proto::reapi::{Action, Command, Directory};
 use hearth_storage::{BlobStore, Digest, StoreError};
 use prost::Message;
@@ -77,9 +78,13 @@ pub async fn check_action(
             return Err(Status::invalid_argument("Action.timeout is negative"));
         }
     }
-    let command_bytes = fetch(cas, &command_digest, "the Command", max_blob).await?;
+    let (command_bytes, prefetched) = tokio::try_join!(
+        fetch(cas, &command_digest, "the Command", max_blob),
+        prefetch_tree(cas, root, max_blob)
+    )?;
     let mut tree = TreeCheck {
         max_blob,
+        prefetched,
         ..Default::default()
     };
     tree.walk(cas, root).await?;
@@ -165,6 +170,54 @@ struct TreeCheck {
     missing: Vec<Digest>,
     /// Largest Directory blob read.
     max_blob: u64,
+    /// Directory blobs read ahead of the walk (None: not in the store).
+    prefetched: HashMap<Digest, Option<Vec<u8>>>,
+}
+
+/// Directory reads in flight together while prefetching a tree.
+const PREFETCH_PARALLELISM: usize = 16;
+
+/// Reads the Directory blobs of the tree at `root` a level at a time, the
+/// reads of a level in flight together, for the walk to find in memory.
+/// Every store read is a hand-off to the blocking pool, and on a server
+/// whose cores are busy (in `hearth up`, with its own actions) each waits
+/// milliseconds for a thread: one after another, one per directory, they
+/// were most of the server's part of an Execute. What cannot be decoded is
+/// left for the walk to report.
+async fn prefetch_tree(
+    cas: &dyn BlobStore,
+    root: Digest,
+    max_blob: u64,
+) -> Result<HashMap<Digest, Option<Vec<u8>>>, Status> {
+    let mut blobs: HashMap<Digest, Option<Vec<u8>>> = HashMap::new();
+    let mut level = vec![root];
+    while !level.is_empty() {
+        level.sort();
+        level.dedup();
+        let read: Vec<(Digest, Option<Vec<u8>>)> = stream::iter(level)
+            .map(|d| async move {
+                fetch(cas, &d, "input tree: Directory", max_blob)
+                    .await
+                    .map(|b| (d, b))
+            })
+            .buffer_unordered(PREFETCH_PARALLELISM)
+            .try_collect()
+            .await?;
+        level = Vec::new();
+        for (d, bytes) in read {
+            if let Some(dir) = bytes.as_deref().and_then(|b| Directory::decode(b).ok()) {
+                level.extend(
+                    dir.directories
+                        .iter()
+                        .filter_map(|c| Digest::from_field(c.digest.as_ref(), "").ok())
+                        .filter(|cd| !blobs.contains_key(cd) && *cd != d),
+                );
+            }
+            blobs.insert(d, bytes);
+        }
+        level.retain(|d| !blobs.contains_key(d));
+    }
+    Ok(blobs)
 }
 
 fn check_name(name: &str, dir: &Digest) -> Result<(), Status> {
@@ -221,7 +274,11 @@ impl TreeCheck {
             if parsed.contains_key(&d) {
                 continue;
             }
-            let Some(bytes) = fetch(cas, &d, "input tree: Directory", self.max_blob).await? else {
+            let bytes = match self.prefetched.remove(&d) {
+                Some(b) => b,
+                None => fetch(cas, &d, "input tree: Directory", self.max_blob).await?,
+            };
+            let Some(bytes) = bytes else {
                 self.missing.push(d);
                 self.climbs.insert(d, 0);
                 continue;
