@@ -25,6 +25,10 @@ use crate::{BlobStore, Digest, DigestHasher, StoreError, StoreResult, StoreStats
 mod sink;
 pub use sink::BlobSink;
 
+/// What [`DiskStore::ingest`] reads before it decides whether a staging
+/// file is needed (and the size of its copy buffer after).
+const INGEST_BUFFER: usize = 256 * 1024;
+
 #[cfg(test)]
 type UnlinkHook = Box<dyn Fn(&Digest) + Send + Sync>;
 
@@ -228,26 +232,40 @@ impl Inner {
     }
 
     fn ingest(&self, source: &mut impl Read) -> StoreResult<Digest> {
+        // Most outputs of build actions are small, and many are empty (a
+        // compiler's stdout) or already stored: read up to one buffer first,
+        // and only a source longer than that, or a small blob the store
+        // lacks, gets a staging file. Every file made and deleted costs
+        // inode allocation, which on a busy file system is not free.
+        let mut buf = vec![0u8; INGEST_BUFFER];
+        let mut filled = 0;
+        while filled < buf.len() {
+            let n = source
+                .read(&mut buf[filled..])
+                .ctx(|| "reading an output".into())?;
+            if n == 0 {
+                let data = &buf[..filled];
+                let d = Digest::of(data);
+                if !d.is_empty_blob() {
+                    self.write_hashed(&d, data)?;
+                }
+                return Ok(d);
+            }
+            filled += n;
+        }
         let staged = self.staging_file();
         let result = (|| {
             let mut out =
                 fs::File::create(&staged).ctx(|| format!("creating {}", staged.display()))?;
             let mut hasher = DigestHasher::default();
-            let mut buf = vec![0u8; 256 * 1024];
-            loop {
-                let n = source.read(&mut buf).ctx(|| "reading an output".into())?;
-                if n == 0 {
-                    break;
-                }
+            let mut n = filled;
+            while n > 0 {
                 hasher.update(&buf[..n]);
                 out.write_all(&buf[..n])
                     .ctx(|| format!("writing {}", staged.display()))?;
+                n = source.read(&mut buf).ctx(|| "reading an output".into())?;
             }
             let d = hasher.finish();
-            if d.is_empty_blob() {
-                let _ = fs::remove_file(&staged);
-                return Ok(d);
-            }
             self.commit(&d, &staged).map(|_| d)
         })();
         if result.is_err() {
@@ -258,6 +276,11 @@ impl Inner {
 
     fn write_bytes(&self, d: &Digest, data: &[u8]) -> StoreResult<()> {
         verify(d, data)?;
+        self.write_hashed(d, data)
+    }
+
+    /// Stores `data`, which the caller has just hashed to `d`.
+    fn write_hashed(&self, d: &Digest, data: &[u8]) -> StoreResult<()> {
         if self.lock().touch(d) {
             return Ok(());
         }

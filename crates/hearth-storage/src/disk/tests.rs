@@ -127,6 +127,43 @@ fn ingest_stores_exactly_the_bytes_it_hashed() {
     assert_eq!(d.size(), 12);
 }
 
+/// Sources longer than the in-memory buffer go through a staging file;
+/// short, empty and already stored ones do not need one. All are stored
+/// under the digest of the bytes read.
+#[test]
+fn ingest_of_every_size_stores_what_it_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = DiskStore::open(&dir.path().join("s"), 0).unwrap();
+    for len in [
+        0,
+        1,
+        INGEST_BUFFER - 1,
+        INGEST_BUFFER,
+        INGEST_BUFFER + 1,
+        3 * INGEST_BUFFER + 7,
+    ] {
+        let data = big_blob(len);
+        for _ in 0..2 {
+            // The second time the blob is already stored.
+            let d = store.ingest(&mut data.as_slice()).unwrap();
+            assert_eq!(d, Digest::of(&data), "{len} bytes");
+            if len > 0 {
+                assert_eq!(fs::read(store.path_of(&d)).unwrap(), data, "{len} bytes");
+            }
+        }
+    }
+    assert_eq!(fs::read_dir(store.staging_dir()).unwrap().count(), 0);
+    let path = dir.path().join("out");
+    fs::write(&path, big_blob(2 * INGEST_BUFFER)).unwrap();
+    let mut source = RewrittenWhileRead {
+        file: fs::File::open(&path).unwrap(),
+        path: path.clone(),
+        rewritten: false,
+    };
+    let d = store.ingest(&mut source).unwrap();
+    assert_eq!(Digest::of(&fs::read(store.path_of(&d)).unwrap()), d);
+}
+
 #[tokio::test]
 async fn adopt_and_ingest() {
     let dir = tempfile::tempdir().unwrap();
