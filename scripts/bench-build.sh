@@ -18,6 +18,8 @@ cd "$(dirname "$0")/.."
 rounds=${1:-3} libraries=${2:-60} layers=${3:-6}
 jobs=${JOBS:-4} port=${PORT:-19871} capacity=${CAPACITY:-$(nproc)}
 bin=target/release
+modes=${MODES:-local remote minimal}
+[ -z "${BEFORE:-}" ] || modes+=" before"
 
 scratch=$(mktemp -d /tmp/hearth-build-bench.XXXXXX)
 ws=$scratch/workspace
@@ -32,10 +34,16 @@ bazel() { # bazel ROOT COMMAND ARGS...
 
 hearth_pid=
 start_hearth() {
-    local data=$scratch/hearth-data
-    rm -rf "$data"
+    # A new data dir each time, the old ones deleted only at the end: deleting
+    # a store of thousands of files just before a build slows the next
+    # seconds' file creation (ext4 without a journal steps over recently
+    # freed inodes), which would be the benchmark's artefact, not Hearth's.
+    local data
+    data=$(mktemp -d "$scratch/hearth-data.XXXXXX")
+    local hearth=$bin/hearth
+    [ "$1" = before ] && hearth=$BEFORE
     # shellcheck disable=SC2086
-    "$bin/hearth" up --listen "127.0.0.1:$port" --data-dir "$data" --vm off \
+    "$hearth" up --listen "127.0.0.1:$port" --data-dir "$data" --vm off \
         --capacity "$capacity" --web-listen off --metrics-listen "127.0.0.1:$((port + 1))" \
         ${HEARTH_ARGS:-} >"$scratch/hearth.log" 2>&1 &
     hearth_pid=$!
@@ -55,7 +63,7 @@ cleanup() {
     stop_hearth
     mkdir -p "$keep"
     cp "$scratch"/*.json "$scratch"/*.log "$scratch"/*.metrics "$keep"/ 2>/dev/null || true
-    for root in local remote minimal; do
+    for root in $modes; do
         [ -d "$scratch/$root" ] && bazel "$root" shutdown >/dev/null 2>&1 || true
     done
     rm -rf "$scratch"
@@ -71,15 +79,17 @@ declare -A flags=(
     [local]="--spawn_strategy=linux-sandbox"
     [remote]="${remote[*]}"
     [minimal]="${remote[*]} --remote_download_minimal"
+    [before]="${remote[*]}"
 )
-declare -A times=()
+declare -A times=() cpus=()
 
-# One clean build of every target and test; prints its wall time in seconds.
+# One clean build of every target and test; prints its wall time and the
+# CPU time the hearth process used (threads, not the actions), in seconds.
 build() { # MODE
-    local mode=$1 t0 t1
+    local mode=$1 t0 t1 cpu=0
     # shellcheck disable=SC2086
     bazel "$mode" clean >/dev/null 2>&1
-    [ "$mode" = local ] || start_hearth
+    [ "$mode" = local ] || start_hearth "$mode"
     t0=$(date +%s.%N)
     # shellcheck disable=SC2086
     if ! bazel "$mode" test //... --jobs="$jobs" --profile="$scratch/$mode.profile.json" \
@@ -91,39 +101,47 @@ build() { # MODE
     t1=$(date +%s.%N)
     if [ "$mode" != local ]; then
         curl -fsS "http://127.0.0.1:$((port + 1))/metrics" >"$scratch/$mode.metrics"
+        cpu=$(awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / hz }' "/proc/$hearth_pid/stat")
         stop_hearth
     fi
-    awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }'
+    awk -v a="$t0" -v b="$t1" -v c="$cpu" 'BEGIN { printf "%.2f %s", b - a, c }'
 }
 
 # A first build of each mode starts the Bazel servers and warms the disk;
 # not counted.
-for mode in local remote minimal; do build "$mode" >/dev/null; done
-grep -E 'processes|Executed' "$scratch/local.log" "$scratch/remote.log" | sed 's/^/warm-up: /'
+for mode in $modes; do build "$mode" >/dev/null; done
+grep -hE 'processes|Executed' "$scratch"/*.log | sed 's/^/warm-up: /'
 
 for r in $(seq "$rounds"); do
-    for mode in local remote minimal; do
-        t=$(build "$mode")
+    for mode in $modes; do
+        out=$(build "$mode")
+        read -r t c <<<"$out"
         times[$mode]+="$t "
-        echo "round $r: $mode ${t} s"
+        cpus[$mode]+="$c "
+        echo "round $r: $mode ${t} s (hearth CPU ${c} s)"
     done
 done
 
 median() { tr ' ' '\n' | grep . | sort -n | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
-l=$(median <<<"${times[local]}")
+l=$(median <<<"${times[local]:-1}")
 echo
-printf '| build (%s libraries, %s layers, --jobs=%s, capacity %s) | wall times (s) | median (s) | remote / local |\n' \
+printf '| build (%s libraries, %s layers, --jobs=%s, capacity %s) | wall times (s) | median (s) | / local | hearth CPU, median (s) |\n' \
     "$libraries" "$layers" "$jobs" "$capacity"
-echo '|---|---|---|---|'
-for mode in local remote minimal; do
+echo '|---|---|---|---|---|'
+for mode in $modes; do
     m=$(median <<<"${times[$mode]}")
-    printf '| %s | %s | %s | %s |\n' "$mode" "${times[$mode]% }" "$m" \
-        "$(awk -v a="$m" -v b="$l" 'BEGIN { printf "%.2f", a / b }')"
+    printf '| %s | %s | %s | %s | %s |\n' "$mode" "${times[$mode]% }" "$m" \
+        "$(awk -v a="$m" -v b="$l" 'BEGIN { printf "%.2f", a / b }')" \
+        "$(median <<<"${cpus[$mode]}")"
 done
 echo
-grep -hE '[0-9]+ processes' "$scratch/local.log" "$scratch/remote.log" | sed 's/^/spawns: /'
-echo
-"$bin/hearth-bench" --bazel-profile "$scratch/local.profile.json"
-echo
-"$bin/hearth-bench" --bazel-profile "$scratch/remote.profile.json" \
-    --metrics-file "$scratch/remote.metrics"
+grep -hE '[0-9]+ processes' "$scratch"/*.log | sed 's/^/spawns: /'
+for mode in $modes; do
+    echo
+    if [ "$mode" = local ]; then
+        "$bin/hearth-bench" --bazel-profile "$scratch/local.profile.json"
+    else
+        "$bin/hearth-bench" --bazel-profile "$scratch/$mode.profile.json" \
+            --metrics-file "$scratch/$mode.metrics"
+    fi
+done

@@ -21,6 +21,7 @@ use prost::Message;
 
 mod breakdown;
 mod load;
+mod shaped;
 mod vm;
 mod workspace;
 use load::{big_action, under_uploads};
@@ -71,6 +72,10 @@ struct Args {
     /// peak RSS afterwards).
     #[arg(long)]
     big_action: Option<usize>,
+    /// Instead of the full table, measure this many actions shaped like a
+    /// compile (a tree of 42 inputs, two new outputs), one at a time.
+    #[arg(long)]
+    shaped_actions: Option<usize>,
     /// Instead of measuring a server, write a generated C workspace into
     /// this directory (for scripts/bench-build.sh) and exit.
     #[arg(long)]
@@ -283,7 +288,11 @@ async fn bytestream_small(c: &Channel, size: usize, count: usize) -> Result<()> 
 }
 
 async fn upload_msg<M: Message>(c: &Channel, m: &M) -> Result<Digest> {
-    let data = m.encode_to_vec();
+    upload_bytes(c, m.encode_to_vec()).await
+}
+
+/// Uploads one blob with BatchUpdateBlobs.
+async fn upload_bytes(c: &Channel, data: Vec<u8>) -> Result<Digest> {
     let d = Digest::of(&data);
     cas(c)
         .batch_update_blobs(BatchUpdateBlobsRequest {
@@ -430,6 +439,9 @@ async fn main() -> Result<()> {
     println!("|{:-<60}|{:->24}|", "", "");
     if let Some(n) = args.vm_actions {
         return vm::vm_actions(&c, n, &args.vm_start).await;
+    }
+    if let Some(n) = args.shaped_actions {
+        return shaped::shaped_actions(&c, n).await;
     }
     if let Some(size) = args.big_action {
         return big_action(&c, size).await;
