@@ -459,9 +459,12 @@ async fn main() -> Result<()> {
 }
 
 fn millis_between(a: &Option<hearth_proto::protobuf::Timestamp>, b_nanos: i128) -> f64 {
-    let a = a
-        .as_ref()
+    (b_nanos - nanos(a)) as f64 / 1e6
+}
+
+/// A timestamp in nanoseconds since the epoch (0 when absent).
+fn nanos(t: &Option<hearth_proto::protobuf::Timestamp>) -> i128 {
+    t.as_ref()
         .map(|t| t.seconds as i128 * 1_000_000_000 + t.nanos as i128)
-        .unwrap_or(0);
-    (b_nanos - a) as f64 / 1e6
+        .unwrap_or(0)
 }

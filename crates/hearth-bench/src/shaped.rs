@@ -13,7 +13,7 @@ use hearth_proto::reapi::{
 use hearth_storage::Digest;
 
 use crate::{
-    execute_ok, millis_between, percentile, row, upload_action_in, upload_bytes, upload_msg,
+    execute_ok, millis_between, nanos, percentile, row, upload_action_in, upload_bytes, upload_msg,
     Channel,
 };
 
@@ -150,10 +150,4 @@ pub async fn shaped_actions(c: &Channel, n: usize) -> Result<()> {
         format!("{:.2} ms", mean - stages[4] / n),
     );
     Ok(())
-}
-
-fn nanos(t: &Option<hearth_proto::protobuf::Timestamp>) -> i128 {
-    t.as_ref()
-        .map(|t| t.seconds as i128 * 1_000_000_000 + t.nanos as i128)
-        .unwrap_or(0)
 }
