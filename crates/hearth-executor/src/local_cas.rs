@@ -126,20 +126,9 @@ impl LocalCas {
     /// Reads a (small) blob the local store holds. Blocking: for the
     /// blocking pool.
     pub fn read_local(&self, d: &Digest) -> ExecResult<bytes::Bytes> {
-        use std::io::Read;
-        if d.is_empty_blob() {
-            // An empty Directory message is zero bytes; the store keeps no file for it.
-            return Ok(bytes::Bytes::new());
-        }
-        let mut data = Vec::with_capacity(d.size() as usize);
         self.local
-            .open_blob(d)
-            .and_then(|mut f| {
-                f.read_to_end(&mut data)
-                    .map_err(|e| hearth_storage::StoreError::io(format!("reading {d}"), e))
-            })
-            .map_err(|e| ExecError::store(format!("reading {d}"), e))?;
-        Ok(data.into())
+            .read_blocking(d)
+            .map_err(|e| ExecError::store(format!("reading {d}"), e))
     }
 
     /// Stores a blob locally and makes sure the server has it.

@@ -119,6 +119,13 @@ impl DiskStore {
         self.inner.open_checked(digest)
     }
 
+    /// Reads a whole (small) blob, the empty one included, checking its
+    /// size like [`BlobStore::read`]. Blocking: for a caller already on the
+    /// blocking pool, which need not hand each read off again.
+    pub fn read_blocking(&self, digest: &Digest) -> StoreResult<Bytes> {
+        self.inner.read_range(digest, 0, None)
+    }
+
     /// A writer for a blob that arrives in chunks (see [`BlobSink`]).
     pub fn sink(&self, expected: Digest) -> BlobSink {
         BlobSink::new(self.inner.clone(), expected)
