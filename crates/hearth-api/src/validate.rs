@@ -209,8 +209,7 @@ async fn prefetch_tree(
                 level.extend(
                     dir.directories
                         .iter()
-                        .filter_map(|c| Digest::from_field(c.digest.as_ref(), "").ok())
-                        .filter(|cd| !blobs.contains_key(cd) && *cd != d),
+                        .filter_map(|c| Digest::from_field(c.digest.as_ref(), "").ok()),
                 );
             }
             blobs.insert(d, bytes);
