@@ -1,11 +1,10 @@
 //! What a caller may see: the principal the auth layer found, and the
 //! blobs its tenant may read (see `hearth_storage::Owners`).
 
-use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use hearth_storage::{BlobStore, Digest, Owners, StoreError, StoreResult, StoreStats};
+use hearth_storage::{BlobSource, BlobStore, BlobStream, Digest, Owners, StoreError, StoreResult};
 use tonic::{Request, Status};
 
 use crate::auth::Principal;
@@ -74,32 +73,22 @@ impl BlobStore for TenantView {
         self.inner.read(digest, offset, limit).await
     }
 
-    async fn put(&self, digest: &Digest, data: Bytes) -> StoreResult<()> {
-        self.inner.put(digest, data).await?;
+    async fn read_stream(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        limit: Option<u64>,
+    ) -> StoreResult<BlobStream> {
+        if !self.owners.owns(&self.tenant, digest) {
+            return Err(StoreError::NotFound(*digest));
+        }
+        self.inner.read_stream(digest, offset, limit).await
+    }
+
+    async fn write(&self, digest: &Digest, source: BlobSource) -> StoreResult<()> {
+        self.inner.write(digest, source).await?;
         self.owners.grant(&self.tenant, &[*digest]);
         Ok(())
-    }
-
-    async fn adopt_file(&self, digest: &Digest, path: &Path) -> StoreResult<()> {
-        self.inner.adopt_file(digest, path).await?;
-        self.owners.grant(&self.tenant, &[*digest]);
-        Ok(())
-    }
-
-    fn staging_dir(&self) -> &Path {
-        self.inner.staging_dir()
-    }
-
-    fn pin(&self, digests: &[Digest]) {
-        self.inner.pin(digests)
-    }
-
-    fn unpin(&self, digests: &[Digest]) {
-        self.inner.unpin(digests)
-    }
-
-    fn stats(&self) -> StoreStats {
-        self.inner.stats()
     }
 }
 

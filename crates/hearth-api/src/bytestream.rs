@@ -1,7 +1,7 @@
 //! ByteStream Read (with offset/limit) and resumable Write.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -11,7 +11,7 @@ use hearth_proto::bytestream::{
     byte_stream_server::ByteStream, QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest,
     ReadResponse, WriteRequest, WriteResponse,
 };
-use hearth_storage::{BlobStore, Digest};
+use hearth_storage::{BlobSource, BlobStore, Digest, READ_CHUNK};
 use tokio::io::AsyncWriteExt;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -19,8 +19,6 @@ use crate::error::store_status;
 use crate::resource::{parse_read, parse_write};
 use crate::Context;
 
-/// Bytes per ReadResponse.
-const READ_CHUNK: u64 = 1024 * 1024;
 /// Uploads are buffered in memory up to this size, then spilled to a file.
 const SPILL_AT: usize = 4 * 1024 * 1024;
 
@@ -181,7 +179,7 @@ impl ByteStreamService {
         if upload.committed == 0 {
             return upload.discard().await;
         }
-        if let Err(e) = upload.close(self.ctx.cas.as_ref()).await {
+        if let Err(e) = upload.close(&self.ctx.spool).await {
             tracing::warn!(error = %e.message(), "dropping an interrupted upload");
             return upload.discard().await;
         }
@@ -221,13 +219,13 @@ impl Upload {
         }
     }
 
-    async fn append(&mut self, cas: &dyn BlobStore, data: &[u8]) -> Result<(), Status> {
+    async fn append(&mut self, spool: &Path, data: &[u8]) -> Result<(), Status> {
         self.committed += data.len() as u64;
         if self.path.is_none() && self.buf.len() + data.len() <= SPILL_AT {
             self.buf.extend_from_slice(data);
             return Ok(());
         }
-        let f = self.spill(cas).await?;
+        let f = self.spill(spool).await?;
         f.write_all(data)
             .await
             .map_err(|e| io_status(e, "writing upload"))
@@ -235,7 +233,7 @@ impl Upload {
 
     /// Moves what is buffered in memory to the staging file, creating or
     /// reopening it, and returns the open file.
-    async fn spill(&mut self, cas: &dyn BlobStore) -> Result<&mut tokio::fs::File, Status> {
+    async fn spill(&mut self, spool: &Path) -> Result<&mut tokio::fs::File, Status> {
         let mut file = match (self.file.take(), &self.path) {
             (Some(f), _) => f,
             (None, Some(path)) => tokio::fs::OpenOptions::new()
@@ -244,9 +242,7 @@ impl Upload {
                 .await
                 .map_err(|e| io_status(e, "reopening upload file"))?,
             (None, None) => {
-                let path = cas
-                    .staging_dir()
-                    .join(format!("upload-{}", uuid::Uuid::new_v4()));
+                let path = spool.join(format!("upload-{}", uuid::Uuid::new_v4()));
                 let f = tokio::fs::File::create(&path)
                     .await
                     .map_err(|e| io_status(e, "creating upload file"))?;
@@ -264,8 +260,8 @@ impl Upload {
     }
 
     /// Everything on disk, the file closed: ready to be parked.
-    async fn close(&mut self, cas: &dyn BlobStore) -> Result<(), Status> {
-        let f = self.spill(cas).await?;
+    async fn close(&mut self, spool: &Path) -> Result<(), Status> {
+        let f = self.spill(spool).await?;
         f.flush()
             .await
             .map_err(|e| io_status(e, "writing upload"))?;
@@ -285,7 +281,7 @@ impl Upload {
                         .await
                         .map_err(|e| io_status(e, "writing upload"))?;
                 }
-                cas.adopt_file(digest, &path).await
+                cas.write(digest, BlobSource::File(path)).await
             }
         }
         .map_err(|e| store_status(e, "ByteStream.Write"))
@@ -297,6 +293,12 @@ impl Upload {
             let _ = tokio::fs::remove_file(path).await;
         }
     }
+}
+
+/// `data` in pieces of at most `max` bytes (one empty piece for no data).
+fn split(data: Bytes, max: usize) -> impl Iterator<Item = Bytes> {
+    let pieces = data.len().div_ceil(max).max(1);
+    (0..pieces).map(move |i| data.slice(i * max..((i + 1) * max).min(data.len())))
 }
 
 fn io_status(e: std::io::Error, what: &str) -> Status {
@@ -343,35 +345,26 @@ impl ByteStream for ByteStreamService {
         } else {
             d.size()
         };
-        let first = cas
-            .read(&d, start, Some((end - start).min(READ_CHUNK)))
+        let limit = (end > start).then_some(end - start);
+        let chunks = cas
+            .read_stream(&d, start, limit)
             .await
             .map_err(|e| store_status(e, "ByteStream.Read"))?;
-        let next = start + first.len() as u64;
-        let rest = stream::unfold(next, move |off| {
-            let cas = cas.clone();
-            async move {
-                if off >= end {
-                    return None;
-                }
-                let item = cas
-                    .read(&d, off, Some((end - off).min(READ_CHUNK)))
-                    .await
-                    .map(|data| ReadResponse {
-                        data: data.to_vec(),
+        // A store may hand back bigger chunks than one message should hold.
+        let responses = chunks.flat_map(|chunk| {
+            let pieces: Vec<Result<ReadResponse, Status>> = match chunk {
+                Ok(data) => split(data, READ_CHUNK as usize)
+                    .map(|data| {
+                        Ok(ReadResponse {
+                            data: data.to_vec(),
+                        })
                     })
-                    .map_err(|e| store_status(e, "ByteStream.Read"));
-                let next = match &item {
-                    Ok(r) => off + r.data.len() as u64,
-                    Err(_) => end,
-                };
-                Some((item, next))
-            }
+                    .collect(),
+                Err(e) => vec![Err(store_status(e, "ByteStream.Read"))],
+            };
+            stream::iter(pieces)
         });
-        let head = stream::iter([Ok(ReadResponse {
-            data: first.to_vec(),
-        })]);
-        Ok(Response::new(head.chain(rest).boxed()))
+        Ok(Response::new(responses.boxed()))
     }
 
     async fn write(
@@ -427,7 +420,7 @@ impl ByteStream for ByteStreamService {
                     d.size()
                 )));
             }
-            if let Err(e) = upload.append(cas, &msg.data).await {
+            if let Err(e) = upload.append(&self.ctx.spool, &msg.data).await {
                 upload.discard().await;
                 return Err(e);
             }

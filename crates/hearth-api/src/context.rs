@@ -1,8 +1,9 @@
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hearth_scheduler::Scheduler;
-use hearth_storage::{ActionCache, BlobStore, Owners};
+use hearth_storage::{ActionCache, BlobStore, Occupancy, Owners, Pins, StoreStats};
 
 use tonic::Status;
 
@@ -47,6 +48,15 @@ impl Default for Limits {
 #[derive(Clone)]
 pub struct Context {
     pub cas: Arc<dyn BlobStore>,
+    /// Keeps a queued action's inputs from eviction (the local disk store
+    /// or tier; none for a store without eviction of its own).
+    pub pins: Option<Arc<dyn Pins>>,
+    /// What the local store holds, for status and metrics.
+    pub occupancy: Option<Arc<dyn Occupancy>>,
+    /// Where ByteStream uploads too big for memory are spooled before they
+    /// are written (the disk store's staging directory, so that is a
+    /// rename).
+    pub spool: PathBuf,
     pub ac: Arc<dyn ActionCache>,
     pub scheduler: Arc<Scheduler>,
     /// Instance names served; empty means any name is accepted.
@@ -69,6 +79,9 @@ impl Context {
     ) -> Self {
         Context {
             cas,
+            pins: None,
+            occupancy: None,
+            spool: std::env::temp_dir(),
             ac,
             scheduler,
             instances: Arc::new(Vec::new()),
@@ -78,6 +91,14 @@ impl Context {
             owners: None,
             usage: Arc::default(),
         }
+    }
+
+    /// What the local store holds (zeros when it cannot say).
+    pub fn cas_stats(&self) -> StoreStats {
+        self.occupancy
+            .as_ref()
+            .map(|o| o.stats())
+            .unwrap_or_default()
     }
 
     /// Rejects an instance name that is not configured.

@@ -131,7 +131,11 @@ impl Execution for ExecutionService {
             do_not_cache: checked.action.do_not_cache,
             shareable: !req.skip_cache_lookup && !checked.action.do_not_cache,
             platform,
-            pins: Some(PinGuard::new(self.ctx.cas.clone(), checked.blobs)),
+            pins: self
+                .ctx
+                .pins
+                .clone()
+                .map(|p| PinGuard::new(p, checked.blobs)),
             action: checked.action_bytes,
             command: checked.command_bytes,
         };

@@ -299,7 +299,7 @@ impl WorkerApi for WorkerService {
         // Queue counts are the caller's tenant's own unless it is an admin.
         let who = self.ctx.caller(&request)?;
         let stats = self.ctx.scheduler.stats(Context::tenant_filter(&who));
-        let cas = self.ctx.cas.stats();
+        let cas = self.ctx.cas_stats();
         Ok(Response::new(StatusResponse {
             executors: stats
                 .executors

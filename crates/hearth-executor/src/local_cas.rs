@@ -48,8 +48,7 @@ impl LocalCas {
 
     /// Pins blobs in the local store for the life of the guard.
     pub fn pin(&self, digests: Vec<Digest>) -> PinGuard {
-        let store: Arc<dyn BlobStore> = self.local.clone();
-        PinGuard::new(store, digests)
+        PinGuard::new(self.local.clone(), digests)
     }
 
     /// Makes sure every blob is in the local store, fetching the missing ones.

@@ -11,7 +11,6 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::client::ServerChannel;
@@ -24,7 +23,7 @@ use hearth_proto::reapi::{
     content_addressable_storage_client::ContentAddressableStorageClient, BatchReadBlobsRequest,
     BatchUpdateBlobsRequest, FindMissingBlobsRequest,
 };
-use hearth_storage::{BlobStore, Digest, DiskStore, StoreError, StoreResult, StoreStats};
+use hearth_storage::{BlobSource, BlobStore, Digest, DiskStore, StoreError, StoreResult};
 use tokio::sync::mpsc;
 
 /// Blobs up to this size go through the batch calls; bigger ones stream.
@@ -61,7 +60,6 @@ const FIND_MISSING_CHUNK: usize = 10_000;
 pub struct GrpcStore {
     channel: ServerChannel,
     instance: String,
-    staging: PathBuf,
     max_message: usize,
 }
 
@@ -87,11 +85,10 @@ fn rpc_err(what: &str, d: &Digest, s: &hearth_proto::rpc::Status) -> StoreError 
 }
 
 impl GrpcStore {
-    pub fn new(channel: ServerChannel, instance: impl Into<String>, staging: PathBuf) -> Self {
+    pub fn new(channel: ServerChannel, instance: impl Into<String>) -> Self {
         GrpcStore {
             channel,
             instance: instance.into(),
-            staging,
             max_message: 64 * 1024 * 1024,
         }
     }
@@ -346,7 +343,27 @@ impl BlobStore for GrpcStore {
         Ok(Bytes::from(buf))
     }
 
-    async fn put(&self, digest: &Digest, data: Bytes) -> StoreResult<()> {
+    async fn write(&self, digest: &Digest, source: BlobSource) -> StoreResult<()> {
+        match source {
+            BlobSource::Bytes(data) => self.put_bytes(digest, data).await,
+            BlobSource::File(path) => {
+                // Streamed up (the server verifies it), then deleted.
+                let owned = path.clone();
+                let sent = self
+                    .write_file(digest, move || {
+                        File::open(&owned)
+                            .map_err(|e| StoreError::io(format!("opening {}", owned.display()), e))
+                    })
+                    .await;
+                let _ = tokio::fs::remove_file(&path).await;
+                sent
+            }
+        }
+    }
+}
+
+impl GrpcStore {
+    async fn put_bytes(&self, digest: &Digest, data: Bytes) -> StoreResult<()> {
         if digest.size() <= BATCH_BLOB_LIMIT {
             let resp = self
                 .cas()
@@ -374,30 +391,6 @@ impl BlobStore for GrpcStore {
             .await
             .map_err(|s| remote_err("ByteStream.Write", s))?;
         Ok(())
-    }
-
-    /// Streams the file up (the server verifies it), then deletes it.
-    async fn adopt_file(&self, digest: &Digest, path: &Path) -> StoreResult<()> {
-        let owned = path.to_path_buf();
-        let sent = self
-            .write_file(digest, move || {
-                File::open(&owned)
-                    .map_err(|e| StoreError::io(format!("opening {}", owned.display()), e))
-            })
-            .await;
-        let _ = tokio::fs::remove_file(path).await;
-        sent
-    }
-
-    fn staging_dir(&self) -> &Path {
-        &self.staging
-    }
-
-    fn pin(&self, _: &[Digest]) {}
-    fn unpin(&self, _: &[Digest]) {}
-
-    fn stats(&self) -> StoreStats {
-        StoreStats::default()
     }
 }
 

@@ -95,7 +95,7 @@ impl ByteStream for Served {
 }
 
 /// Serves `fake` on a free port and returns a GrpcStore talking to it.
-async fn serve(fake: Arc<Fake>, staging: PathBuf) -> GrpcStore {
+async fn serve(fake: Arc<Fake>) -> GrpcStore {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(
@@ -108,7 +108,7 @@ async fn serve(fake: Arc<Fake>, staging: PathBuf) -> GrpcStore {
         ..Default::default()
     })
     .unwrap();
-    GrpcStore::new(channel, "", staging)
+    GrpcStore::new(channel, "")
 }
 
 fn big_blob(len: usize) -> Vec<u8> {
@@ -121,7 +121,7 @@ const BIG: usize = 5 * WRITE_CHUNK + 12345;
 async fn a_big_blob_goes_up_in_chunks_from_the_file_and_comes_back_verified() {
     let dir = tempfile::tempdir().unwrap();
     let fake = Arc::new(Fake::default());
-    let remote = serve(fake.clone(), dir.path().join("unused")).await;
+    let remote = serve(fake.clone()).await;
     let data = big_blob(BIG);
     let d = Digest::of(&data);
     let here = Arc::new(DiskStore::open(&dir.path().join("here"), 0).unwrap());
@@ -139,17 +139,20 @@ async fn a_big_blob_goes_up_in_chunks_from_the_file_and_comes_back_verified() {
 }
 
 #[tokio::test]
-async fn put_and_adopt_file_send_bounded_chunks() {
+async fn put_and_file_writes_send_bounded_chunks() {
     let dir = tempfile::tempdir().unwrap();
     let fake = Arc::new(Fake::default());
-    let remote = serve(fake.clone(), dir.path().to_path_buf()).await;
+    let remote = serve(fake.clone()).await;
     let data = big_blob(BIG);
     let d = Digest::of(&data);
     remote.put(&d, Bytes::from(data.clone())).await.unwrap();
     let path = dir.path().join("file");
     std::fs::write(&path, &data).unwrap();
-    remote.adopt_file(&d, &path).await.unwrap();
-    assert!(!path.exists(), "adopt_file takes the file");
+    remote
+        .write(&d, BlobSource::File(path.clone()))
+        .await
+        .unwrap();
+    assert!(!path.exists(), "a written file is taken");
     let chunks = fake.write_chunks.lock().unwrap().clone();
     assert_eq!(chunks.len(), 2 * BIG.div_ceil(WRITE_CHUNK), "{chunks:?}");
     assert!(chunks.iter().all(|&n| n <= WRITE_CHUNK), "{chunks:?}");
@@ -166,7 +169,7 @@ async fn a_blob_the_server_serves_wrong_is_refused_and_not_stored() {
     let data = big_blob(BIG);
     let d = Digest::of(&data);
     fake.blobs.lock().unwrap().insert(d.hash_hex(), data);
-    let remote = serve(fake, dir.path().join("unused")).await;
+    let remote = serve(fake).await;
     let there = DiskStore::open(&dir.path().join("there"), 0).unwrap();
     let e = remote.download_into(&d, &there).await.unwrap_err();
     assert!(matches!(e, StoreError::Mismatch { .. }), "{e}");
@@ -181,7 +184,7 @@ async fn a_blob_the_server_serves_wrong_is_refused_and_not_stored() {
 #[tokio::test]
 async fn a_blob_missing_on_the_server_is_not_found() {
     let dir = tempfile::tempdir().unwrap();
-    let remote = serve(Arc::new(Fake::default()), dir.path().join("unused")).await;
+    let remote = serve(Arc::new(Fake::default())).await;
     let there = DiskStore::open(&dir.path().join("there"), 0).unwrap();
     let d = Digest::of(b"nobody has this");
     let e = remote.download_into(&d, &there).await.unwrap_err();

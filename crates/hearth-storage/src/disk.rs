@@ -19,8 +19,9 @@ use bytes::Bytes;
 use crate::error::IoContext;
 use crate::index::Index;
 use crate::memory::verify;
-use crate::store::clamp_range;
+use crate::store::{clamp_range, BlobSource, BlobStream, Occupancy, Pins, READ_CHUNK};
 use crate::{BlobStore, Digest, DigestHasher, StoreError, StoreResult, StoreStats};
+use futures::stream::{self, StreamExt};
 
 mod sink;
 pub use sink::BlobSink;
@@ -369,6 +370,95 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| StoreError::io("store worker thread", std::io::Error::other(e)))?
 }
 
+impl DiskStore {
+    /// Takes the file at `path` (which must hash to `digest`) into the
+    /// store: a rename when it is on the store's file system (stage it in
+    /// [`DiskStore::staging_dir`]), else a copy. The file is gone afterwards,
+    /// whatever the outcome.
+    pub async fn adopt_file(&self, digest: &Digest, path: &Path) -> StoreResult<()> {
+        let inner = self.inner.clone();
+        let path = path.to_path_buf();
+        let d = *digest;
+        blocking(move || {
+            let adopted = inner.adopt(&d, &path);
+            if adopted.is_err() {
+                let _ = fs::remove_file(&path);
+            }
+            adopted
+        })
+        .await
+    }
+
+    /// Where a caller may stage files for [`DiskStore::adopt_file`] so that
+    /// adoption is a rename.
+    pub fn staging_dir(&self) -> &Path {
+        &self.inner.staging
+    }
+
+    /// A fresh, unused path in [`DiskStore::staging_dir`].
+    pub fn staging_file(&self) -> PathBuf {
+        self.inner.staging_file()
+    }
+}
+
+impl Inner {
+    fn adopt(&self, d: &Digest, path: &Path) -> StoreResult<()> {
+        let actual = hash_file(path)?;
+        if actual != *d {
+            return Err(StoreError::Mismatch {
+                expected: *d,
+                actual_hash: actual.hash_hex(),
+                actual_size: actual.size(),
+            });
+        }
+        if d.is_empty_blob() {
+            let _ = fs::remove_file(path);
+            return Ok(());
+        }
+        let staged = if path.starts_with(&self.staging) {
+            path.to_path_buf()
+        } else {
+            let staged = self.staging_file();
+            if fs::rename(path, &staged).is_err() {
+                fs::copy(path, &staged)
+                    .ctx(|| format!("copying {} into the store", path.display()))?;
+                let _ = fs::remove_file(path);
+            }
+            staged
+        };
+        self.commit(d, &staged).inspect_err(|_| {
+            let _ = fs::remove_file(&staged);
+        })
+    }
+}
+
+/// Streams `[start, start+len)` of an open blob file, a chunk per hand-off
+/// to the blocking pool.
+fn file_stream(file: fs::File, path: PathBuf, start: u64, len: u64) -> BlobStream {
+    let state = (Arc::new(Mutex::new(file)), start, start + len);
+    stream::try_unfold(state, move |(file, pos, end)| {
+        let path = path.clone();
+        async move {
+            if pos >= end {
+                return Ok(None);
+            }
+            let n = (end - pos).min(READ_CHUNK);
+            let f = file.clone();
+            let chunk = blocking(move || {
+                let mut file = f.lock().unwrap_or_else(|p| p.into_inner());
+                let mut buf = vec![0u8; n as usize];
+                file.seek(SeekFrom::Start(pos))
+                    .and_then(|_| file.read_exact(&mut buf))
+                    .ctx(|| format!("reading {}", path.display()))?;
+                Ok(Bytes::from(buf))
+            })
+            .await?;
+            Ok(Some((chunk, (file, pos + n, end))))
+        }
+    })
+    .boxed()
+}
+
 #[async_trait]
 impl BlobStore for DiskStore {
     async fn find_missing(&self, digests: &[Digest]) -> StoreResult<Vec<Digest>> {
@@ -388,52 +478,36 @@ impl BlobStore for DiskStore {
         blocking(move || inner.read_range(&d, offset, limit)).await
     }
 
-    async fn put(&self, digest: &Digest, data: Bytes) -> StoreResult<()> {
+    async fn read_stream(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        limit: Option<u64>,
+    ) -> StoreResult<BlobStream> {
+        let (start, len) = clamp_range(digest, digest.size(), offset, limit)?;
+        if len <= READ_CHUNK {
+            let data = self.read(digest, offset, limit).await?;
+            return Ok(stream::once(async move { Ok(data) }).boxed());
+        }
         let inner = self.inner.clone();
         let d = *digest;
-        blocking(move || inner.write_bytes(&d, &data)).await
+        let file = blocking(move || inner.open_checked(&d)).await?;
+        Ok(file_stream(file, self.path_of(digest), start, len))
     }
 
-    async fn adopt_file(&self, digest: &Digest, path: &Path) -> StoreResult<()> {
-        let inner = self.inner.clone();
-        let path = path.to_path_buf();
-        let d = *digest;
-        blocking(move || {
-            let actual = hash_file(&path)?;
-            if actual != d {
-                let _ = fs::remove_file(&path);
-                return Err(StoreError::Mismatch {
-                    expected: d,
-                    actual_hash: actual.hash_hex(),
-                    actual_size: actual.size(),
-                });
+    async fn write(&self, digest: &Digest, source: BlobSource) -> StoreResult<()> {
+        match source {
+            BlobSource::Bytes(data) => {
+                let inner = self.inner.clone();
+                let d = *digest;
+                blocking(move || inner.write_bytes(&d, &data)).await
             }
-            if d.is_empty_blob() {
-                let _ = fs::remove_file(&path);
-                return Ok(());
-            }
-            let staged = if path.starts_with(&inner.staging) {
-                path
-            } else {
-                let staged = inner.staging_file();
-                if fs::rename(&path, &staged).is_err() {
-                    fs::copy(&path, &staged)
-                        .ctx(|| format!("copying {} into the store", path.display()))?;
-                    let _ = fs::remove_file(&path);
-                }
-                staged
-            };
-            inner.commit(&d, &staged).inspect_err(|_| {
-                let _ = fs::remove_file(&staged);
-            })
-        })
-        .await
+            BlobSource::File(path) => self.adopt_file(digest, &path).await,
+        }
     }
+}
 
-    fn staging_dir(&self) -> &Path {
-        &self.inner.staging
-    }
-
+impl Pins for DiskStore {
     fn pin(&self, digests: &[Digest]) {
         let mut index = self.inner.lock();
         for d in digests {
@@ -447,7 +521,9 @@ impl BlobStore for DiskStore {
             index.unpin(d);
         }
     }
+}
 
+impl Occupancy for DiskStore {
     fn stats(&self) -> StoreStats {
         let index = self.inner.lock();
         StoreStats {

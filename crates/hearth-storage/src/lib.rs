@@ -18,4 +18,6 @@ pub use disk::{BlobSink, DiskStore};
 pub use error::{StoreError, StoreResult};
 pub use memory::MemoryStore;
 pub use owners::Owners;
-pub use store::{BlobStore, PinGuard, StoreStats};
+pub use store::{
+    BlobSource, BlobStore, BlobStream, Occupancy, PinGuard, Pins, StoreStats, READ_CHUNK,
+};

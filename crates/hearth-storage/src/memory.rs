@@ -1,25 +1,22 @@
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::error::IoContext;
-use crate::store::clamp_range;
+use crate::store::{clamp_range, BlobSource, Occupancy};
 use crate::{BlobStore, Digest, StoreError, StoreResult, StoreStats};
 
 /// An unbounded in-memory store, for tests and throwaway servers.
 pub struct MemoryStore {
     blobs: Mutex<HashMap<[u8; 32], Bytes>>,
-    staging: PathBuf,
 }
 
 impl MemoryStore {
     pub fn new() -> Self {
         MemoryStore {
             blobs: Mutex::default(),
-            staging: std::env::temp_dir(),
         }
     }
 
@@ -71,27 +68,24 @@ impl BlobStore for MemoryStore {
         Ok(data.slice(start as usize..(start + len) as usize))
     }
 
-    async fn put(&self, digest: &Digest, data: Bytes) -> StoreResult<()> {
+    async fn write(&self, digest: &Digest, source: BlobSource) -> StoreResult<()> {
+        let data = match source {
+            BlobSource::Bytes(data) => data,
+            BlobSource::File(path) => {
+                let read = tokio::fs::read(&path)
+                    .await
+                    .ctx(|| format!("reading {}", path.display()));
+                let _ = tokio::fs::remove_file(&path).await;
+                Bytes::from(read?)
+            }
+        };
         verify(digest, &data)?;
         self.lock().insert(*digest.hash(), data);
         Ok(())
     }
+}
 
-    async fn adopt_file(&self, digest: &Digest, path: &Path) -> StoreResult<()> {
-        let data = tokio::fs::read(path)
-            .await
-            .ctx(|| format!("reading {}", path.display()))?;
-        let _ = tokio::fs::remove_file(path).await;
-        self.put(digest, Bytes::from(data)).await
-    }
-
-    fn staging_dir(&self) -> &Path {
-        &self.staging
-    }
-
-    fn pin(&self, _: &[Digest]) {}
-    fn unpin(&self, _: &[Digest]) {}
-
+impl Occupancy for MemoryStore {
     fn stats(&self) -> StoreStats {
         let blobs = self.lock();
         StoreStats {

@@ -1,8 +1,9 @@
-use std::path::Path;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures::stream::{self, BoxStream, StreamExt};
 
 use crate::{Digest, StoreResult};
 
@@ -15,51 +16,88 @@ pub struct StoreStats {
     pub limit_bytes: u64,
 }
 
-/// A content-addressable blob store. Every write is verified against its
-/// digest where it enters; a blob is either wholly visible or not at all.
+/// The bytes of a blob being written.
+#[derive(Debug)]
+pub enum BlobSource {
+    Bytes(Bytes),
+    /// A file on local disk holding the whole blob. The store takes it: it
+    /// may rename it into itself, and it is gone when the call returns,
+    /// whether the write succeeded or not.
+    File(PathBuf),
+}
+
+/// A blob's bytes as a stream of chunks.
+pub type BlobStream = BoxStream<'static, StoreResult<Bytes>>;
+
+/// Chunk size of streamed reads (one ByteStream message's worth).
+pub const READ_CHUNK: u64 = 1024 * 1024;
+
+/// A content-addressable blob store: what every store can do, local or
+/// remote (Buildbarn's BlobAccess is the model). Every write is verified
+/// against its digest where it enters; a blob is either wholly visible or
+/// not at all. Disk-only abilities (adopting files, pins, occupancy) are
+/// the disk store's own API and the [`Pins`] and [`Occupancy`] traits;
+/// tiers and caches are decorators over this trait.
 #[async_trait]
 pub trait BlobStore: Send + Sync + 'static {
     /// The subset of `digests` this store does not hold.
     async fn find_missing(&self, digests: &[Digest]) -> StoreResult<Vec<Digest>>;
 
-    /// Bytes `[offset, offset+limit)` of a blob (`limit = None`: to the end).
+    /// Bytes `[offset, offset+limit)` of a blob (`limit = None`: to the end),
+    /// in memory.
     async fn read(&self, digest: &Digest, offset: u64, limit: Option<u64>) -> StoreResult<Bytes>;
 
-    /// Stores `data`, which must hash to `digest`.
-    async fn put(&self, digest: &Digest, data: Bytes) -> StoreResult<()>;
+    /// The same range as a stream of chunks. A stream that ends with an
+    /// error must not be taken as the blob. The default reads the range
+    /// into memory as one chunk; stores that hold big blobs stream them.
+    async fn read_stream(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        limit: Option<u64>,
+    ) -> StoreResult<BlobStream> {
+        let data = self.read(digest, offset, limit).await?;
+        Ok(stream::once(async move { Ok(data) }).boxed())
+    }
 
-    /// Takes ownership of the file at `path` (which must hash to `digest`),
-    /// moving it into the store when it can. The file is gone afterwards.
-    async fn adopt_file(&self, digest: &Digest, path: &Path) -> StoreResult<()>;
+    /// Stores a blob, which must hash to `digest`.
+    async fn write(&self, digest: &Digest, source: BlobSource) -> StoreResult<()>;
 
-    /// A directory where a caller may stage files for [`BlobStore::adopt_file`]
-    /// so that adoption is a rename.
-    fn staging_dir(&self) -> &Path;
+    /// Stores bytes held in memory.
+    async fn put(&self, digest: &Digest, data: Bytes) -> StoreResult<()> {
+        self.write(digest, BlobSource::Bytes(data)).await
+    }
+}
 
-    /// Protects blobs from eviction until the matching [`BlobStore::unpin`].
+/// Keeps blobs from being evicted while work needs them (the disk store).
+pub trait Pins: Send + Sync + 'static {
     /// Pinning a blob that is not (yet) present is allowed.
     fn pin(&self, digests: &[Digest]);
     fn unpin(&self, digests: &[Digest]);
+}
 
+/// What a store holds, for stores that can say so cheaply (not an object
+/// store, whose size its own console reports).
+pub trait Occupancy: Send + Sync + 'static {
     fn stats(&self) -> StoreStats;
 }
 
 /// Holds a set of pins and releases them when dropped.
 pub struct PinGuard {
-    store: Arc<dyn BlobStore>,
+    pins: Arc<dyn Pins>,
     digests: Vec<Digest>,
 }
 
 impl PinGuard {
-    pub fn new(store: Arc<dyn BlobStore>, digests: Vec<Digest>) -> Self {
-        store.pin(&digests);
-        PinGuard { store, digests }
+    pub fn new(pins: Arc<dyn Pins>, digests: Vec<Digest>) -> Self {
+        pins.pin(&digests);
+        PinGuard { pins, digests }
     }
 }
 
 impl Drop for PinGuard {
     fn drop(&mut self) {
-        self.store.unpin(&self.digests);
+        self.pins.unpin(&self.digests);
     }
 }
 

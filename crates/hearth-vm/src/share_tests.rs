@@ -97,7 +97,7 @@ async fn a_snapshot_round_trips_through_the_cas_in_deduplicated_chunks() {
         "equal chunks are one blob"
     );
     // state, mem 0 (= scratch 0), mem 5, mem 6, the manifest.
-    assert_eq!(store.stats().blobs, 5);
+    assert_eq!(hearth_storage::Occupancy::stats(&*store).blobs, 5);
 
     let into = tmp.path().join("fetched");
     std::fs::create_dir(&into).unwrap();

@@ -19,7 +19,7 @@ pub(crate) async fn page(State(ctx): State<Context>, headers: HeaderMap) -> Resp
         Err(r) => return *r,
     };
     let scope = tenant_scope(&who);
-    let cas = ctx.cas.stats();
+    let cas = ctx.cas_stats();
     let totals = ctx.usage.totals(scope.as_deref());
     let lookups = totals.hits + totals.misses;
     let rate = |hits: u64, all: u64| {

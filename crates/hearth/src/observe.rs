@@ -83,7 +83,7 @@ pub fn server_refresh(
     let ctx = ctx.clone();
     Arc::new(move || {
         hearth_scheduler::metrics::publish(&ctx.scheduler.stats(None));
-        let cas = ctx.cas.stats();
+        let cas = ctx.cas_stats();
         gauge!("hearth_cas_bytes").set(cas.bytes as f64);
         gauge!("hearth_cas_blobs").set(cas.blobs as f64);
         gauge!("hearth_cas_limit_bytes").set(cas.limit_bytes as f64);

@@ -280,11 +280,7 @@ pub async fn executor(args: ExecutorArgs) -> Result<()> {
             .context("opening the local cache")?,
     );
     let channel = client::connect(&address).map_err(anyhow::Error::msg)?;
-    let upstream = Arc::new(GrpcStore::new(
-        channel.clone(),
-        args.instance.clone(),
-        args.work_dir.join("cache").join("staging"),
-    ));
+    let upstream = Arc::new(GrpcStore::new(channel.clone(), args.instance.clone()));
     let cas = LocalCas::caching(local, upstream);
     let sandbox = host_sandbox(&args.options).await?;
     let config = executor_config(&args.options, args.work_dir.clone(), sandbox.as_ref());

@@ -116,6 +116,9 @@ pub async fn build_server(args: &ServerArgs) -> Result<Server> {
     });
     scheduler.spawn_sweeper();
     let mut ctx = Context::new(store.clone(), ac.clone(), scheduler);
+    ctx.pins = Some(store.clone());
+    ctx.occupancy = Some(store.clone());
+    ctx.spool = store.staging_dir().to_path_buf();
     ctx.instances = Arc::new(args.instances.clone());
     ctx.limits.max_metadata_blob_bytes = args.max_metadata_blob_bytes;
     ctx.limits.partial_upload_idle = Duration::from_secs(args.partial_upload_idle_secs);
