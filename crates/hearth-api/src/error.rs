@@ -18,6 +18,7 @@ pub fn store_status(err: StoreError, what: &str) -> Status {
             Status::resource_exhausted(msg)
         }
         StoreError::Io { .. } => Status::internal(msg),
+        StoreError::Backend { .. } => Status::unavailable(msg),
         StoreError::Remote { code, .. } => Status::new(Code::from_i32(*code), msg),
     }
 }

@@ -395,6 +395,31 @@ impl DiskStore {
         &self.inner.staging
     }
 
+    /// A private hard link to a stored blob, in the staging directory: a
+    /// file to hand to another store's [`BlobSource::File`] write without
+    /// copying, which eviction cannot pull away.
+    pub async fn link_out(&self, digest: &Digest) -> StoreResult<PathBuf> {
+        let inner = self.inner.clone();
+        let d = *digest;
+        blocking(move || {
+            let link = inner.staging_file();
+            if d.is_empty_blob() {
+                fs::write(&link, b"").ctx(|| format!("creating {}", link.display()))?;
+                return Ok(link);
+            }
+            drop(inner.open_checked(&d)?);
+            fs::hard_link(inner.path_of(&d), &link).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    StoreError::NotFound(d)
+                } else {
+                    StoreError::io(format!("linking {} out of the store", d), e)
+                }
+            })?;
+            Ok(link)
+        })
+        .await
+    }
+
     /// A fresh, unused path in [`DiskStore::staging_dir`].
     pub fn staging_file(&self) -> PathBuf {
         self.inner.staging_file()

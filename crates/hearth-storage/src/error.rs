@@ -23,6 +23,9 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    /// An object store (S3 and the like) failed to answer; worth retrying.
+    #[error("{context}: {message}")]
+    Backend { context: String, message: String },
     /// A remote store answered with a gRPC status (its google.rpc.Code is
     /// kept, so callers can pass it on).
     #[error("{context}: the server answered code {code}: {message}")]

@@ -7,8 +7,11 @@ mod ac;
 mod digest;
 mod disk;
 mod error;
+mod existence;
+mod fast_slow;
 mod index;
 mod memory;
+mod object;
 mod owners;
 mod store;
 
@@ -16,7 +19,10 @@ pub use ac::{action_key, ActionCache, DiskActionCache, MemoryActionCache};
 pub use digest::{Digest, DigestHasher};
 pub use disk::{BlobSink, DiskStore};
 pub use error::{StoreError, StoreResult};
+pub use existence::ExistenceCache;
+pub use fast_slow::FastSlow;
 pub use memory::MemoryStore;
+pub use object::ObjectBlobStore;
 pub use owners::Owners;
 pub use store::{
     BlobSource, BlobStore, BlobStream, Occupancy, PinGuard, Pins, StoreStats, READ_CHUNK,

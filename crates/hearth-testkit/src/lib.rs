@@ -16,8 +16,10 @@ use tar::{EntryType, Header};
 
 mod busybox;
 mod push;
+mod servers;
 pub use busybox::{push_busybox_image, push_busybox_image_with_auth, BUSYBOX};
 pub use push::Pusher;
+pub use servers::{Redis, SeaweedFs};
 
 pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
