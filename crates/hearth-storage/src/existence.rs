@@ -71,9 +71,9 @@ impl BlobStore for ExistenceCache {
             digests
                 .iter()
                 .filter(|d| {
-                    !seen
+                    seen
                         .get(d)
-                        .is_some_and(|at| now.duration_since(*at) < self.ttl)
+                        .is_none_or(|at| now.duration_since(*at) >= self.ttl)
                 })
                 .copied()
                 .collect()
