@@ -1,12 +1,13 @@
 //! The executor's view of the CAS: a local disk store that inputs are
 //! hardlinked from, filled on demand from the server's CAS. In `hearth up`
-//! the local store *is* the server's store and nothing is copied.
+//! the local store *is* the server's disk store and nothing is copied; when
+//! that disk is a cache in front of a bucket, the bucket is the upstream.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use futures::stream::{self, StreamExt, TryStreamExt};
-use hearth_storage::{BlobStore, Digest, DiskStore, PinGuard};
+use hearth_storage::{BlobSource, BlobStore, Digest, DiskStore, PinGuard};
 
 use crate::error::{ExecError, ExecResult};
 use crate::remote_cas::{GrpcStore, BATCH_BLOB_LIMIT};
@@ -17,8 +18,26 @@ const FETCH_PARALLELISM: usize = 8;
 #[derive(Clone)]
 pub struct LocalCas {
     local: Arc<DiskStore>,
-    /// The server's CAS, when it is not `local` itself.
-    upstream: Option<Arc<GrpcStore>>,
+    /// Where blobs the local store lacks come from and outputs go, when the
+    /// local store is not the whole CAS.
+    upstream: Option<Upstream>,
+}
+
+#[derive(Clone)]
+enum Upstream {
+    /// The server's CAS, over gRPC.
+    Server(Arc<GrpcStore>),
+    /// The durable tier behind the server's disk (`hearth up` on a bucket).
+    Tier(Arc<dyn BlobStore>),
+}
+
+impl Upstream {
+    fn store(&self) -> &dyn BlobStore {
+        match self {
+            Upstream::Server(s) => s.as_ref(),
+            Upstream::Tier(s) => s.as_ref(),
+        }
+    }
 }
 
 impl LocalCas {
@@ -34,7 +53,16 @@ impl LocalCas {
     pub fn caching(local: Arc<DiskStore>, upstream: Arc<GrpcStore>) -> Self {
         LocalCas {
             local,
-            upstream: Some(upstream),
+            upstream: Some(Upstream::Server(upstream)),
+        }
+    }
+
+    /// The server's disk store, with the durable tier behind it
+    /// (`hearth up --cas-store s3://…`): outputs go to both.
+    pub fn tiered(local: Arc<DiskStore>, slow: Arc<dyn BlobStore>) -> Self {
+        LocalCas {
+            local,
+            upstream: Some(Upstream::Tier(slow)),
         }
     }
 
@@ -64,8 +92,46 @@ impl LocalCas {
         let Some(upstream) = &self.upstream else {
             return Err(ExecError::MissingInputs(missing));
         };
-        // Small blobs in batches, in memory; big ones one by one, streamed
-        // into the local store (never whole in memory).
+        let fetched = match upstream {
+            Upstream::Server(server) => self.fetch_from_server(server, &missing).await,
+            Upstream::Tier(slow) => {
+                stream::iter(missing.iter().copied())
+                    .map(|d| async move {
+                        hearth_storage::copy_into_disk(slow.as_ref(), &self.local, &d)
+                            .await
+                            .map_err(|e| ExecError::store("fetching an input from the bucket", e))
+                    })
+                    .buffer_unordered(FETCH_PARALLELISM)
+                    .try_collect::<Vec<()>>()
+                    .await
+            }
+        };
+        match fetched {
+            Ok(_) => Ok(()),
+            // The server lacks some: name them all, for the client to upload.
+            Err(e) if !e.missing_blobs().is_empty() => {
+                let gone = upstream
+                    .store()
+                    .find_missing(&missing)
+                    .await
+                    .unwrap_or_default();
+                Err(if gone.is_empty() {
+                    e
+                } else {
+                    ExecError::MissingInputs(gone)
+                })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Small blobs in batches, in memory; big ones one by one, streamed into
+    /// the local store (never whole in memory).
+    async fn fetch_from_server(
+        &self,
+        upstream: &GrpcStore,
+        missing: &[Digest],
+    ) -> ExecResult<Vec<()>> {
         let (small, large): (Vec<Digest>, Vec<Digest>) =
             missing.iter().partition(|d| d.size() <= BATCH_BLOB_LIMIT);
         let batches: Vec<Vec<Digest>> = small
@@ -73,7 +139,7 @@ impl LocalCas {
             .map(<[Digest]>::to_vec)
             .chain(large.into_iter().map(|d| vec![d]))
             .collect();
-        let fetched = stream::iter(batches)
+        stream::iter(batches)
             .map(|batch| async move {
                 if let [d] = batch[..] {
                     if d.size() > BATCH_BLOB_LIMIT {
@@ -97,20 +163,7 @@ impl LocalCas {
             })
             .buffer_unordered(FETCH_PARALLELISM)
             .try_collect::<Vec<()>>()
-            .await;
-        match fetched {
-            Ok(_) => Ok(()),
-            // The server lacks some: name them all, for the client to upload.
-            Err(e) if !e.missing_blobs().is_empty() => {
-                let gone = upstream.find_missing(&missing).await.unwrap_or_default();
-                Err(if gone.is_empty() {
-                    e
-                } else {
-                    ExecError::MissingInputs(gone)
-                })
-            }
-            Err(e) => Err(e),
-        }
+            .await
     }
 
     /// Reads a (small) blob, fetching it first if needed.
@@ -145,27 +198,41 @@ impl LocalCas {
             return Ok(());
         };
         let missing = upstream
+            .store()
             .find_missing(digests)
             .await
             .map_err(|e| ExecError::store("asking the server which outputs it lacks", e))?;
         stream::iter(missing)
             .map(|d| async move {
-                if d.size() > BATCH_BLOB_LIMIT {
+                match upstream {
                     // Streamed from the file, never whole in memory.
-                    return upstream
+                    Upstream::Server(server) if d.size() > BATCH_BLOB_LIMIT => server
                         .upload_from(&d, &self.local)
                         .await
-                        .map_err(|e| ExecError::store("uploading an output", e));
+                        .map_err(|e| ExecError::store("uploading an output", e)),
+                    Upstream::Tier(slow) if d.size() > BATCH_BLOB_LIMIT => {
+                        let link = self
+                            .local
+                            .link_out(&d)
+                            .await
+                            .map_err(|e| ExecError::store("reading an output", e))?;
+                        slow.write(&d, BlobSource::File(link))
+                            .await
+                            .map_err(|e| ExecError::store("storing an output in the bucket", e))
+                    }
+                    _ => {
+                        let data = self
+                            .local
+                            .read(&d, 0, None)
+                            .await
+                            .map_err(|e| ExecError::store("reading an output", e))?;
+                        upstream
+                            .store()
+                            .put(&d, data)
+                            .await
+                            .map_err(|e| ExecError::store("uploading an output", e))
+                    }
                 }
-                let data = self
-                    .local
-                    .read(&d, 0, None)
-                    .await
-                    .map_err(|e| ExecError::store("reading an output", e))?;
-                upstream
-                    .put(&d, data)
-                    .await
-                    .map_err(|e| ExecError::store("uploading an output", e))
             })
             .buffer_unordered(FETCH_PARALLELISM)
             .try_collect::<Vec<()>>()

@@ -71,8 +71,7 @@ impl BlobStore for ExistenceCache {
             digests
                 .iter()
                 .filter(|d| {
-                    seen
-                        .get(d)
+                    seen.get(d)
                         .is_none_or(|at| now.duration_since(*at) >= self.ttl)
                 })
                 .copied()

@@ -46,7 +46,7 @@ impl FastSlow {
             if self.fast.contains(d) {
                 return Ok(());
             }
-            copy(self.slow.as_ref(), &self.fast, d).await
+            copy_into_disk(self.slow.as_ref(), &self.fast, d).await
         }
         .await;
         let mut fills = self.fills.lock().unwrap_or_else(|p| p.into_inner());
@@ -57,8 +57,9 @@ impl FastSlow {
     }
 }
 
-/// Copies `d` from `from` into the disk store `to`.
-pub(crate) async fn copy(from: &dyn BlobStore, to: &DiskStore, d: &Digest) -> StoreResult<()> {
+/// Copies `d` from `from` into the disk store `to` (which checks it), through
+/// memory when small, else through a staging file.
+pub async fn copy_into_disk(from: &dyn BlobStore, to: &DiskStore, d: &Digest) -> StoreResult<()> {
     if d.size() <= FILL_IN_MEMORY {
         let data = from.read(d, 0, None).await?;
         return to.put(d, data).await;

@@ -20,7 +20,7 @@ pub use digest::{Digest, DigestHasher};
 pub use disk::{BlobSink, DiskStore};
 pub use error::{StoreError, StoreResult};
 pub use existence::ExistenceCache;
-pub use fast_slow::FastSlow;
+pub use fast_slow::{copy_into_disk, FastSlow};
 pub use memory::MemoryStore;
 pub use object::ObjectBlobStore;
 pub use owners::Owners;

@@ -25,11 +25,11 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Server and one local executor in one process, with embedded storage.
-    Up(UpArgs),
+    Up(Box<UpArgs>),
     /// The server alone (API, storage, scheduler); executors connect to it.
-    Server(ServerArgs),
+    Server(Box<ServerArgs>),
     /// An executor that connects to a server.
-    Executor(ExecutorArgs),
+    Executor(Box<ExecutorArgs>),
     /// Shows connected executors, queued and running actions, cache size.
     Status(StatusArgs),
     /// Internal: joins stdin/stdout to a Unix socket (run by QEMU to forward
@@ -52,6 +52,14 @@ pub struct ServerArgs {
     /// Upper bound of the CAS on disk, in bytes (e.g. 10GB); LRU eviction above it.
     #[arg(long, default_value = "10GB", value_parser = parse_size)]
     pub cas_max_bytes: u64,
+    /// Where blobs are kept: `disk` (under --data-dir) or
+    /// `s3://BUCKET/PREFIX`, an S3-compatible bucket with the disk store as
+    /// a cache in front of it (bounded by --cas-max-bytes). Several servers
+    /// can share one bucket.
+    #[arg(long, default_value = "disk", value_parser = crate::storage::CasStore::parse)]
+    pub cas_store: crate::storage::CasStore,
+    #[command(flatten)]
+    pub s3: crate::storage::S3Options,
     /// Instance names to serve (repeatable); none means any name is accepted.
     #[arg(long = "instance")]
     pub instances: Vec<String>,

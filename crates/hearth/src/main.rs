@@ -6,6 +6,7 @@ mod observe;
 mod serve;
 mod server;
 mod status;
+mod storage;
 mod vm;
 
 use anyhow::Result;
@@ -24,9 +25,9 @@ fn main() -> Result<()> {
         .build()?;
     runtime.block_on(async move {
         match cli.command {
-            cli::Command::Up(a) => serve::up(a).await,
-            cli::Command::Server(a) => serve::server(a).await,
-            cli::Command::Executor(a) => serve::executor(a).await,
+            cli::Command::Up(a) => serve::up(*a).await,
+            cli::Command::Server(a) => serve::server(*a).await,
+            cli::Command::Executor(a) => serve::executor(*a).await,
             cli::Command::Status(a) => status::run(a).await,
             cli::Command::ForwardUnix { .. } => Ok(()),
         }

@@ -231,7 +231,10 @@ pub async fn up(args: UpArgs) -> Result<()> {
         api_key: server.local_executor_key(),
         ..Default::default()
     };
-    let cas = LocalCas::shared(server.store.clone());
+    let cas = match &server.slow {
+        None => LocalCas::shared(server.store.clone()),
+        Some(slow) => LocalCas::tiered(server.store.clone(), slow.clone()),
+    };
     let sandbox = host_sandbox(&args.executor).await?;
     let config = executor_config(
         &args.executor,

@@ -10,7 +10,7 @@ use anyhow::{Context as _, Result};
 use hearth_api::auth::{Auth, AuthLayer, Capability};
 use hearth_api::{Context, RequestMetricsLayer};
 use hearth_scheduler::{Scheduler, SchedulerConfig};
-use hearth_storage::{DiskActionCache, DiskStore, Owners};
+use hearth_storage::{BlobStore, DiskActionCache, DiskStore, Owners};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
@@ -65,7 +65,10 @@ fn reload_keys_on_sighup(auth: Auth) {
 }
 
 pub struct Server {
+    /// The local disk store (the whole CAS, or the cache in front of S3).
     pub store: Arc<DiskStore>,
+    /// The durable tier behind it, when `--cas-store` names one.
+    pub slow: Option<Arc<dyn BlobStore>>,
     pub ac: Arc<DiskActionCache>,
     pub listener: TcpListener,
     pub ctx: Context,
@@ -98,10 +101,13 @@ fn tls_config(args: &ServerArgs) -> Result<Option<ServerTlsConfig>> {
 pub async fn build_server(args: &ServerArgs) -> Result<Server> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating {}", args.data_dir.display()))?;
-    let store = Arc::new(
-        DiskStore::open(&args.data_dir, args.cas_max_bytes)
-            .with_context(|| format!("opening the CAS in {}", args.data_dir.display()))?,
-    );
+    let storage = crate::storage::open(
+        &args.data_dir,
+        args.cas_max_bytes,
+        &args.cas_store,
+        &args.s3,
+    )?;
+    let store = storage.disk.clone();
     let ac = Arc::new(
         DiskActionCache::open(&args.data_dir, args.ac_max_bytes)
             .context("opening the action cache")?,
@@ -115,7 +121,7 @@ pub async fn build_server(args: &ServerArgs) -> Result<Server> {
         ..Default::default()
     });
     scheduler.spawn_sweeper();
-    let mut ctx = Context::new(store.clone(), ac.clone(), scheduler);
+    let mut ctx = Context::new(storage.cas.clone(), ac.clone(), scheduler);
     ctx.pins = Some(store.clone());
     ctx.occupancy = Some(store.clone());
     ctx.spool = store.staging_dir().to_path_buf();
@@ -150,6 +156,7 @@ pub async fn build_server(args: &ServerArgs) -> Result<Server> {
         .await;
     Ok(Server {
         store,
+        slow: storage.slow,
         ac,
         listener,
         ctx,

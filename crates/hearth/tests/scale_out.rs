@@ -1,0 +1,177 @@
+//! Several servers on one S3 bucket (SeaweedFS, started here): blobs that
+//! one server's actions produce are served by another with an empty disk.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use hearth_proto::bytestream::{byte_stream_client::ByteStreamClient, ReadRequest};
+use hearth_proto::reapi::{self, FindMissingBlobsRequest};
+use hearth_storage::{Digest, ObjectBlobStore};
+use hearth_testkit::SeaweedFs;
+use object_store::aws::AmazonS3Builder;
+use object_store::ObjectStoreExt;
+
+fn s3_flags(s: &SeaweedFs) -> Vec<String> {
+    vec![
+        "--s3-endpoint".into(),
+        s.endpoint.clone(),
+        "--s3-access-key-id".into(),
+        s.access_key.clone(),
+        "--s3-secret-access-key".into(),
+        s.secret_key.clone(),
+        "--s3-region".into(),
+        "us-east-1".into(),
+        "--s3-allow-http".into(),
+        "true".into(),
+    ]
+}
+
+async fn read_all(c: &Channel, d: &reapi::Digest) -> Vec<u8> {
+    let mut read = ByteStreamClient::new(c.clone())
+        .max_decoding_message_size(64 << 20)
+        .read(ReadRequest {
+            resource_name: format!("blobs/{}/{}", d.hash, d.size_bytes),
+            read_offset: 0,
+            read_limit: 0,
+        })
+        .await
+        .expect("ByteStream.Read")
+        .into_inner();
+    let mut got = Vec::new();
+    while let Some(m) = read.message().await.expect("a chunk") {
+        got.extend(m.data);
+    }
+    got
+}
+
+async fn missing(c: &Channel, digests: &[reapi::Digest]) -> Vec<reapi::Digest> {
+    cas(c)
+        .find_missing_blobs(FindMissingBlobsRequest {
+            instance_name: String::new(),
+            blob_digests: digests.to_vec(),
+            digest_function: 0,
+        })
+        .await
+        .expect("FindMissingBlobs")
+        .into_inner()
+        .missing_blob_digests
+}
+
+#[tokio::test]
+async fn outputs_of_one_server_on_a_bucket_are_served_by_another_with_an_empty_disk() {
+    let s3 = SeaweedFs::start();
+    // Replica A: `hearth up` (its executor's outputs go to the bucket),
+    // configured by flags.
+    let flags = s3_flags(&s3);
+    let mut args = vec!["--cas-store", "s3://hearth/ci"];
+    args.extend(flags.iter().map(String::as_str));
+    let a = up(&args);
+    let ca = channel(&a).await;
+    let spec = ActionSpec {
+        files: vec![("in.txt", b"input bytes\n")],
+        outputs: vec!["small.txt", "big.bin"],
+        ..ActionSpec::new(
+            "tr a-z A-Z < in.txt > small.txt && head -c 12000000 /dev/zero | tr '\\0' x > big.bin",
+        )
+    };
+    let action = make_action(&ca, &spec).await;
+    let (_, resp) = execute(&ca, action, true).await.expect("Execute");
+    let result = resp.result.expect("a result");
+    assert_eq!(result.exit_code, 0, "{result:?}");
+    let outputs: Vec<reapi::Digest> = result
+        .output_files
+        .iter()
+        .map(|f| f.digest.clone().expect("digest"))
+        .collect();
+    assert_eq!(outputs.len(), 2);
+
+    // Both outputs are objects in the bucket, under the prefix.
+    let bucket = Arc::new(
+        AmazonS3Builder::new()
+            .with_endpoint(&s3.endpoint)
+            .with_bucket_name(&s3.bucket)
+            .with_access_key_id(&s3.access_key)
+            .with_secret_access_key(&s3.secret_key)
+            .with_region("us-east-1")
+            .with_allow_http(true)
+            .build()
+            .expect("S3 client"),
+    );
+    let layout = ObjectBlobStore::new(bucket.clone(), "ci");
+    for d in &outputs {
+        let d = Digest::from_proto(d).expect("digest");
+        let meta = bucket.head(&layout.key(&d)).await.expect("object");
+        assert_eq!(meta.size, d.size());
+    }
+
+    // Replica B: `hearth server`, a fresh disk, the S3 settings from its
+    // config file.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("hearth.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\ncas-store = \"s3://hearth/ci\"\ns3-endpoint = \"{}\"\ns3-access-key-id = \"{}\"\ns3-secret-access-key = \"{}\"\ns3-region = \"us-east-1\"\ns3-allow-http = true\n",
+            s3.endpoint, s3.access_key, s3.secret_key
+        ),
+    )
+    .expect("config");
+    let b = server(&["--config", config.to_str().expect("utf-8")]);
+    let cb = channel(&b).await;
+    let input = Digest::of(b"input bytes\n").to_proto();
+    let never = Digest::of(b"never uploaded").to_proto();
+    let mut asked = outputs.clone();
+    asked.extend([input, never.clone()]);
+    assert_eq!(missing(&cb, &asked).await, vec![never]);
+    assert_eq!(read_all(&cb, &outputs[0]).await, b"INPUT BYTES\n");
+    let big = read_all(&cb, &outputs[1]).await;
+    assert_eq!(big.len(), 12_000_000);
+    assert!(big.iter().all(|&b| b == b'x'));
+    // B's disk now holds what it served.
+    let disk_blob = |d: &reapi::Digest| {
+        b.dir
+            .path()
+            .join("data/cas")
+            .join(&d.hash[..2])
+            .join(&d.hash)
+    };
+    assert!(disk_blob(&outputs[1]).exists());
+}
+
+#[tokio::test]
+async fn a_bucket_that_cannot_be_reached_is_unavailable_not_a_miss() {
+    // Nothing listens on this port: the first lookup fails.
+    let port = hearth_testkit::free_port();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let b = server(&[
+        "--cas-store",
+        "s3://nowhere/x",
+        "--s3-endpoint",
+        &endpoint,
+        "--s3-access-key-id",
+        "k",
+        "--s3-secret-access-key",
+        "s",
+        "--s3-region",
+        "us-east-1",
+        "--s3-allow-http",
+        "true",
+    ]);
+    let cb = channel(&b).await;
+    let err = cas(&cb)
+        .find_missing_blobs(FindMissingBlobsRequest {
+            instance_name: String::new(),
+            blob_digests: vec![Digest::of(b"anything").to_proto()],
+            digest_function: 0,
+        })
+        .await
+        .expect_err("no bucket to ask");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(
+        err.message().contains("anything") || err.message().contains("looking up"),
+        "{}",
+        err.message()
+    );
+}
