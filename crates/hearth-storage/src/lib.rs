@@ -13,6 +13,7 @@ mod index;
 mod memory;
 mod object;
 mod owners;
+mod redis_ac;
 mod store;
 
 pub use ac::{action_key, ActionCache, DiskActionCache, MemoryActionCache};
@@ -24,6 +25,7 @@ pub use fast_slow::{copy_into_disk, FastSlow};
 pub use memory::MemoryStore;
 pub use object::ObjectBlobStore;
 pub use owners::Owners;
+pub use redis_ac::RedisActionCache;
 pub use store::{
     BlobSource, BlobStore, BlobStream, Occupancy, PinGuard, Pins, StoreStats, READ_CHUNK,
 };

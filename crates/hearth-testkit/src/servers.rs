@@ -135,8 +135,12 @@ pub struct Redis {
 
 impl Redis {
     pub fn start() -> Redis {
+        Self::start_on(free_port())
+    }
+
+    /// On a given port (a restart where clients expect it).
+    pub fn start_on(port: u16) -> Redis {
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
         let log = dir.path().join("redis.log");
         let child = Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--port", &port.to_string()])

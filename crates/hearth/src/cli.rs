@@ -60,6 +60,15 @@ pub struct ServerArgs {
     pub cas_store: crate::storage::CasStore,
     #[command(flatten)]
     pub s3: crate::storage::S3Options,
+    /// Where shared state is kept: `embedded` (this process and
+    /// --data-dir) or `redis://[:PASSWORD@]HOST:PORT/DB`, shared by every
+    /// replica that names it. In Redis today: the action cache.
+    #[arg(long, default_value = "embedded", value_parser = crate::storage::StateStore::parse)]
+    pub state: crate::storage::StateStore,
+    /// Seconds an action-cache entry in Redis lives without being read
+    /// (every hit renews it).
+    #[arg(long, default_value_t = 7 * 24 * 3600)]
+    pub ac_ttl_secs: u64,
     /// Instance names to serve (repeatable); none means any name is accepted.
     #[arg(long = "instance")]
     pub instances: Vec<String>,

@@ -78,7 +78,7 @@ pub async fn serve_metrics(
 /// The server's gauges from its scheduler and stores.
 pub fn server_refresh(
     ctx: &hearth_api::Context,
-    ac: Arc<hearth_storage::DiskActionCache>,
+    ac: Option<Arc<hearth_storage::DiskActionCache>>,
 ) -> Refresh {
     let ctx = ctx.clone();
     Arc::new(move || {
@@ -87,9 +87,12 @@ pub fn server_refresh(
         gauge!("hearth_cas_bytes").set(cas.bytes as f64);
         gauge!("hearth_cas_blobs").set(cas.blobs as f64);
         gauge!("hearth_cas_limit_bytes").set(cas.limit_bytes as f64);
-        let (entries, bytes) = ac.stats();
-        gauge!("hearth_action_cache_entries").set(entries as f64);
-        gauge!("hearth_action_cache_bytes").set(bytes as f64);
+        // An action cache in Redis is measured by Redis.
+        if let Some(ac) = &ac {
+            let (entries, bytes) = ac.stats();
+            gauge!("hearth_action_cache_entries").set(entries as f64);
+            gauge!("hearth_action_cache_bytes").set(bytes as f64);
+        }
         gauge!("hearth_uptime_seconds").set(ctx.started.elapsed().as_secs_f64());
     })
 }

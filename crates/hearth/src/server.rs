@@ -69,7 +69,8 @@ pub struct Server {
     pub store: Arc<DiskStore>,
     /// The durable tier behind it, when `--cas-store` names one.
     pub slow: Option<Arc<dyn BlobStore>>,
-    pub ac: Arc<DiskActionCache>,
+    /// The action cache on disk, when it is there (for its gauges).
+    pub ac: Option<Arc<DiskActionCache>>,
     pub listener: TcpListener,
     pub ctx: Context,
     /// The status `grpc.health.v1.Health` answers with.
@@ -108,10 +109,13 @@ pub async fn build_server(args: &ServerArgs) -> Result<Server> {
         &args.s3,
     )?;
     let store = storage.disk.clone();
-    let ac = Arc::new(
-        DiskActionCache::open(&args.data_dir, args.ac_max_bytes)
-            .context("opening the action cache")?,
-    );
+    let (ac, disk_ac) = crate::storage::open_action_cache(
+        &args.data_dir,
+        args.ac_max_bytes,
+        &args.state,
+        Duration::from_secs(args.ac_ttl_secs),
+    )
+    .await?;
     let scheduler = Scheduler::new(SchedulerConfig {
         queue_timeout: Duration::from_secs(args.queue_timeout_secs),
         max_attempts: args.max_attempts,
@@ -121,7 +125,7 @@ pub async fn build_server(args: &ServerArgs) -> Result<Server> {
         ..Default::default()
     });
     scheduler.spawn_sweeper();
-    let mut ctx = Context::new(storage.cas.clone(), ac.clone(), scheduler);
+    let mut ctx = Context::new(storage.cas.clone(), ac, scheduler);
     ctx.pins = Some(store.clone());
     ctx.occupancy = Some(store.clone());
     ctx.spool = store.staging_dir().to_path_buf();
@@ -155,9 +159,9 @@ pub async fn build_server(args: &ServerArgs) -> Result<Server> {
         .set_service_status("", ServingStatus::NotServing)
         .await;
     Ok(Server {
+        ac: disk_ac,
         store,
         slow: storage.slow,
-        ac,
         listener,
         ctx,
         health,

@@ -7,7 +7,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 use clap::Args;
-use hearth_storage::{BlobStore, DiskStore, ExistenceCache, FastSlow, ObjectBlobStore};
+use hearth_storage::{
+    ActionCache, BlobStore, DiskActionCache, DiskStore, ExistenceCache, FastSlow, ObjectBlobStore,
+    RedisActionCache,
+};
 
 /// How long the object tier's existence cache trusts a "present".
 const EXISTENCE_TTL: Duration = Duration::from_secs(300);
@@ -38,6 +41,66 @@ impl CasStore {
             bucket: bucket.to_string(),
             prefix: prefix.trim_matches('/').to_string(),
         })
+    }
+}
+
+/// Where shared state lives: in this process (and its data directory), or
+/// in Redis, shared by every replica that names the same database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateStore {
+    Embedded,
+    Redis(String),
+}
+
+impl StateStore {
+    pub fn parse(text: &str) -> Result<StateStore, String> {
+        if text == "embedded" {
+            return Ok(StateStore::Embedded);
+        }
+        if text.starts_with("redis://") || text.starts_with("rediss://") {
+            return Ok(StateStore::Redis(text.to_string()));
+        }
+        Err(format!(
+            "{text:?} is not a state store: use `embedded` or `redis://HOST:PORT/DB`"
+        ))
+    }
+}
+
+/// The action cache where `--state` puts it; the disk one is also handed
+/// back for its gauges.
+pub async fn open_action_cache(
+    data_dir: &std::path::Path,
+    max_bytes: u64,
+    state: &StateStore,
+    ttl: Duration,
+) -> Result<(Arc<dyn ActionCache>, Option<Arc<DiskActionCache>>)> {
+    match state {
+        StateStore::Embedded => {
+            let ac = Arc::new(
+                DiskActionCache::open(data_dir, max_bytes).context("opening the action cache")?,
+            );
+            Ok((ac.clone(), Some(ac)))
+        }
+        StateStore::Redis(url) => {
+            let ac = RedisActionCache::connect(url, REDIS_PREFIX, ttl)
+                .await
+                .context("opening the action cache in Redis")?;
+            tracing::info!(url = %redact(url), "action cache in Redis");
+            Ok((Arc::new(ac), None))
+        }
+    }
+}
+
+/// Keys Hearth writes in a Redis database start with this.
+const REDIS_PREFIX: &str = "hearth:";
+
+/// A Redis URL without its password, for logs.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://…@{}", &url[..scheme], &url[at + 1..])
+        }
+        _ => url.to_string(),
     }
 }
 
@@ -153,5 +216,17 @@ mod tests {
         );
         assert!(CasStore::parse("s3:///x").is_err());
         assert!(CasStore::parse("gs://b").is_err());
+    }
+
+    #[test]
+    fn state_urls_and_their_passwords() {
+        assert_eq!(StateStore::parse("embedded"), Ok(StateStore::Embedded));
+        assert_eq!(
+            StateStore::parse("redis://h:6379/2"),
+            Ok(StateStore::Redis("redis://h:6379/2".into()))
+        );
+        assert!(StateStore::parse("mysql://h").is_err());
+        assert_eq!(redact("redis://:secret@h:6379/0"), "redis://…@h:6379/0");
+        assert_eq!(redact("redis://h:6379/0"), "redis://h:6379/0");
     }
 }

@@ -1,0 +1,148 @@
+//! Real Bazel 4.2 against two Hearth replicas that share a bucket (SeaweedFS)
+//! and Redis, each with an executor: what one replica built, the other
+//! serves from cache after `bazel clean`, and it can run the actions again
+//! on its own executor from the shared blobs.
+
+mod bazel_support;
+
+use std::path::Path;
+
+use bazel_support::*;
+use hearth_testkit::{Redis, SeaweedFs};
+
+fn shared_flags(s3: &SeaweedFs, redis: &Redis) -> Vec<String> {
+    vec![
+        "--cas-store".into(),
+        "s3://hearth/bazel".into(),
+        "--state".into(),
+        redis.url.clone(),
+        "--s3-endpoint".into(),
+        s3.endpoint.clone(),
+        "--s3-access-key-id".into(),
+        s3.access_key.clone(),
+        "--s3-secret-access-key".into(),
+        s3.secret_key.clone(),
+        "--s3-region".into(),
+        "us-east-1".into(),
+        "--s3-allow-http".into(),
+        "true".into(),
+    ]
+}
+
+fn replica(dir: &Path, name: &str, command: &str, shared: &[String]) -> (Hearth, u16) {
+    let data = dir.join(format!("{name}-data"));
+    let mut args = vec![
+        command,
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        data.to_str().expect("utf-8 path"),
+    ];
+    if command == "up" {
+        args.extend(["--vm", "off"]);
+    }
+    args.extend(shared.iter().map(String::as_str));
+    Hearth::spawn_listening(name, &args, dir)
+}
+
+#[test]
+fn bazel_4_2_builds_on_replica_a_and_replica_b_serves_the_rebuild_from_cache() {
+    require_bazel("4.2");
+    let _serial = serial();
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let s3 = SeaweedFs::start();
+    let redis = Redis::start();
+    let shared = shared_flags(&s3, &redis);
+    let (_a, port_a) = replica(tmp.path(), "replica-a", "up", &shared);
+    let (_b, port_b) = replica(tmp.path(), "replica-b", "server", &shared);
+    let work_b = tmp.path().join("executor-b");
+    let _executor_b = Hearth::spawn(
+        "executor-b",
+        &[
+            "executor",
+            "--server",
+            &format!("grpc://127.0.0.1:{port_b}"),
+            "--executor-id",
+            "executor-b",
+            "--vm",
+            "off",
+            "--capacity",
+            "2",
+            "--work-dir",
+            work_b.to_str().expect("utf-8 path"),
+        ],
+        tmp.path(),
+    );
+    poll(
+        "executor-b to join replica B",
+        std::time::Duration::from_secs(30),
+        || hearth_status(port_b).contains("executor-b").then_some(()),
+    );
+    let root = tmp.path().join("bazel-4.2");
+    let _bazel_server = BazelServer {
+        version: "4.2",
+        root: root.clone(),
+    };
+
+    // 1. Through replica A: everything runs on A's executor.
+    let first = bazel(
+        "4.2",
+        &root,
+        "test",
+        &flags_with(&remote_flags(port_a), &["//..."]),
+        "through-a",
+    );
+    assert_success(&first, "`bazel test //...` through replica A");
+    let remote = assert_only(&process_counts(&first.text), "remote", &first.text);
+    assert!(
+        remote >= 8,
+        "only {remote} remote processes:\n{}",
+        first.text
+    );
+
+    // 2. After `clean`, through replica B (an empty disk): all cache hits.
+    assert_success(&bazel("4.2", &root, "clean", &[], "clean"), "bazel clean");
+    let second = bazel(
+        "4.2",
+        &root,
+        "test",
+        &flags_with(&remote_flags(port_b), &["//..."]),
+        "through-b",
+    );
+    assert_success(&second, "`bazel test //...` through replica B after clean");
+    let hits = assert_only(
+        &process_counts(&second.text),
+        "remote cache hit",
+        &second.text,
+    );
+    assert_eq!(
+        hits, remote,
+        "every action a cache hit on B:\n{}",
+        second.text
+    );
+    assert_test_passed(&second.text, "data_test", true);
+    assert_test_passed(&second.text, "hello_test", true);
+    let status_b = status_actions(&hearth_status(port_b));
+    assert_eq!(status_b.completed, 0, "B executed nothing");
+
+    // 3. B runs them again on its own executor from the shared blobs.
+    assert_success(&bazel("4.2", &root, "clean", &[], "clean-2"), "bazel clean");
+    let third = bazel(
+        "4.2",
+        &root,
+        "test",
+        &flags_with(
+            &remote_flags(port_b),
+            &["--noremote_accept_cached", "//..."],
+        ),
+        "executed-on-b",
+    );
+    assert_success(&third, "`bazel test //...` executed through replica B");
+    let ran = assert_only(&process_counts(&third.text), "remote", &third.text);
+    assert_eq!(ran, remote, "{}", third.text);
+    let status_b = status_actions(&hearth_status(port_b));
+    assert!(
+        status_b.completed >= remote,
+        "B's executor ran them: {status_b:?}"
+    );
+}
