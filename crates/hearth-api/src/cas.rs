@@ -19,6 +19,10 @@ use crate::error::{ok_status, rpc_status, store_status};
 use crate::validate::check_metadata_size;
 use crate::Context;
 
+
+/// Blobs of one batch call stored or read at once (a store in an object
+/// store answers each in milliseconds, so they overlap).
+const BATCH_PARALLELISM: usize = 32;
 pub struct CasService {
     ctx: Context,
 }
@@ -104,7 +108,7 @@ impl ContentAddressableStorage for CasService {
                     status: Some(status),
                 }
             })
-            .buffered(8)
+            .buffered(BATCH_PARALLELISM)
             .collect::<Vec<_>>()
             .await;
         Ok(Response::new(BatchUpdateBlobsResponse { responses }))
@@ -134,7 +138,7 @@ impl ContentAddressableStorage for CasService {
                     status: Some(status),
                 }
             })
-            .buffered(8)
+            .buffered(BATCH_PARALLELISM)
             .collect::<Vec<_>>()
             .await;
         Ok(Response::new(BatchReadBlobsResponse { responses }))

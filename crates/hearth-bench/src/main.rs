@@ -22,6 +22,7 @@ use prost::Message;
 mod breakdown;
 mod load;
 mod shaped;
+mod tiers;
 mod vm;
 mod workspace;
 use load::{big_action, under_uploads};
@@ -72,6 +73,15 @@ struct Args {
     /// peak RSS afterwards).
     #[arg(long)]
     big_action: Option<usize>,
+    /// Instead of the full table, measure the storage tiers: uploads
+    /// through --server, FindMissingBlobs and reads (first and again)
+    /// through --read-server, no-op actions through --server.
+    #[arg(long)]
+    tiers: bool,
+    /// The server the tiers benchmark reads through (another replica on
+    /// the same bucket, with an empty disk); --server when unset.
+    #[arg(long)]
+    read_server: Option<String>,
     /// Instead of the full table, measure this many actions shaped like a
     /// compile (a tree of 42 inputs, two new outputs), one at a time.
     #[arg(long)]
@@ -424,14 +434,7 @@ async fn main() -> Result<()> {
         }
         return Ok(());
     }
-    let c = hearth_executor::client::connect(&hearth_executor::client::ServerAddress {
-        url: args.server.clone(),
-        tls_ca: args.tls_ca.clone(),
-        api_key: args.api_key.clone(),
-        ..Default::default()
-    })
-    .map_err(anyhow::Error::msg)
-    .with_context(|| format!("connecting to {}", args.server))?;
+    let c = connect(&args, &args.server)?;
     println!(
         "| benchmark against {:<40} | {:>22} |",
         args.server, "result"
@@ -439,6 +442,13 @@ async fn main() -> Result<()> {
     println!("|{:-<60}|{:->24}|", "", "");
     if let Some(n) = args.vm_actions {
         return vm::vm_actions(&c, n, &args.vm_start).await;
+    }
+    if args.tiers {
+        let b = match &args.read_server {
+            Some(url) => connect(&args, url)?,
+            None => c.clone(),
+        };
+        return tiers::tiers(&c, &b, args.actions).await;
     }
     if let Some(n) = args.shaped_actions {
         return shaped::shaped_actions(&c, n).await;
@@ -456,6 +466,17 @@ async fn main() -> Result<()> {
     bytestream_large(&c, 64 * 1024 * 1024).await?;
     noop_actions(&c, args.actions).await?;
     Ok(())
+}
+
+fn connect(args: &Args, url: &str) -> Result<Channel> {
+    hearth_executor::client::connect(&hearth_executor::client::ServerAddress {
+        url: url.to_string(),
+        tls_ca: args.tls_ca.clone(),
+        api_key: args.api_key.clone(),
+        ..Default::default()
+    })
+    .map_err(anyhow::Error::msg)
+    .with_context(|| format!("connecting to {url}"))
 }
 
 fn millis_between(a: &Option<hearth_proto::protobuf::Timestamp>, b_nanos: i128) -> f64 {
