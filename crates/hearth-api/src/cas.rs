@@ -19,7 +19,6 @@ use crate::error::{ok_status, rpc_status, store_status};
 use crate::validate::check_metadata_size;
 use crate::Context;
 
-
 /// Blobs of one batch call stored or read at once (a store in an object
 /// store answers each in milliseconds, so they overlap).
 const BATCH_PARALLELISM: usize = 32;

@@ -44,12 +44,18 @@ pub async fn tiers(a: &Channel, b: &Channel, actions: usize) -> Result<()> {
     }
     row(
         "BatchUpdateBlobs, 1 KiB blobs, 100/call (through A)",
-        format!("{:.0} blobs/s", SMALL_COUNT as f64 / start.elapsed().as_secs_f64()),
+        format!(
+            "{:.0} blobs/s",
+            SMALL_COUNT as f64 / start.elapsed().as_secs_f64()
+        ),
     );
 
     let start = Instant::now();
     let missing = find_missing(b, &digests).await?;
-    ensure!(missing == 0, "{missing} of the uploaded blobs are missing on B");
+    ensure!(
+        missing == 0,
+        "{missing} of the uploaded blobs are missing on B"
+    );
     row(
         "FindMissingBlobs, 1,000 present, first call (B)",
         format!("{:.1} ms", start.elapsed().as_secs_f64() * 1e3),
@@ -64,7 +70,10 @@ pub async fn tiers(a: &Channel, b: &Channel, actions: usize) -> Result<()> {
         .await;
     row(
         "FindMissingBlobs, 1,000 present, again, 4 in flight (B)",
-        format!("{:.0} calls/s", WARM_CALLS as f64 / start.elapsed().as_secs_f64()),
+        format!(
+            "{:.0} calls/s",
+            WARM_CALLS as f64 / start.elapsed().as_secs_f64()
+        ),
     );
     let absent: Vec<reapi::Digest> = (0..SMALL_COUNT)
         .map(|i| Digest::of(&unique_blob(8, i as u64)).to_proto())

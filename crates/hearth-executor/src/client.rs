@@ -1,8 +1,13 @@
 //! The executor's (and `hearth status`'s) connection to a server: plain
 //! gRPC (`grpc://`) or TLS (`grpcs://`, rustls, with the operator's CA),
-//! and the API key sent with every call.
+//! and the API key sent with every call. An executor may name several
+//! server replicas: it uses one at a time and moves to the next when its
+//! session with the current one fails ([`Servers::fail_over`]).
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tonic::metadata::{Ascii, MetadataValue};
@@ -12,7 +17,74 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use tonic::{Request, Status};
 
 /// A channel to the server that adds the API key to every call.
-pub type ServerChannel = InterceptedService<Channel, ApiKey>;
+pub type ServerChannel = InterceptedService<Failover, ApiKey>;
+
+/// Calls go to the current one of several channels (one per replica).
+/// tonic's balanced channel would spread calls over all of them; an
+/// executor wants one replica at a time, in the order given, so this small
+/// service picks the current channel when it is polled ready.
+#[derive(Clone)]
+pub struct Failover {
+    channels: Arc<[Channel]>,
+    servers: Servers,
+    active: Channel,
+}
+
+impl tonic::codegen::Service<tonic::codegen::http::Request<tonic::body::Body>> for Failover {
+    type Response = <Channel as tonic::codegen::Service<
+        tonic::codegen::http::Request<tonic::body::Body>,
+    >>::Response;
+    type Error = <Channel as tonic::codegen::Service<
+        tonic::codegen::http::Request<tonic::body::Body>,
+    >>::Error;
+    type Future = <Channel as tonic::codegen::Service<
+        tonic::codegen::http::Request<tonic::body::Body>,
+    >>::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // The channel polled ready is the one `call` uses.
+        self.active = self.channels[self.servers.index()].clone();
+        tonic::codegen::Service::poll_ready(&mut self.active, cx)
+    }
+
+    fn call(&mut self, req: tonic::codegen::http::Request<tonic::body::Body>) -> Self::Future {
+        tonic::codegen::Service::call(&mut self.active, req)
+    }
+}
+
+/// Which of the configured servers is in use.
+#[derive(Clone, Debug)]
+pub struct Servers {
+    urls: Arc<[String]>,
+    current: Arc<AtomicUsize>,
+}
+
+impl Servers {
+    fn index(&self) -> usize {
+        self.current.load(Ordering::Relaxed) % self.urls.len()
+    }
+
+    /// The server calls go to now.
+    pub fn current(&self) -> &str {
+        &self.urls[self.index()]
+    }
+
+    /// Moves to the next server (the first after the last) and names it.
+    pub fn fail_over(&self) -> &str {
+        if self.urls.len() > 1 {
+            self.current.fetch_add(1, Ordering::Relaxed);
+        }
+        self.current()
+    }
+
+    pub fn len(&self) -> usize {
+        self.urls.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.urls.is_empty()
+    }
+}
 
 /// Adds `x-hearth-api-key` to each call (nothing without a key).
 #[derive(Clone, Default)]
@@ -82,6 +154,34 @@ fn read(path: &PathBuf, what: &str) -> Result<Vec<u8>, String> {
 
 /// Connects (lazily; the channel reconnects by itself).
 pub fn connect(addr: &ServerAddress) -> Result<ServerChannel, String> {
+    connect_any(std::slice::from_ref(addr)).map(|(channel, _)| channel)
+}
+
+/// Connects to the first of several replicas, lazily; [`Servers`] moves
+/// the channel to the next.
+pub fn connect_any(addrs: &[ServerAddress]) -> Result<(ServerChannel, Servers), String> {
+    let Some(first) = addrs.first() else {
+        return Err("no server to connect to".into());
+    };
+    let channels: Arc<[Channel]> = addrs
+        .iter()
+        .map(channel)
+        .collect::<Result<Vec<_>, _>>()?
+        .into();
+    let servers = Servers {
+        urls: addrs.iter().map(|a| a.url.clone()).collect(),
+        current: Arc::default(),
+    };
+    let key = ApiKey::new(first.api_key.as_deref())?;
+    let failover = Failover {
+        active: channels[0].clone(),
+        channels,
+        servers: servers.clone(),
+    };
+    Ok((InterceptedService::new(failover, key), servers))
+}
+
+fn channel(addr: &ServerAddress) -> Result<Channel, String> {
     let (url, tls) = url_for_tonic(&addr.url)?;
     let mut endpoint = Endpoint::from_shared(url.clone())
         .map_err(|e| format!("{}: {e}", addr.url))?
@@ -111,6 +211,5 @@ pub fn connect(addr: &ServerAddress) -> Result<ServerChannel, String> {
     } else if addr.tls_ca.is_some() {
         return Err(format!("--tls-ca given, but {} is not grpcs://", addr.url));
     }
-    let key = ApiKey::new(addr.api_key.as_deref())?;
-    Ok(InterceptedService::new(endpoint.connect_lazy(), key))
+    Ok(endpoint.connect_lazy())
 }

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::client::ServerChannel;
+use crate::client::{ServerChannel, Servers};
 use hearth_proto::worker::{
     server_message, worker_message, worker_service_client::WorkerServiceClient, Finished, Hello,
     Property, ServerMessage, WorkerMessage,
@@ -20,8 +20,6 @@ use crate::Executor;
 
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
-    /// `http://HOST:PORT`.
-    pub server: String,
     pub properties: Vec<(String, String)>,
     pub capacity: u32,
     pub description: String,
@@ -40,26 +38,50 @@ pub const REPORT_INTERVAL: Duration = Duration::from_secs(5);
 /// it holds nothing any more.
 const FAREWELL_WAIT: Duration = Duration::from_secs(2);
 
-/// Runs sessions until `shutdown` fires.
+/// Runs sessions until `shutdown` fires. A session that broke is taken up
+/// again with the same server; a server that cannot be reached is left for
+/// the next of `servers` (replicas of one service), so an executor outlives
+/// the replica it was connected to.
 pub async fn run(
     executor: Arc<Executor>,
     config: SessionConfig,
     channel: ServerChannel,
+    servers: Servers,
     shutdown: CancellationToken,
 ) {
     let tracker = Arc::new(Tracker::new(shutdown.clone()));
     let mut backoff = Duration::from_millis(100);
     loop {
         let started = tokio::time::Instant::now();
-        match one_session(&executor, &config, channel.clone(), &tracker, &shutdown).await {
-            Ok(()) => tracing::info!("session with the server ended"),
+        let mut connected = false;
+        let server = servers.current().to_string();
+        match one_session(
+            &executor,
+            &config,
+            channel.clone(),
+            &tracker,
+            &shutdown,
+            &mut connected,
+        )
+        .await
+        {
+            Ok(()) => tracing::info!(server, "session with the server ended"),
             Err(e) => {
-                tracing::warn!(server = %config.server, error = %e, running = tracker.running(), "session with the server failed; running actions go on")
+                tracing::warn!(server, error = %e, running = tracker.running(), "session with the server failed; running actions go on")
             }
         }
         tracker.detach();
         if shutdown.is_cancelled() {
             return;
+        }
+        if !connected && servers.len() > 1 {
+            let next = servers.fail_over();
+            tracing::warn!(
+                from = server,
+                to = next,
+                "cannot reach the server; trying the next one"
+            );
+            backoff = Duration::from_millis(100);
         }
         if started.elapsed() > Duration::from_secs(10) {
             backoff = Duration::from_millis(100);
@@ -78,6 +100,7 @@ async fn one_session(
     channel: ServerChannel,
     tracker: &Arc<Tracker>,
     shutdown: &CancellationToken,
+    connected: &mut bool,
 ) -> Result<(), tonic::Status> {
     let (tx, rx) = mpsc::unbounded_channel();
     let hello = tracker.hello(Hello {
@@ -105,7 +128,8 @@ async fn one_session(
         .session(UnboundedReceiverStream::new(rx))
         .await?
         .into_inner();
-    tracing::info!(server = %config.server, holding = tracker.running(), "connected to the server");
+    *connected = true;
+    tracing::info!(holding = tracker.running(), "connected to the server");
     tracker.attach(tx);
     let mut reports = tokio::time::interval(config.report_interval);
     reports.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

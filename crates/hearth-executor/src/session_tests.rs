@@ -2,7 +2,7 @@
 //! than the executor's capacity.
 
 use super::*;
-use crate::client::{connect, ServerAddress};
+use crate::client::{connect_any, ServerAddress};
 use crate::error::ExecResult;
 use crate::runner::{RunOutcome, RunSpec, Runner};
 use crate::{ExecutorConfig, LocalCas};
@@ -100,21 +100,20 @@ async fn assignments_beyond_capacity_are_refused() {
     };
     let runners: Vec<Arc<dyn Runner>> = vec![Arc::new(Slow)];
     let executor = Arc::new(Executor::new(config, LocalCas::shared(store), runners).unwrap());
-    let channel = connect(&ServerAddress {
+    let (channel, servers) = connect_any(&[ServerAddress {
         url: format!("grpc://{addr}"),
         ..Default::default()
-    })
+    }])
     .unwrap();
     let shutdown = CancellationToken::new();
     let session = SessionConfig {
-        server: addr.to_string(),
         properties: vec![],
         capacity: 2,
         description: String::new(),
         vm_unavailable: String::new(),
         report_interval: REPORT_INTERVAL,
     };
-    tokio::spawn(run(executor, session, channel, shutdown.clone()));
+    tokio::spawn(run(executor, session, channel, servers, shutdown.clone()));
     let f = tokio::time::timeout(Duration::from_secs(20), finished.recv())
         .await
         .expect("an answer to the third assignment")

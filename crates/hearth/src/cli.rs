@@ -294,9 +294,11 @@ pub struct ExecutorArgs {
     /// TOML file with defaults for these flags (table [executor]).
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// The server, grpc://HOST:PORT or grpcs://HOST:PORT.
-    #[arg(long)]
-    pub server: String,
+    /// The server, grpc://HOST:PORT or grpcs://HOST:PORT. Repeat it to
+    /// name replicas of one service: the executor uses the first it can
+    /// reach and moves to the next when that one cannot be reached.
+    #[arg(long, required = true)]
+    pub server: Vec<String>,
     #[command(flatten)]
     pub client: ClientArgs,
     /// Local cache and workspaces.

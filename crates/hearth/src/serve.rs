@@ -62,7 +62,7 @@ fn executor_config(
     }
 }
 
-fn session_config(opts: &ExecutorOptions, server: String, vms: VmOffer) -> session::SessionConfig {
+fn session_config(opts: &ExecutorOptions, vms: VmOffer) -> session::SessionConfig {
     let capacity = opts.capacity.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get() as u32)
@@ -78,7 +78,6 @@ fn session_config(opts: &ExecutorOptions, server: String, vms: VmOffer) -> sessi
         }
     }
     session::SessionConfig {
-        server,
         properties,
         capacity,
         description: format!(
@@ -241,7 +240,8 @@ pub async fn up(args: UpArgs) -> Result<()> {
         args.server.data_dir.join("executor"),
         sandbox.as_ref(),
     );
-    let channel = client::connect(&address).map_err(anyhow::Error::msg)?;
+    let (channel, servers) =
+        client::connect_any(std::slice::from_ref(&address)).map_err(anyhow::Error::msg)?;
     let opts = args.executor.clone();
     let stop = shutdown.clone();
     // The executor joins once its runners are ready (a VM probe boot takes
@@ -250,9 +250,9 @@ pub async fn up(args: UpArgs) -> Result<()> {
         let (runners, vms) = runners(&opts, &config.work_dir, sandbox, &cas).await;
         match Executor::new(config, cas, runners) {
             Ok(executor) => {
-                let sc = session_config(&opts, connect, vms);
+                let sc = session_config(&opts, vms);
                 let executor = Arc::new(executor);
-                session::run(executor.clone(), sc, channel, stop).await;
+                session::run(executor.clone(), sc, channel, servers, stop).await;
                 executor.shutdown().await;
             }
             Err(e) => tracing::error!("starting the executor: {e}"),
@@ -271,18 +271,20 @@ pub async fn executor(args: ExecutorArgs) -> Result<()> {
         // The executor's gauges (pools, snapshots) are set as they change.
         observe::serve_metrics(addr, handle, Arc::new(|| {}), shutdown.clone()).await?;
     }
-    let address = args
-        .client
-        .address(&args.server)
+    let addresses = args
+        .server
+        .iter()
+        .map(|s| args.client.address(s))
+        .collect::<Result<Vec<_>, _>>()
         .map_err(anyhow::Error::msg)?;
-    let url = args.server.clone();
+    let url = args.server.join(", ");
     std::fs::create_dir_all(&args.work_dir)
         .with_context(|| format!("creating {}", args.work_dir.display()))?;
     let local = Arc::new(
         DiskStore::open(&args.work_dir.join("cache"), args.cache_max_bytes)
             .context("opening the local cache")?,
     );
-    let channel = client::connect(&address).map_err(anyhow::Error::msg)?;
+    let (channel, servers) = client::connect_any(&addresses).map_err(anyhow::Error::msg)?;
     let upstream = Arc::new(GrpcStore::new(channel.clone(), args.instance.clone()));
     let cas = LocalCas::caching(local, upstream);
     let sandbox = host_sandbox(&args.options).await?;
@@ -292,8 +294,9 @@ pub async fn executor(args: ExecutorArgs) -> Result<()> {
     tracing::info!(executor = executor.id(), server = %url, "executor starting");
     session::run(
         executor.clone(),
-        session_config(&args.options, url, vms),
+        session_config(&args.options, vms),
         channel,
+        servers,
         shutdown,
     )
     .await;

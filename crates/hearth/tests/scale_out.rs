@@ -3,6 +3,8 @@
 
 mod common;
 
+use common::remote::{executor_with, wait_for, wait_for_within};
+
 use std::sync::Arc;
 
 use common::*;
@@ -174,4 +176,52 @@ async fn a_bucket_that_cannot_be_reached_is_unavailable_not_a_miss() {
         "{}",
         err.message()
     );
+}
+
+#[tokio::test]
+async fn an_executor_moves_to_the_next_replica_when_its_own_is_killed() {
+    let mut a = server(&[]);
+    let b = server(&[]);
+    let (ca, cb) = (channel(&a).await, channel(&b).await);
+    let b_url = b.addr.replace("http://", "grpc://");
+    let _executor = executor_with(
+        &a,
+        &a.addr,
+        "roaming",
+        &["--capacity", "1", "--vm", "off", "--server", &b_url],
+    );
+    wait_for(&ca, "the executor on replica A", |s| {
+        s.executors.iter().any(|e| e.executor_id == "roaming")
+    })
+    .await;
+    // An action sent to B waits: B has no executor yet.
+    let action = make_action(
+        &cb,
+        &ActionSpec {
+            outputs: vec!["out"],
+            ..ActionSpec::new("echo moved > out")
+        },
+    )
+    .await;
+    let cb2 = cb.clone();
+    let run = tokio::spawn(async move { execute(&cb2, action, true).await });
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(!run.is_finished(), "B ran it without an executor");
+
+    // Replica A dies: the executor finds B, and B's action runs.
+    a.child.kill().expect("kill -9 replica A");
+    a.child.wait().expect("reaping replica A");
+    wait_for_within(&cb, "the executor on replica B", 30, |s| {
+        s.executors.iter().any(|e| e.executor_id == "roaming")
+    })
+    .await;
+    let (_, resp) = tokio::time::timeout(std::time::Duration::from_secs(30), run)
+        .await
+        .expect("the action ran within 30 s of the move")
+        .expect("the task")
+        .expect("Execute");
+    let result = resp.result.expect("a result");
+    assert_eq!(result.exit_code, 0, "{result:?}");
+    let out = result.output_files[0].digest.clone().expect("digest");
+    assert_eq!(read_blob(&cb, &out).await, "moved\n");
 }

@@ -4,10 +4,8 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command as Proc, Stdio};
-use std::time::Duration;
 
 use bytes::Bytes;
-use hearth_executor::client::ApiKey;
 use hearth_proto::longrunning::{operation, Operation};
 use hearth_proto::reapi::{
     self, batch_update_blobs_request,
@@ -17,11 +15,10 @@ use hearth_proto::reapi::{
 };
 use hearth_storage::Digest;
 use prost::Message;
-use tonic::service::interceptor::InterceptedService;
 
 /// A connection to the server under test that sends an API key (or none)
 /// with every call.
-pub type Channel = InterceptedService<tonic::transport::Channel, ApiKey>;
+pub type Channel = hearth_executor::client::ServerChannel;
 
 pub mod remote;
 pub mod tls;
@@ -198,17 +195,14 @@ pub async fn channel(h: &Hearth) -> Channel {
 
 /// A connection that presents `key` as `x-hearth-api-key`.
 pub async fn channel_with_key(h: &Hearth, key: Option<&str>) -> Channel {
-    for _ in 0..50 {
-        if let Ok(c) = tonic::transport::Channel::from_shared(h.addr.clone())
-            .expect("url")
-            .connect()
-            .await
-        {
-            return InterceptedService::new(c, ApiKey::new(key).expect("a header-safe key"));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("cannot connect to {}", h.addr)
+    // The server printed its address once it listened; connections are
+    // made on first use.
+    hearth_executor::client::connect(&hearth_executor::client::ServerAddress {
+        url: h.addr.clone(),
+        api_key: key.map(str::to_string),
+        ..Default::default()
+    })
+    .unwrap_or_else(|e| panic!("cannot connect to {}: {e}", h.addr))
 }
 
 pub fn cas(c: &Channel) -> ContentAddressableStorageClient<Channel> {
