@@ -12,7 +12,8 @@
 # (scripts/install-test-servers.sh). Environment: PORT (default 19881; uses
 # the next nine ports too), ACTIONS (no-op actions per run, default 300),
 # BEFORE (an earlier `hearth` binary: its embedded figures are taken in the
-# same turns, for "the embedded default is no slower than before").
+# same turns, for "the embedded default is no slower than before"), MODES
+# (default "embedded s3"; "embedded" alone with BEFORE for that comparison).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-3} port=${PORT:-19881} actions=${ACTIONS:-300}
@@ -79,15 +80,13 @@ run() { # run MODE ROUND
     wait $up_pid $server_pid 2>/dev/null || true
 }
 
+modes=${MODES:-embedded s3}
+[ -z "${BEFORE:-}" ] || modes+=" before"
 for i in $(seq 1 "$rounds"); do
-    echo "== round $i: embedded"
-    run embedded "$i"
-    echo "== round $i: S3 + Redis"
-    run s3 "$i"
-    if [ -n "${BEFORE:-}" ]; then
-        echo "== round $i: embedded, before"
-        run before "$i"
-    fi
+    for mode in $modes; do
+        echo "== round $i: $mode"
+        run "$mode" "$i"
+    done
 done
 
 echo
@@ -104,7 +103,8 @@ def rows(path):
             out.setdefault((cells[0], label.strip(), unit.strip(",")), []).append(float(num))
     return out
 import os
-emb, s3 = rows(sys.argv[1]), rows(sys.argv[2])
+emb = rows(sys.argv[1])
+s3 = rows(sys.argv[2]) if os.path.exists(sys.argv[2]) else {}
 before = rows(sys.argv[3]) if os.path.exists(sys.argv[3]) else {}
 med = lambda d, k: statistics.median(d[k]) if k in d else float("nan")
 head = f"| {'benchmark':<62} | {'embedded':>18} | {'S3 + Redis':>18} | {'ratio':>6} |"

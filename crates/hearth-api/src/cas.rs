@@ -18,10 +18,6 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::error::{ok_status, rpc_status, store_status};
 use crate::validate::check_metadata_size;
 use crate::Context;
-
-/// Blobs of one batch call stored or read at once (a store in an object
-/// store answers each in milliseconds, so they overlap).
-const BATCH_PARALLELISM: usize = 32;
 pub struct CasService {
     ctx: Context,
 }
@@ -107,7 +103,7 @@ impl ContentAddressableStorage for CasService {
                     status: Some(status),
                 }
             })
-            .buffered(BATCH_PARALLELISM)
+            .buffered(self.ctx.limits.batch_parallelism)
             .collect::<Vec<_>>()
             .await;
         Ok(Response::new(BatchUpdateBlobsResponse { responses }))
@@ -137,7 +133,7 @@ impl ContentAddressableStorage for CasService {
                     status: Some(status),
                 }
             })
-            .buffered(BATCH_PARALLELISM)
+            .buffered(self.ctx.limits.batch_parallelism)
             .collect::<Vec<_>>()
             .await;
         Ok(Response::new(BatchReadBlobsResponse { responses }))

@@ -17,6 +17,10 @@ pub struct Limits {
     pub max_batch_bytes: usize,
     /// Largest gRPC message accepted or sent.
     pub max_message_bytes: usize,
+    /// Blobs of one batch call stored or read at once: a few for a disk
+    /// store (the blocking pool does the work), more for an object store
+    /// (each blob waits milliseconds on the network).
+    pub batch_parallelism: usize,
     /// Outputs up to this size are inlined when GetActionResult asks.
     pub max_inline_bytes: usize,
     /// Largest Action, Command or Directory blob the server reads and decodes
@@ -36,6 +40,7 @@ impl Default for Limits {
         Limits {
             max_batch_bytes: 4 * 1024 * 1024,
             max_message_bytes: 16 * 1024 * 1024,
+            batch_parallelism: 8,
             max_inline_bytes: 1024 * 1024,
             max_metadata_blob_bytes: 16 * 1024 * 1024,
             partial_upload_idle: Duration::from_secs(3600),

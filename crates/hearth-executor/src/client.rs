@@ -27,7 +27,9 @@ pub type ServerChannel = InterceptedService<Failover, ApiKey>;
 pub struct Failover {
     channels: Arc<[Channel]>,
     servers: Servers,
+    /// The channel `call` uses, and which of `channels` it is.
     active: Channel,
+    active_index: usize,
 }
 
 impl tonic::codegen::Service<tonic::codegen::http::Request<tonic::body::Body>> for Failover {
@@ -43,7 +45,11 @@ impl tonic::codegen::Service<tonic::codegen::http::Request<tonic::body::Body>> f
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         // The channel polled ready is the one `call` uses.
-        self.active = self.channels[self.servers.index()].clone();
+        let index = self.servers.index();
+        if index != self.active_index {
+            self.active = self.channels[index].clone();
+            self.active_index = index;
+        }
         tonic::codegen::Service::poll_ready(&mut self.active, cx)
     }
 
@@ -175,6 +181,7 @@ pub fn connect_any(addrs: &[ServerAddress]) -> Result<(ServerChannel, Servers), 
     let key = ApiKey::new(first.api_key.as_deref())?;
     let failover = Failover {
         active: channels[0].clone(),
+        active_index: 0,
         channels,
         servers: servers.clone(),
     };

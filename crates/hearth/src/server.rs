@@ -129,6 +129,9 @@ pub async fn build_server(args: &ServerArgs) -> Result<Server> {
     ctx.pins = Some(store.clone());
     ctx.occupancy = Some(store.clone());
     ctx.spool = store.staging_dir().to_path_buf();
+    if storage.slow.is_some() {
+        ctx.limits.batch_parallelism = 32;
+    }
     ctx.instances = Arc::new(args.instances.clone());
     ctx.limits.max_metadata_blob_bytes = args.max_metadata_blob_bytes;
     ctx.limits.partial_upload_idle = Duration::from_secs(args.partial_upload_idle_secs);

@@ -8,8 +8,8 @@ use std::time::Duration;
 use anyhow::{bail, Context as _, Result};
 use clap::Args;
 use hearth_storage::{
-    ActionCache, BlobStore, DiskActionCache, DiskStore, ExistenceCache, FastSlow, ObjectBlobStore,
-    RedisActionCache,
+    ActionCache, BlobStore, DiskActionCache, DiskStore, ExistenceCache, FastSlow, Metered,
+    ObjectBlobStore, RedisActionCache,
 };
 
 /// How long the object tier's existence cache trusts a "present".
@@ -151,8 +151,12 @@ pub fn open(
         }),
         CasStore::S3 { bucket, prefix } => {
             let bucket_store = s3_bucket(bucket, s3)?;
-            let slow: Arc<dyn BlobStore> = Arc::new(ExistenceCache::new(
+            let objects: Arc<dyn BlobStore> = Arc::new(Metered::new(
                 Arc::new(ObjectBlobStore::new(Arc::new(bucket_store), prefix)),
+                "s3",
+            ));
+            let slow: Arc<dyn BlobStore> = Arc::new(ExistenceCache::new(
+                objects,
                 EXISTENCE_TTL,
                 EXISTENCE_ENTRIES,
             ));

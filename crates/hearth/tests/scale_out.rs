@@ -120,7 +120,13 @@ async fn outputs_of_one_server_on_a_bucket_are_served_by_another_with_an_empty_d
         ),
     )
     .expect("config");
-    let b = server(&["--config", config.to_str().expect("utf-8")]);
+    let metrics_at = format!("127.0.0.1:{}", common::web::free_port());
+    let b = server(&[
+        "--config",
+        config.to_str().expect("utf-8"),
+        "--metrics-listen",
+        &metrics_at,
+    ]);
     let cb = channel(&b).await;
     let input = Digest::of(b"input bytes\n").to_proto();
     let never = Digest::of(b"never uploaded").to_proto();
@@ -140,6 +146,26 @@ async fn outputs_of_one_server_on_a_bucket_are_served_by_another_with_an_empty_d
             .join(&d.hash)
     };
     assert!(disk_blob(&outputs[1]).exists());
+    // The operator sees what the bucket was asked, and how it went.
+    let metrics = common::web::get(&metrics_at, "/metrics", &[]).body;
+    let calls = |op: &str, outcome: &str| {
+        common::web::sum(
+            &metrics,
+            "hearth_cas_tier_requests_total",
+            &[
+                "tier=\"s3\"",
+                &format!("op=\"{op}\""),
+                &format!("outcome=\"{outcome}\""),
+            ],
+        )
+    };
+    assert_eq!(calls("find_missing", "ok"), 1.0, "{metrics}");
+    assert_eq!(
+        calls("read", "ok") + calls("read_stream", "ok"),
+        2.0,
+        "{metrics}"
+    );
+    assert_eq!(calls("write", "ok"), 0.0, "B wrote nothing: {metrics}");
 }
 
 #[tokio::test]
