@@ -158,6 +158,14 @@ fn read(path: &PathBuf, what: &str) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("reading {what} {}: {e}", path.display()))
 }
 
+/// Picks rustls's ring provider for the process, once. tonic's TLS uses
+/// ring; object_store's S3 client compiles rustls's aws-lc-rs provider in
+/// as well, and with two providers rustls cannot choose a default: the
+/// first TLS set-up would panic. Idempotent; call before any TLS.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// Connects (lazily; the channel reconnects by itself).
 pub fn connect(addr: &ServerAddress) -> Result<ServerChannel, String> {
     connect_any(std::slice::from_ref(addr)).map(|(channel, _)| channel)
@@ -166,6 +174,7 @@ pub fn connect(addr: &ServerAddress) -> Result<ServerChannel, String> {
 /// Connects to the first of several replicas, lazily; [`Servers`] moves
 /// the channel to the next.
 pub fn connect_any(addrs: &[ServerAddress]) -> Result<(ServerChannel, Servers), String> {
+    install_crypto_provider();
     let Some(first) = addrs.first() else {
         return Err("no server to connect to".into());
     };

@@ -20,6 +20,7 @@ fn main() -> Result<()> {
         return Ok(hearth_vm::forward::stdio_to_unix(socket)?);
     }
     init_logging(&cli.log_format);
+    hearth_executor::client::install_crypto_provider();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
