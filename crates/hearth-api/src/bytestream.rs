@@ -11,7 +11,7 @@ use hearth_proto::bytestream::{
     byte_stream_server::ByteStream, QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest,
     ReadResponse, WriteRequest, WriteResponse,
 };
-use hearth_storage::{BlobSource, BlobStore, Digest, READ_CHUNK};
+use hearth_storage::{BlobSource, BlobStore, Digest, StagedFile, READ_CHUNK};
 use tokio::io::AsyncWriteExt;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -276,12 +276,13 @@ impl Upload {
                     .await
             }
             Some(path) => {
+                let staged = StagedFile::new(path);
                 if let Some(mut f) = self.file.take() {
                     f.flush()
                         .await
                         .map_err(|e| io_status(e, "writing upload"))?;
                 }
-                cas.write(digest, BlobSource::File(path)).await
+                cas.write(digest, BlobSource::File(staged)).await
             }
         }
         .map_err(|e| store_status(e, "ByteStream.Write"))

@@ -346,16 +346,16 @@ impl BlobStore for GrpcStore {
     async fn write(&self, digest: &Digest, source: BlobSource) -> StoreResult<()> {
         match source {
             BlobSource::Bytes(data) => self.put_bytes(digest, data).await,
-            BlobSource::File(path) => {
+            BlobSource::File(file) => {
                 // Streamed up (the server verifies it), then deleted.
-                let owned = path.clone();
+                let owned = file.path().to_path_buf();
                 let sent = self
                     .write_file(digest, move || {
                         File::open(&owned)
                             .map_err(|e| StoreError::io(format!("opening {}", owned.display()), e))
                     })
                     .await;
-                let _ = tokio::fs::remove_file(&path).await;
+                drop(file);
                 sent
             }
         }

@@ -12,6 +12,7 @@ use hearth_proto::bytestream::{QueryWriteStatusRequest, QueryWriteStatusResponse
 use tonic::{Request, Response, Status, Streaming};
 
 use super::*;
+use hearth_storage::StagedFile;
 
 /// Bytes per ReadResponse from the fake server.
 const SERVE_CHUNK: usize = 64 * 1024;
@@ -149,7 +150,7 @@ async fn put_and_file_writes_send_bounded_chunks() {
     let path = dir.path().join("file");
     std::fs::write(&path, &data).unwrap();
     remote
-        .write(&d, BlobSource::File(path.clone()))
+        .write(&d, BlobSource::File(StagedFile::new(path.clone())))
         .await
         .unwrap();
     assert!(!path.exists(), "a written file is taken");

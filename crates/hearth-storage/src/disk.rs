@@ -20,7 +20,7 @@ use crate::error::IoContext;
 use crate::index::Index;
 use crate::memory::verify;
 use crate::store::{clamp_range, BlobSource, BlobStream, Occupancy, Pins, READ_CHUNK};
-use crate::{BlobStore, Digest, DigestHasher, StoreError, StoreResult, StoreStats};
+use crate::{BlobStore, Digest, DigestHasher, StagedFile, StoreError, StoreResult, StoreStats};
 use futures::stream::{self, StreamExt};
 
 mod sink;
@@ -376,10 +376,17 @@ impl DiskStore {
     /// [`DiskStore::staging_dir`]), else a copy. The file is gone afterwards,
     /// whatever the outcome.
     pub async fn adopt_file(&self, digest: &Digest, path: &Path) -> StoreResult<()> {
+        self.adopt(digest, StagedFile::new(path.to_path_buf()))
+            .await
+    }
+
+    /// [`DiskStore::adopt_file`] of a file whose guard comes along: dropped
+    /// before the work starts, it removes the file.
+    pub async fn adopt(&self, digest: &Digest, file: StagedFile) -> StoreResult<()> {
         let inner = self.inner.clone();
-        let path = path.to_path_buf();
         let d = *digest;
         blocking(move || {
+            let path = file.keep();
             let adopted = inner.adopt(&d, &path);
             if adopted.is_err() {
                 let _ = fs::remove_file(&path);
@@ -398,14 +405,14 @@ impl DiskStore {
     /// A private hard link to a stored blob, in the staging directory: a
     /// file to hand to another store's [`BlobSource::File`] write without
     /// copying, which eviction cannot pull away.
-    pub async fn link_out(&self, digest: &Digest) -> StoreResult<PathBuf> {
+    pub async fn link_out(&self, digest: &Digest) -> StoreResult<StagedFile> {
         let inner = self.inner.clone();
         let d = *digest;
         blocking(move || {
             let link = inner.staging_file();
             if d.is_empty_blob() {
                 fs::write(&link, b"").ctx(|| format!("creating {}", link.display()))?;
-                return Ok(link);
+                return Ok(StagedFile::new(link));
             }
             drop(inner.open_checked(&d)?);
             fs::hard_link(inner.path_of(&d), &link).map_err(|e| {
@@ -415,7 +422,7 @@ impl DiskStore {
                     StoreError::io(format!("linking {} out of the store", d), e)
                 }
             })?;
-            Ok(link)
+            Ok(StagedFile::new(link))
         })
         .await
     }
@@ -527,7 +534,7 @@ impl BlobStore for DiskStore {
                 let d = *digest;
                 blocking(move || inner.write_bytes(&d, &data)).await
             }
-            BlobSource::File(path) => self.adopt_file(digest, &path).await,
+            BlobSource::File(file) => self.adopt(digest, file).await,
         }
     }
 }

@@ -15,6 +15,7 @@ mod metered;
 mod object;
 mod owners;
 mod redis_ac;
+mod staged;
 mod store;
 
 pub use ac::{action_key, ActionCache, DiskActionCache, MemoryActionCache};
@@ -28,6 +29,7 @@ pub use metered::Metered;
 pub use object::ObjectBlobStore;
 pub use owners::Owners;
 pub use redis_ac::RedisActionCache;
+pub use staged::StagedFile;
 pub use store::{
     BlobSource, BlobStore, BlobStream, Occupancy, PinGuard, Pins, StoreStats, READ_CHUNK,
 };

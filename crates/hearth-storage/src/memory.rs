@@ -71,11 +71,12 @@ impl BlobStore for MemoryStore {
     async fn write(&self, digest: &Digest, source: BlobSource) -> StoreResult<()> {
         let data = match source {
             BlobSource::Bytes(data) => data,
-            BlobSource::File(path) => {
-                let read = tokio::fs::read(&path)
+            BlobSource::File(file) => {
+                let path = file.path();
+                let read = tokio::fs::read(path)
                     .await
                     .ctx(|| format!("reading {}", path.display()));
-                let _ = tokio::fs::remove_file(&path).await;
+                drop(file);
                 Bytes::from(read?)
             }
         };

@@ -64,6 +64,12 @@ impl ObjectBlobStore {
         let got = self.store.get(&key).await.map_err(|e| not_found_or(d, e))?;
         let d = *d;
         let store = self.store.clone();
+        if got.meta.size != d.size() {
+            // Not read at all: a wrong object could be any size.
+            tracing::error!(digest = %d, size = got.meta.size, key = %key, "object has the wrong size; deleting it");
+            let _ = store.delete(&key).await;
+            return Err(StoreError::NotFound(d));
+        }
         let chunks = got
             .into_stream()
             .map_err(move |e| backend(format!("reading {d}"), e));
@@ -260,28 +266,26 @@ impl BlobStore for ObjectBlobStore {
                 }
                 self.put_bytes(digest, data).await
             }
-            BlobSource::File(path) => {
-                let stored = async {
-                    let p = path.clone();
-                    let actual = tokio::task::spawn_blocking(move || crate::disk::hash_file(&p))
-                        .await
-                        .map_err(|e| {
-                            StoreError::io("hashing a file", std::io::Error::other(e))
-                        })??;
-                    if actual != *digest {
-                        return Err(StoreError::Mismatch {
-                            expected: *digest,
-                            actual_hash: actual.hash_hex(),
-                            actual_size: actual.size(),
-                        });
-                    }
-                    if digest.is_empty_blob() {
-                        return Ok(());
-                    }
-                    self.put_file(digest, &path).await
+            BlobSource::File(file) => {
+                // `file` lives until the upload ends or is dropped, and
+                // removes the file then.
+                let path = file.path().to_path_buf();
+                let p = path.clone();
+                let actual = tokio::task::spawn_blocking(move || crate::disk::hash_file(&p))
+                    .await
+                    .map_err(|e| StoreError::io("hashing a file", std::io::Error::other(e)))??;
+                if actual != *digest {
+                    return Err(StoreError::Mismatch {
+                        expected: *digest,
+                        actual_hash: actual.hash_hex(),
+                        actual_size: actual.size(),
+                    });
                 }
-                .await;
-                let _ = tokio::fs::remove_file(&path).await;
+                if digest.is_empty_blob() {
+                    return Ok(());
+                }
+                let stored = self.put_file(digest, &path).await;
+                drop(file);
                 stored
             }
         }

@@ -1,11 +1,10 @@
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::{self, BoxStream, StreamExt};
 
-use crate::{Digest, StoreResult};
+use crate::{Digest, StagedFile, StoreResult};
 
 /// Occupancy of a store, for `hearth status` and tests.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -22,8 +21,8 @@ pub enum BlobSource {
     Bytes(Bytes),
     /// A file on local disk holding the whole blob. The store takes it: it
     /// may rename it into itself, and it is gone when the call returns,
-    /// whether the write succeeded or not.
-    File(PathBuf),
+    /// whether the write succeeded or not — or when the call is dropped.
+    File(StagedFile),
 }
 
 /// A blob's bytes as a stream of chunks.

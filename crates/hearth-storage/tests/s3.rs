@@ -7,7 +7,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::TryStreamExt;
 use hearth_storage::{
-    BlobSource, BlobStore, Digest, DiskStore, ExistenceCache, FastSlow, ObjectBlobStore, StoreError,
+    BlobSource, BlobStore, Digest, DiskStore, ExistenceCache, FastSlow, ObjectBlobStore,
+    StagedFile, StoreError,
 };
 use hearth_testkit::SeaweedFs;
 use object_store::aws::AmazonS3Builder;
@@ -83,7 +84,7 @@ async fn put_get_range_missing_and_multipart_against_seaweedfs() {
     let path = dir.path().join("upload");
     std::fs::write(&path, &from_file).unwrap();
     store
-        .write(&fd, BlobSource::File(path.clone()))
+        .write(&fd, BlobSource::File(StagedFile::new(path.clone())))
         .await
         .unwrap();
     assert!(!path.exists(), "the store takes the file");
@@ -172,7 +173,9 @@ async fn the_disk_tier_fills_from_the_bucket_and_writes_go_through() {
     a.put(&ds, small.clone()).await.unwrap();
     let spool = one.path().join("staging").join("upload");
     std::fs::write(&spool, &big).unwrap();
-    a.write(&db, BlobSource::File(spool)).await.unwrap();
+    a.write(&db, BlobSource::File(StagedFile::new(spool)))
+        .await
+        .unwrap();
 
     // A second server with an empty disk sees both, and fills on read.
     let two = tempfile::tempdir().unwrap();
