@@ -117,8 +117,19 @@ impl ActionCacheApi for ActionCacheService {
             .await
             .map_err(|e| store_status(e, "GetActionResult"))?;
         if !missing.is_empty() {
-            tracing::info!(action = %action, missing = missing.len(), "dropping cached result whose outputs were evicted");
-            let _ = self.ctx.ac.remove(&key).await;
+            // Gone from the store itself, the result is dead for everyone;
+            // merely hidden from this tenant (its ownership record is on
+            // another replica, say), it stays for the others.
+            let gone = self
+                .ctx
+                .cas
+                .find_missing(&missing)
+                .await
+                .map_err(|e| store_status(e, "GetActionResult"))?;
+            if !gone.is_empty() {
+                tracing::info!(action = %action, missing = gone.len(), "dropping cached result whose outputs were evicted");
+                let _ = self.ctx.ac.remove(&key).await;
+            }
             self.ctx.usage.lookup(&who.tenant, false);
             return Err(not_found());
         }

@@ -251,3 +251,67 @@ async fn an_executor_moves_to_the_next_replica_when_its_own_is_killed() {
     let out = result.output_files[0].digest.clone().expect("digest");
     assert_eq!(read_blob(&cb, &out).await, "moved\n");
 }
+
+#[tokio::test]
+async fn a_result_hidden_from_a_tenant_on_one_replica_is_not_deleted_for_the_others() {
+    use hearth_proto::reapi::{
+        action_cache_client::ActionCacheClient, ActionResult, GetActionResultRequest, OutputFile,
+        UpdateActionResultRequest,
+    };
+    let s3 = SeaweedFs::start();
+    let redis = hearth_testkit::Redis::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let keys = keys_file(dir.path());
+    let mut shared = vec![
+        "--auth-keys".to_string(),
+        keys,
+        "--cas-store".into(),
+        "s3://hearth/tenants".into(),
+        "--state".into(),
+        redis.url.clone(),
+    ];
+    shared.extend(s3_flags(&s3));
+    let shared: Vec<&str> = shared.iter().map(String::as_str).collect();
+    let (a, b) = (server(&shared), server(&shared));
+    let (ca, cb) = (
+        channel_with_key(&a, Some("key-a")).await,
+        channel_with_key(&b, Some("key-a")).await,
+    );
+    // Team A uploads an output and a result through replica A.
+    let out = upload(&ca, &[b"built through A"]).await[0];
+    let action = Digest::of(b"an action of team a");
+    let result = ActionResult {
+        output_files: vec![OutputFile {
+            path: "out".into(),
+            digest: Some(out.to_proto()),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    ActionCacheClient::new(ca.clone())
+        .update_action_result(UpdateActionResultRequest {
+            action_digest: Some(action.to_proto()),
+            action_result: Some(result),
+            ..Default::default()
+        })
+        .await
+        .expect("UpdateActionResult through A");
+    let get = |c: Channel| async move {
+        ActionCacheClient::new(c)
+            .get_action_result(GetActionResultRequest {
+                action_digest: Some(action.to_proto()),
+                ..Default::default()
+            })
+            .await
+    };
+    // Replica B keeps its own record of who uploaded what: to team A there,
+    // the output is not theirs, so B answers a miss...
+    let miss = get(cb.clone()).await.expect_err("hidden on B");
+    assert_eq!(miss.code(), tonic::Code::NotFound);
+    // ...but the shared entry stays: A still serves it.
+    let hit = get(ca.clone())
+        .await
+        .expect("still a hit on A")
+        .into_inner();
+    assert_eq!(hit.output_files.len(), 1);
+}
