@@ -75,13 +75,14 @@ pub async fn run(
             return;
         }
         if !connected && servers.len() > 1 {
+            // The backoff keeps growing: with every replica down, the
+            // executor must not spin through them.
             let next = servers.fail_over();
             tracing::warn!(
                 from = server,
                 to = next,
                 "cannot reach the server; trying the next one"
             );
-            backoff = Duration::from_millis(100);
         }
         if started.elapsed() > Duration::from_secs(10) {
             backoff = Duration::from_millis(100);

@@ -67,7 +67,7 @@ pub struct ServerArgs {
     pub state: crate::storage::StateStore,
     /// Seconds an action-cache entry in Redis lives without being read
     /// (every hit renews it).
-    #[arg(long, default_value_t = 7 * 24 * 3600)]
+    #[arg(long, default_value_t = 7 * 24 * 3600, value_parser = clap::value_parser!(u64).range(1..))]
     pub ac_ttl_secs: u64,
     /// Instance names to serve (repeatable); none means any name is accepted.
     #[arg(long = "instance")]

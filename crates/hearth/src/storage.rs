@@ -14,8 +14,8 @@ use hearth_storage::{
 
 /// How long the object tier's existence cache trusts a "present".
 const EXISTENCE_TTL: Duration = Duration::from_secs(300);
-/// Digests it remembers at most.
-const EXISTENCE_ENTRIES: usize = 4_000_000;
+/// Digests it remembers at most (about 70 bytes each).
+const EXISTENCE_ENTRIES: usize = 1_000_000;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CasStore {
