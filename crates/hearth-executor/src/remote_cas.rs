@@ -355,7 +355,7 @@ impl BlobStore for GrpcStore {
                             .map_err(|e| StoreError::io(format!("opening {}", owned.display()), e))
                     })
                     .await;
-                drop(file);
+                file.remove().await;
                 sent
             }
         }

@@ -179,7 +179,10 @@ impl BlobStore for FastSlow {
                 })
                 .await
                 .map_err(|e| StoreError::io("linking a file", std::io::Error::other(e)))??;
-                self.slow.write(digest, BlobSource::File(link)).await?;
+                if let Err(e) = self.slow.write(digest, BlobSource::File(link)).await {
+                    file.remove().await;
+                    return Err(e);
+                }
                 if let Err(e) = self.fast.adopt(digest, file).await {
                     tracing::warn!(digest = %digest, error = %e, "stored in the slow tier, not on disk");
                 }
@@ -210,7 +213,10 @@ mod tests {
             }
             Err(StoreError::NotFound(*d))
         }
-        async fn write(&self, _: &Digest, _: BlobSource) -> StoreResult<()> {
+        async fn write(&self, _: &Digest, source: BlobSource) -> StoreResult<()> {
+            if let BlobSource::File(file) = source {
+                file.remove().await;
+            }
             Err(StoreError::Backend {
                 context: "storing".into(),
                 message: "the bucket is down".into(),

@@ -76,7 +76,7 @@ impl BlobStore for MemoryStore {
                 let read = tokio::fs::read(path)
                     .await
                     .ctx(|| format!("reading {}", path.display()));
-                drop(file);
+                file.remove().await;
                 Bytes::from(read?)
             }
         };

@@ -267,28 +267,34 @@ impl BlobStore for ObjectBlobStore {
                 self.put_bytes(digest, data).await
             }
             BlobSource::File(file) => {
-                // `file` lives until the upload ends or is dropped, and
-                // removes the file then.
-                let path = file.path().to_path_buf();
-                let p = path.clone();
-                let actual = tokio::task::spawn_blocking(move || crate::disk::hash_file(&p))
-                    .await
-                    .map_err(|e| StoreError::io("hashing a file", std::io::Error::other(e)))??;
-                if actual != *digest {
-                    return Err(StoreError::Mismatch {
-                        expected: *digest,
-                        actual_hash: actual.hash_hex(),
-                        actual_size: actual.size(),
-                    });
-                }
-                if digest.is_empty_blob() {
-                    return Ok(());
-                }
-                let stored = self.put_file(digest, &path).await;
-                drop(file);
+                // `file` lives until the upload ends (or is dropped, and
+                // removes the file then).
+                let stored = self.put_checked_file(digest, file.path()).await;
+                file.remove().await;
                 stored
             }
         }
+    }
+}
+
+impl ObjectBlobStore {
+    /// Hashes the file, then uploads it if it matches `digest`.
+    async fn put_checked_file(&self, digest: &Digest, path: &std::path::Path) -> StoreResult<()> {
+        let p = path.to_path_buf();
+        let actual = tokio::task::spawn_blocking(move || crate::disk::hash_file(&p))
+            .await
+            .map_err(|e| StoreError::io("hashing a file", std::io::Error::other(e)))??;
+        if actual != *digest {
+            return Err(StoreError::Mismatch {
+                expected: *digest,
+                actual_hash: actual.hash_hex(),
+                actual_size: actual.size(),
+            });
+        }
+        if digest.is_empty_blob() {
+            return Ok(());
+        }
+        self.put_file(digest, path).await
     }
 }
 

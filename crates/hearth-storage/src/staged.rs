@@ -20,6 +20,14 @@ impl StagedFile {
         self.path.as_deref().unwrap_or(Path::new(""))
     }
 
+    /// Removes the file now, on the blocking pool, and waits for that (a
+    /// dropped guard removes it in the background).
+    pub async fn remove(mut self) {
+        if let Some(path) = self.path.take() {
+            let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(path)).await;
+        }
+    }
+
     /// The path, no longer removed on drop: whoever takes it answers for
     /// the file now.
     pub fn keep(mut self) -> PathBuf {
