@@ -279,15 +279,7 @@ impl GrpcStore {
 }
 
 fn verify(d: &Digest, data: &[u8]) -> StoreResult<()> {
-    let actual = Digest::of(data);
-    if actual != *d {
-        return Err(StoreError::Mismatch {
-            expected: *d,
-            actual_hash: actual.hash_hex(),
-            actual_size: actual.size(),
-        });
-    }
-    Ok(())
+    StoreError::check_digest(d, Digest::of(data))
 }
 
 async fn blocking<T: Send + 'static>(

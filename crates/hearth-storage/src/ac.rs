@@ -12,6 +12,7 @@ use async_trait::async_trait;
 use hearth_proto::reapi::ActionResult;
 use prost::Message;
 
+use crate::disk::blocking;
 use crate::error::IoContext;
 use crate::{Digest, StoreError, StoreResult};
 
@@ -337,14 +338,6 @@ impl DiskInner {
         self.lock().doom(action);
         self.unlink(&[*action]);
     }
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> StoreResult<T> + Send + 'static,
-) -> StoreResult<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| StoreError::io("action cache task", std::io::Error::other(e)))?
 }
 
 #[async_trait]

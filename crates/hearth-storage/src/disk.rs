@@ -362,7 +362,14 @@ pub(crate) fn hash_file(path: &Path) -> StoreResult<Digest> {
     }
 }
 
-async fn blocking<T: Send + 'static>(
+/// Hashes a file and checks it is the blob `d` names.
+pub(crate) fn check_file(d: &Digest, path: &Path) -> StoreResult<()> {
+    StoreError::check_digest(d, hash_file(path)?)
+}
+
+/// Runs file work on the blocking pool (the store's, the action cache's
+/// and the object tier's).
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> StoreResult<T> + Send + 'static,
 ) -> StoreResult<T> {
     tokio::task::spawn_blocking(f)
@@ -435,14 +442,7 @@ impl DiskStore {
 
 impl Inner {
     fn adopt(&self, d: &Digest, path: &Path) -> StoreResult<()> {
-        let actual = hash_file(path)?;
-        if actual != *d {
-            return Err(StoreError::Mismatch {
-                expected: *d,
-                actual_hash: actual.hash_hex(),
-                actual_size: actual.size(),
-            });
-        }
+        check_file(d, path)?;
         if d.is_empty_blob() {
             let _ = fs::remove_file(path);
             return Ok(());

@@ -37,6 +37,19 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Ok when the bytes that hashed to `actual` are the blob `expected`
+    /// names; otherwise the mismatch, naming both.
+    pub fn check_digest(expected: &Digest, actual: Digest) -> StoreResult<()> {
+        if actual == *expected {
+            return Ok(());
+        }
+        Err(StoreError::Mismatch {
+            expected: *expected,
+            actual_hash: actual.hash_hex(),
+            actual_size: actual.size(),
+        })
+    }
+
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         StoreError::Io {
             context: context.into(),

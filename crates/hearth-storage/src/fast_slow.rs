@@ -13,6 +13,7 @@ use bytes::Bytes;
 use futures::TryStreamExt;
 use tokio::io::AsyncWriteExt;
 
+use crate::disk::blocking;
 use crate::error::IoContext;
 use crate::store::{BlobSource, BlobStream};
 use crate::{BlobStore, Digest, DiskStore, PinGuard, StagedFile, StoreError, StoreResult};
@@ -35,7 +36,7 @@ pub struct FastSlow {
 struct FillTurn<'a> {
     fills: &'a Gates,
     digest: Digest,
-    gate: Option<Arc<tokio::sync::Mutex<()>>>,
+    gate: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl<'a> FillTurn<'a> {
@@ -44,21 +45,17 @@ impl<'a> FillTurn<'a> {
         FillTurn {
             fills,
             digest,
-            gate: Some(gate),
+            gate,
         }
     }
 }
 
 impl Drop for FillTurn<'_> {
     fn drop(&mut self) {
+        // Under the map's lock nobody takes a new turn: a count of two is
+        // the map's and this one's, so this is the last.
         let mut fills = lock(self.fills);
-        // Ours goes first, under the map's lock: a count of one left is
-        // the map's own, and nobody can take a new one meanwhile.
-        drop(self.gate.take());
-        if fills
-            .get(&self.digest)
-            .is_some_and(|g| Arc::strong_count(g) == 1)
-        {
+        if Arc::strong_count(&self.gate) == 2 {
             fills.remove(&self.digest);
         }
     }
@@ -81,8 +78,7 @@ impl FastSlow {
     /// checks it against the digest on the way in).
     async fn fill(&self, d: &Digest) -> StoreResult<()> {
         let turn = FillTurn::new(&self.fills, *d);
-        let gate = turn.gate.clone().unwrap_or_default();
-        let _filling = gate.lock().await;
+        let _filling = turn.gate.lock().await;
         if self.fast.contains(d) {
             return Ok(());
         }
@@ -172,13 +168,12 @@ impl BlobStore for FastSlow {
                 // file systems), then the disk takes the file itself.
                 let link = StagedFile::new(self.fast.staging_file());
                 let (from, to) = (file.path().to_path_buf(), link.path().to_path_buf());
-                tokio::task::spawn_blocking(move || {
+                blocking(move || {
                     std::fs::hard_link(&from, &to)
                         .or_else(|_| std::fs::copy(&from, &to).map(|_| ()))
                         .ctx(|| format!("linking {} for the slow tier", from.display()))
                 })
-                .await
-                .map_err(|e| StoreError::io("linking a file", std::io::Error::other(e)))??;
+                .await?;
                 if let Err(e) = self.slow.write(digest, BlobSource::File(link)).await {
                     file.remove().await;
                     return Err(e);

@@ -32,15 +32,7 @@ impl Default for MemoryStore {
 }
 
 pub(crate) fn verify(digest: &Digest, data: &[u8]) -> StoreResult<()> {
-    let actual = Digest::of(data);
-    if actual != *digest {
-        return Err(StoreError::Mismatch {
-            expected: *digest,
-            actual_hash: actual.hash_hex(),
-            actual_size: actual.size(),
-        });
-    }
-    Ok(())
+    StoreError::check_digest(digest, Digest::of(data))
 }
 
 #[async_trait]

@@ -14,6 +14,7 @@ use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 use tokio::io::AsyncReadExt;
 
+use crate::disk::{blocking, check_file};
 use crate::error::IoContext;
 use crate::store::{clamp_range, BlobSource, BlobStream};
 use crate::{BlobStore, Digest, DigestHasher, StoreError, StoreResult};
@@ -197,9 +198,7 @@ async fn check(d: Digest, data: Bytes) -> StoreResult<Bytes> {
     if d.size() <= 64 * 1024 {
         return verify();
     }
-    tokio::task::spawn_blocking(verify)
-        .await
-        .map_err(|e| StoreError::io("hashing a blob", std::io::Error::other(e)))?
+    blocking(verify).await
 }
 
 #[async_trait]
@@ -280,17 +279,8 @@ impl BlobStore for ObjectBlobStore {
 impl ObjectBlobStore {
     /// Hashes the file, then uploads it if it matches `digest`.
     async fn put_checked_file(&self, digest: &Digest, path: &std::path::Path) -> StoreResult<()> {
-        let p = path.to_path_buf();
-        let actual = tokio::task::spawn_blocking(move || crate::disk::hash_file(&p))
-            .await
-            .map_err(|e| StoreError::io("hashing a file", std::io::Error::other(e)))??;
-        if actual != *digest {
-            return Err(StoreError::Mismatch {
-                expected: *digest,
-                actual_hash: actual.hash_hex(),
-                actual_size: actual.size(),
-            });
-        }
+        let (d, p) = (*digest, path.to_path_buf());
+        blocking(move || check_file(&d, &p)).await?;
         if digest.is_empty_blob() {
             return Ok(());
         }

@@ -116,14 +116,7 @@ fn receive(inner: &Inner, expected: Digest, mut rx: mpsc::Receiver<Msg>) -> Stor
                 }
             }
         }
-        let actual = hasher.finish();
-        if actual != expected {
-            return Err(StoreError::Mismatch {
-                expected,
-                actual_hash: actual.hash_hex(),
-                actual_size: actual.size(),
-            });
-        }
+        StoreError::check_digest(&expected, hasher.finish())?;
         if expected.is_empty_blob() {
             let _ = fs::remove_file(&staged);
             return Ok(());
