@@ -82,15 +82,18 @@ impl SeaweedFs {
         server
     }
 
-    /// The `AWS_*` variables `AmazonS3Builder::from_env` (and `hearth`) read.
-    pub fn env(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("AWS_ENDPOINT_URL", self.endpoint.clone()),
-            ("AWS_ACCESS_KEY_ID", self.access_key.clone()),
-            ("AWS_SECRET_ACCESS_KEY", self.secret_key.clone()),
-            ("AWS_REGION", "us-east-1".to_string()),
-            ("AWS_ALLOW_HTTP", "true".to_string()),
+    /// The `--s3-*` flags that point `hearth` at this server.
+    pub fn hearth_flags(&self) -> Vec<String> {
+        [
+            ("--s3-endpoint", self.endpoint.as_str()),
+            ("--s3-access-key-id", &self.access_key),
+            ("--s3-secret-access-key", &self.secret_key),
+            ("--s3-region", "us-east-1"),
+            ("--s3-allow-http", "true"),
         ]
+        .into_iter()
+        .flat_map(|(flag, value)| [flag.to_string(), value.to_string()])
+        .collect()
     }
 
     /// The S3 port opens before the filer has made the bucket: waits until

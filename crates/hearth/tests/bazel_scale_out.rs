@@ -11,22 +11,14 @@ use bazel_support::*;
 use hearth_testkit::{Redis, SeaweedFs};
 
 fn shared_flags(s3: &SeaweedFs, redis: &Redis) -> Vec<String> {
-    vec![
+    let mut flags = vec![
         "--cas-store".into(),
         "s3://hearth/bazel".into(),
         "--state".into(),
         redis.url.clone(),
-        "--s3-endpoint".into(),
-        s3.endpoint.clone(),
-        "--s3-access-key-id".into(),
-        s3.access_key.clone(),
-        "--s3-secret-access-key".into(),
-        s3.secret_key.clone(),
-        "--s3-region".into(),
-        "us-east-1".into(),
-        "--s3-allow-http".into(),
-        "true".into(),
-    ]
+    ];
+    flags.extend(s3.hearth_flags());
+    flags
 }
 
 fn replica(dir: &Path, name: &str, command: &str, shared: &[String]) -> (Hearth, u16) {

@@ -15,21 +15,6 @@ use hearth_testkit::SeaweedFs;
 use object_store::aws::AmazonS3Builder;
 use object_store::ObjectStoreExt;
 
-fn s3_flags(s: &SeaweedFs) -> Vec<String> {
-    vec![
-        "--s3-endpoint".into(),
-        s.endpoint.clone(),
-        "--s3-access-key-id".into(),
-        s.access_key.clone(),
-        "--s3-secret-access-key".into(),
-        s.secret_key.clone(),
-        "--s3-region".into(),
-        "us-east-1".into(),
-        "--s3-allow-http".into(),
-        "true".into(),
-    ]
-}
-
 async fn read_all(c: &Channel, d: &reapi::Digest) -> Vec<u8> {
     let mut read = ByteStreamClient::new(c.clone())
         .max_decoding_message_size(64 << 20)
@@ -66,7 +51,7 @@ async fn outputs_of_one_server_on_a_bucket_are_served_by_another_with_an_empty_d
     let s3 = SeaweedFs::start();
     // Replica A: `hearth up` (its executor's outputs go to the bucket),
     // configured by flags.
-    let flags = s3_flags(&s3);
+    let flags = s3.hearth_flags();
     let mut args = vec!["--cas-store", "s3://hearth/ci"];
     args.extend(flags.iter().map(String::as_str));
     let a = up(&args);
@@ -270,7 +255,7 @@ async fn a_result_hidden_from_a_tenant_on_one_replica_is_not_deleted_for_the_oth
         "--state".into(),
         redis.url.clone(),
     ];
-    shared.extend(s3_flags(&s3));
+    shared.extend(s3.hearth_flags());
     let shared: Vec<&str> = shared.iter().map(String::as_str).collect();
     let (a, b) = (server(&shared), server(&shared));
     let (ca, cb) = (
