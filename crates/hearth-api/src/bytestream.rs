@@ -341,12 +341,8 @@ impl ByteStream for ByteStreamService {
                 "read_offset {start} is beyond the end of blob {d}"
             )));
         }
-        let end = if req.read_limit > 0 {
-            d.size().min(start + req.read_limit as u64)
-        } else {
-            d.size()
-        };
-        let limit = (end > start).then_some(end - start);
+        // The store clamps the range to the blob (no limit: to its end).
+        let limit = (req.read_limit > 0).then_some(req.read_limit as u64);
         let chunks = cas
             .read_stream(&d, start, limit)
             .await
