@@ -2,7 +2,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hearth_scheduler::Scheduler;
+use hearth_scheduler::{JobQueue, Scheduler};
 use hearth_storage::{ActionCache, BlobStore, Occupancy, Owners, Pins, StoreStats};
 
 use tonic::Status;
@@ -63,7 +63,11 @@ pub struct Context {
     /// rename).
     pub spool: PathBuf,
     pub ac: Arc<dyn ActionCache>,
+    /// This process's scheduler: its executors, history and status.
     pub scheduler: Arc<Scheduler>,
+    /// Where operations are queued and watched: the scheduler itself, or a
+    /// queue shared with other replicas.
+    pub queue: Arc<dyn JobQueue>,
     /// Instance names served; empty means any name is accepted.
     pub instances: Arc<Vec<String>>,
     pub limits: Limits,
@@ -88,6 +92,7 @@ impl Context {
             occupancy: None,
             spool: std::env::temp_dir(),
             ac,
+            queue: Arc::new(scheduler.clone()),
             scheduler,
             instances: Arc::new(Vec::new()),
             limits: Limits::default(),

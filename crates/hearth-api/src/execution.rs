@@ -139,9 +139,7 @@ impl Execution for ExecutionService {
             action: checked.action_bytes,
             command: checked.command_bytes,
         };
-        let rx = self.ctx.scheduler.submit(job).map_err(|e| match e {
-            SubmitError::NoMatchingExecutor(_) => Status::failed_precondition(e.to_string()),
-        })?;
+        let rx = self.ctx.queue.submit(job).await.map_err(submit_status)?;
         Ok(Response::new(watch_stream(rx)))
     }
 
@@ -152,9 +150,23 @@ impl Execution for ExecutionService {
         let who = self.ctx.caller(&request)?;
         let name = &request.get_ref().name;
         let tenant = Context::tenant_filter(&who);
-        let rx = self.ctx.scheduler.subscribe(name, tenant).ok_or_else(|| {
-            Status::not_found(format!("operation {name:?} is unknown or expired"))
-        })?;
+        let rx = self
+            .ctx
+            .queue
+            .subscribe(name, tenant)
+            .await
+            .map_err(submit_status)?
+            .ok_or_else(|| {
+                Status::not_found(format!("operation {name:?} is unknown or expired"))
+            })?;
         Ok(Response::new(watch_stream(rx)))
+    }
+}
+
+/// The status of a queue that refused a job.
+pub(crate) fn submit_status(e: SubmitError) -> Status {
+    match e {
+        SubmitError::NoMatchingExecutor(_) => Status::failed_precondition(e.to_string()),
+        SubmitError::Unavailable(_) => Status::unavailable(e.to_string()),
     }
 }

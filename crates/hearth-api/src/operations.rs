@@ -14,6 +14,7 @@ use prost::Message;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
+use crate::execution::submit_status;
 use crate::Context;
 
 const REAPI: &str = "type.googleapis.com/build.bazel.remote.execution.v2";
@@ -82,15 +83,17 @@ impl OperationsService {
 
     /// The operation, if it is the caller's (another tenant's is NOT_FOUND,
     /// as an unknown one).
-    fn subscribe<T>(
+    async fn subscribe<T>(
         &self,
         request: &Request<T>,
         name: &str,
     ) -> Result<watch::Receiver<OpSnapshot>, Status> {
         let who = self.ctx.caller(request)?;
         self.ctx
-            .scheduler
+            .queue
             .subscribe(name, Context::tenant_filter(&who))
+            .await
+            .map_err(submit_status)?
             .ok_or_else(|| Status::not_found(format!("operation {name:?} is unknown or expired")))
     }
 }
@@ -110,7 +113,7 @@ impl Operations for OperationsService {
         &self,
         request: Request<GetOperationRequest>,
     ) -> Result<Response<Operation>, Status> {
-        let rx = self.subscribe(&request, &request.get_ref().name)?;
+        let rx = self.subscribe(&request, &request.get_ref().name).await?;
         let snap = rx.borrow().clone();
         Ok(Response::new(to_operation(&snap)))
     }
@@ -119,7 +122,7 @@ impl Operations for OperationsService {
         &self,
         request: Request<DeleteOperationRequest>,
     ) -> Result<Response<Empty>, Status> {
-        self.subscribe(&request, &request.get_ref().name)?;
+        self.subscribe(&request, &request.get_ref().name).await?;
         Ok(Response::new(Empty {}))
     }
 
@@ -131,8 +134,10 @@ impl Operations for OperationsService {
         let name = &request.get_ref().name;
         if !self
             .ctx
-            .scheduler
+            .queue
             .cancel(name, Context::tenant_filter(&who))
+            .await
+            .map_err(submit_status)?
         {
             return Err(Status::not_found(format!(
                 "operation {name:?} is unknown or expired"
@@ -145,7 +150,7 @@ impl Operations for OperationsService {
         &self,
         request: Request<WaitOperationRequest>,
     ) -> Result<Response<Operation>, Status> {
-        let mut rx = self.subscribe(&request, &request.get_ref().name)?;
+        let mut rx = self.subscribe(&request, &request.get_ref().name).await?;
         let snap = rx
             .wait_for(|s| s.stage == Stage::Completed)
             .await

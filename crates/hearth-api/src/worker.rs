@@ -256,8 +256,9 @@ impl WorkerApi for WorkerService {
         let capacity = info.capacity;
         let (session, rx) = self
             .ctx
-            .scheduler
-            .reconnect(info, warm_keys, &holding, &who.key_id)
+            .queue
+            .connect_executor(info, warm_keys, &holding, &who.key_id)
+            .await
             .map_err(|e| Status::already_exists(e.to_string()))?;
         let ctx = self.ctx.clone();
         tokio::spawn(async move {

@@ -12,6 +12,12 @@ pub mod worker {
     tonic::include_proto!("hearth.worker.v1");
 }
 
+/// What server replicas keep in shared state (Redis).
+pub mod state {
+    #![allow(clippy::all)]
+    tonic::include_proto!("hearth.state.v1");
+}
+
 /// `google.rpc.PreconditionFailure` from `google/rpc/error_details.proto`,
 /// which `bazel-remote-apis` does not ship. Bazel reads it from the details of
 /// a FAILED_PRECONDITION status to learn which inputs are missing.

@@ -12,6 +12,7 @@ pub mod metrics;
 mod operation;
 pub mod paths;
 pub mod platform;
+mod queue;
 mod scheduler;
 mod sessions;
 mod shared_snapshots;
@@ -23,8 +24,9 @@ pub use executors::{ExecutorInfo, ExecutorSnapshot, WarmKey};
 pub use history::{ExecutionRecord, History, HistoryFilter, RecordBase, Stages, HISTORY_CAPACITY};
 pub use operation::{OpSnapshot, Stage};
 pub use platform::{Platform, PlatformError};
+pub use queue::JobQueue;
 pub use scheduler::{
     ConnectError, Job, JobSnapshot, RunningJob, Scheduler, SchedulerConfig, SchedulerStats,
     SubmitError, MAX_LISTED_JOBS,
 };
-pub use sessions::ExecutorReport;
+pub use sessions::{Adopted, Assignments, ExecutorReport};

@@ -87,6 +87,9 @@ pub struct RunningJob {
 pub enum SubmitError {
     #[error("no connected executor can run this action: {0}")]
     NoMatchingExecutor(String),
+    /// The shared state the queue lives in cannot be reached.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -170,6 +173,9 @@ pub(crate) struct State {
 pub struct Scheduler {
     pub(crate) config: SchedulerConfig,
     state: Mutex<State>,
+    /// Woken when an executor slot may have come free (an executor joined,
+    /// or one of its actions ended): a claimer of shared work waits on it.
+    pub(crate) slots: Arc<tokio::sync::Notify>,
 }
 
 impl Scheduler {
@@ -177,6 +183,7 @@ impl Scheduler {
         Arc::new(Scheduler {
             config,
             state: Mutex::default(),
+            slots: Arc::default(),
         })
     }
 
@@ -202,6 +209,16 @@ impl Scheduler {
 
     /// Queues a job, or joins an identical one already in flight.
     pub fn submit(&self, job: Job) -> Result<watch::Receiver<OpSnapshot>, SubmitError> {
+        self.submit_named(format!("operations/{}", uuid::Uuid::new_v4()), job)
+    }
+
+    /// [`Self::submit`] under a name given by the caller: an operation of
+    /// the shared queue keeps the name it got on the replica it came in by.
+    pub fn submit_named(
+        &self,
+        name: String,
+        job: Job,
+    ) -> Result<watch::Receiver<OpSnapshot>, SubmitError> {
         let mut st = self.lock();
         let key = shared_key(&job);
         if job.shareable {
@@ -225,43 +242,44 @@ impl Scheduler {
                 return Err(SubmitError::NoMatchingExecutor(reasons[0].clone()));
             }
         }
-        let name = format!("operations/{}", uuid::Uuid::new_v4());
-        let (tx, rx) = watch::channel(OpSnapshot {
-            name: name.clone(),
-            action_digest: job.action_digest,
-            stage: Stage::Queued,
-            response: None,
-        });
         if job.shareable {
             st.shared.insert(key, name.clone());
         }
-        st.ops.insert(
-            name.clone(),
-            OpEntry {
-                tenant: job.tenant.clone(),
-                tx,
-                finished_at: None,
-                unwatched_since: None,
-            },
-        );
-        let affinity = job
-            .platform
-            .flag("recycle-runner")
-            .then(|| affinity_key(&job.tenant, &job.instance_name, &job.platform));
-        st.jobs.insert(
-            name.clone(),
-            JobState {
-                affinity,
-                job,
-                attempts: 0,
-                enqueued: Instant::now(),
-                queued_at: SystemTime::now(),
-                executor: None,
-            },
-        );
+        let rx = insert_job(&mut st, name.clone(), job);
         st.queue.push_back(name);
         dispatch(&mut st);
         Ok(rx)
+    }
+
+    /// Whether an executor has a free slot for an action with `platform`
+    /// now: `Some(true)` if one also holds a warm runner of `affinity`.
+    pub fn fit(&self, platform: &Platform, affinity: Option<&str>) -> Option<bool> {
+        let st = self.lock();
+        st.executors
+            .values()
+            .filter(|e| e.free_slots() > 0 && e.info.mismatch(platform).is_none())
+            .map(|e| affinity.is_some_and(|k| e.holds_warm(k)))
+            .max()
+    }
+
+    /// Free executor slots in all, and whether any job waits in the local
+    /// queue (then there is nothing to spare).
+    pub fn spare_slots(&self) -> u32 {
+        let st = self.lock();
+        if !st.queue.is_empty() {
+            return 0;
+        }
+        st.executors.values().map(|e| e.free_slots()).sum()
+    }
+
+    /// Woken when an executor slot may have come free.
+    pub fn slots_notify(&self) -> Arc<tokio::sync::Notify> {
+        self.slots.clone()
+    }
+
+    /// Whether an operation of this name is in flight here.
+    pub fn runs(&self, name: &str) -> bool {
+        self.lock().jobs.contains_key(name)
     }
 
     /// Watches an operation by name, if it is known and, given a tenant,
@@ -288,6 +306,11 @@ impl Scheduler {
         }
         cancel_locked(&mut st, name, "cancelled by the client");
         true
+    }
+
+    /// Cancels an operation, whoever's it is, saying why.
+    pub fn cancel_because(&self, name: &str, why: &str) {
+        cancel_locked(&mut self.lock(), name, why);
     }
 
     /// Publishes the final response of an operation.
@@ -458,6 +481,41 @@ pub(crate) fn send_cancel(exec: &Executor, op: &str) {
             operation_name: op.to_string(),
         })),
     });
+}
+
+/// Registers a job and its operation (queued, in no queue yet).
+pub(crate) fn insert_job(st: &mut State, name: String, job: Job) -> watch::Receiver<OpSnapshot> {
+    let (tx, rx) = watch::channel(OpSnapshot {
+        name: name.clone(),
+        action_digest: job.action_digest,
+        stage: Stage::Queued,
+        response: None,
+    });
+    st.ops.insert(
+        name.clone(),
+        OpEntry {
+            tenant: job.tenant.clone(),
+            tx,
+            finished_at: None,
+            unwatched_since: None,
+        },
+    );
+    let affinity = job
+        .platform
+        .flag("recycle-runner")
+        .then(|| affinity_key(&job.tenant, &job.instance_name, &job.platform));
+    st.jobs.insert(
+        name,
+        JobState {
+            affinity,
+            job,
+            attempts: 0,
+            enqueued: Instant::now(),
+            queued_at: SystemTime::now(),
+            executor: None,
+        },
+    );
+    rx
 }
 
 fn shared_key(job: &Job) -> (String, String, Digest) {

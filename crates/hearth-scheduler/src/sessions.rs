@@ -14,8 +14,8 @@ use tokio::sync::mpsc;
 use crate::dispatch::dispatch;
 use crate::executors::{Executor, ExecutorInfo};
 use crate::scheduler::{
-    complete_locked, error_response, publish_stage, rpc_code, send_cancel, ConnectError,
-    RunningJob, Scheduler, State,
+    complete_locked, error_response, insert_job, publish_stage, rpc_code, send_cancel,
+    ConnectError, RunningJob, Scheduler, State,
 };
 use crate::Stage;
 
@@ -31,7 +31,11 @@ pub struct ExecutorReport {
     pub leaving: bool,
 }
 
-type Assignments = mpsc::UnboundedReceiver<worker::ServerMessage>;
+/// The channel an executor's session receives its work on.
+pub type Assignments = mpsc::UnboundedReceiver<worker::ServerMessage>;
+
+/// Adopted jobs' operation names and operations, to watch.
+pub type Adopted = Vec<(String, tokio::sync::watch::Receiver<crate::OpSnapshot>)>;
 
 impl Scheduler {
     /// Registers an executor holding no work; see [`Self::reconnect`].
@@ -57,6 +61,22 @@ impl Scheduler {
         running: &[String],
         owner: &str,
     ) -> Result<(u64, Assignments), ConnectError> {
+        self.reconnect_adopting(info, warm_keys, running, owner, vec![])
+            .map(|(session, rx, _)| (session, rx))
+    }
+
+    /// [`Self::reconnect`], first taking in `adopted`: jobs (with their
+    /// operation names) that another replica ran on this executor before it
+    /// came here. The ones it lists are its again; any other is queued.
+    /// Returns their operations to watch.
+    pub fn reconnect_adopting(
+        &self,
+        info: ExecutorInfo,
+        warm_keys: Vec<String>,
+        running: &[String],
+        owner: &str,
+        adopted: Vec<(String, crate::Job)>,
+    ) -> Result<(u64, Assignments, Adopted), ConnectError> {
         let mut st = self.lock();
         let old = match st.executors.get(&info.id) {
             Some(old) if old.owner != owner => {
@@ -68,6 +88,14 @@ impl Scheduler {
         };
         st.next_session += 1;
         let session = st.next_session;
+        let mut watched = vec![];
+        for (name, job) in adopted {
+            if st.jobs.contains_key(&name) {
+                continue;
+            }
+            watched.push((name.clone(), insert_job(&mut st, name.clone(), job)));
+            st.queue.push_front(name);
+        }
         let (tx, rx) = mpsc::unbounded_channel();
         let id = info.id.clone();
         tracing::info!(executor = %id, capacity = info.capacity, isolation = ?info.isolation_types, warm = warm_keys.len(), holding = running.len(), "executor connected");
@@ -93,7 +121,8 @@ impl Scheduler {
             self.lost(&mut st, &op, &format!("executor {id} came back without it"));
         }
         dispatch(&mut st);
-        Ok((session, rx))
+        self.slots.notify_one();
+        Ok((session, rx, watched))
     }
 
     /// An executor's session ended. Its running jobs wait out the reconnect
@@ -274,6 +303,7 @@ impl Scheduler {
             return None;
         }
         exec.saturated = false;
+        self.slots.notify_one();
         let job = st.jobs.get(op).filter(|_| ours).map(|js| RunningJob {
             operation_name: op.to_string(),
             tenant: js.job.tenant.clone(),

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result};
 use hearth_api::auth::{Auth, AuthLayer, Capability};
 use hearth_api::{Context, RequestMetricsLayer};
+use hearth_fleet::{FleetConfig, SharedQueue};
 use hearth_scheduler::{Scheduler, SchedulerConfig};
 use hearth_storage::{BlobStore, DiskActionCache, DiskStore, Owners};
 use tokio::net::TcpListener;
@@ -125,7 +126,20 @@ pub async fn build_server(args: &ServerArgs) -> Result<Server> {
         ..Default::default()
     });
     scheduler.spawn_sweeper();
-    let mut ctx = Context::new(storage.cas.clone(), ac, scheduler);
+    let mut ctx = Context::new(storage.cas.clone(), ac, scheduler.clone());
+    if let crate::storage::StateStore::Redis(url) = &args.state {
+        let fleet = FleetConfig {
+            queue_timeout: Duration::from_secs(args.queue_timeout_secs),
+            max_attempts: args.max_attempts,
+            abandon_unwatched: Duration::from_secs(args.abandon_unwatched_secs.max(1)),
+            ..Default::default()
+        };
+        let queue = SharedQueue::start(url, scheduler, fleet)
+            .await
+            .map_err(anyhow::Error::msg)
+            .context("sharing the queue through Redis")?;
+        ctx.queue = Arc::new(queue);
+    }
     ctx.pins = Some(store.clone());
     ctx.occupancy = Some(store.clone());
     ctx.spool = store.staging_dir().to_path_buf();

@@ -1,0 +1,356 @@
+//! The shared state's layout in Redis, and every change to it that must be
+//! atomic, as Lua scripts (Redis runs each alone). Keys start with a prefix
+//! (`hearth:`):
+//!
+//! - `job:<op>` — the queued or running action ([`crate::codec::encode_job`]);
+//!   deleted when the operation completes, so it existing means in flight;
+//! - `op:<op>` — the operation's latest state, kept for the retention period
+//!   after it completes; each change is also published on `ops`;
+//! - `queue` — a sorted set of operations waiting for a replica, by enqueue
+//!   time; removing one from it is the claim;
+//! - `holder:<op>` and `leases` — which replica runs it, and until when its
+//!   lease holds (a sorted set by deadline); a lease not renewed puts the
+//!   job back in the queue;
+//! - `tries:<op>` — how many times a replica took it from the queue;
+//! - `dedup:<key>` — the operation identical requests join;
+//! - `watch:<op>` — set while some client watches it (on any replica);
+//! - `replica:<id>` and `replicas` — each replica's advert ([`crate::codec::advert`]);
+//! - channels `ops` (operation changes), `wake` (work queued) and `cancel`.
+//!
+//! Scripts build key names from the prefix, which a Redis Cluster would
+//! refuse; Hearth's state is one database.
+
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::{RedisResult, Script};
+
+const SUBMIT: &str = r#"
+local P, name = ARGV[1], ARGV[2]
+if ARGV[10] ~= '' then
+  local dkey = P .. 'dedup:' .. ARGV[10]
+  local other = redis.call('GET', dkey)
+  if other and redis.call('EXISTS', P .. 'job:' .. other) == 1 then
+    local op = redis.call('GET', P .. 'op:' .. other)
+    if op then
+      redis.call('SET', P .. 'watch:' .. other, '1', 'PX', ARGV[9])
+      return {other, op}
+    end
+  end
+  redis.call('SET', dkey, name, 'PX', ARGV[8])
+end
+redis.call('SET', P .. 'job:' .. name, ARGV[3], 'PX', ARGV[8])
+redis.call('SET', P .. 'op:' .. name, ARGV[4], 'PX', ARGV[8])
+redis.call('SET', P .. 'watch:' .. name, '1', 'PX', ARGV[9])
+if ARGV[6] ~= '' then
+  redis.call('SET', P .. 'holder:' .. name, ARGV[6], 'PX', ARGV[8])
+  redis.call('ZADD', P .. 'leases', ARGV[7], name)
+  redis.call('SET', P .. 'tries:' .. name, 1, 'PX', ARGV[8])
+else
+  redis.call('ZADD', P .. 'queue', ARGV[5], name)
+  redis.call('PUBLISH', P .. 'wake', name)
+end
+return {name, ARGV[4]}
+"#;
+
+const CLAIM: &str = r#"
+local P, name = ARGV[1], ARGV[2]
+local queued = redis.call('ZREM', P .. 'queue', name)
+if queued == 0 and ARGV[6] == '0' then return false end
+local job = redis.call('GET', P .. 'job:' .. name)
+if not job then return false end
+redis.call('SET', P .. 'holder:' .. name, ARGV[3], 'PX', ARGV[5])
+redis.call('ZADD', P .. 'leases', ARGV[4], name)
+local tries
+if ARGV[6] == '0' then
+  tries = redis.call('INCR', P .. 'tries:' .. name)
+  redis.call('PEXPIRE', P .. 'tries:' .. name, ARGV[5])
+else
+  tries = tonumber(redis.call('GET', P .. 'tries:' .. name) or '1')
+end
+return {job, tries}
+"#;
+
+const RENEW: &str = r#"
+local P, me, deadline = ARGV[1], ARGV[2], ARGV[3]
+local out = {}
+for i = 4, #ARGV do
+  local name = ARGV[i]
+  if redis.call('GET', P .. 'holder:' .. name) == me then
+    redis.call('ZADD', P .. 'leases', 'XX', deadline, name)
+    out[#out + 1] = 1 + redis.call('EXISTS', P .. 'watch:' .. name)
+  else
+    out[#out + 1] = 0
+  end
+end
+return out
+"#;
+
+const UPDATE: &str = r#"
+local P, name = ARGV[1], ARGV[2]
+if redis.call('GET', P .. 'holder:' .. name) ~= ARGV[3] then return 0 end
+redis.call('SET', P .. 'op:' .. name, ARGV[4], 'PX', ARGV[5])
+redis.call('PUBLISH', P .. 'ops', ARGV[4])
+return 1
+"#;
+
+const FINISH: &str = r#"
+local P, name = ARGV[1], ARGV[2]
+if ARGV[3] ~= '' then
+  if redis.call('GET', P .. 'holder:' .. name) ~= ARGV[3] then return 0 end
+elseif redis.call('ZREM', P .. 'queue', name) == 0 then
+  return 0
+end
+redis.call('SET', P .. 'op:' .. name, ARGV[4], 'PX', ARGV[5])
+redis.call('DEL', P .. 'job:' .. name, P .. 'holder:' .. name, P .. 'tries:' .. name,
+  P .. 'watch:' .. name)
+redis.call('ZREM', P .. 'leases', name)
+local d = P .. 'dedup:' .. ARGV[6]
+if redis.call('GET', d) == name then redis.call('DEL', d) end
+redis.call('PUBLISH', P .. 'ops', ARGV[4])
+return 1
+"#;
+
+const RELEASE: &str = r#"
+local P, name = ARGV[1], ARGV[2]
+if redis.call('GET', P .. 'holder:' .. name) ~= ARGV[3] then return 0 end
+redis.call('DEL', P .. 'holder:' .. name)
+redis.call('ZREM', P .. 'leases', name)
+if redis.call('EXISTS', P .. 'job:' .. name) == 1 then
+  redis.call('ZADD', P .. 'queue', ARGV[4], name)
+  redis.call('PUBLISH', P .. 'wake', name)
+end
+return 1
+"#;
+
+const REAP: &str = r#"
+local P, now = ARGV[1], ARGV[2]
+local expired = redis.call('ZRANGEBYSCORE', P .. 'leases', '-inf', now, 'LIMIT', 0, 100)
+for _, name in ipairs(expired) do
+  redis.call('ZREM', P .. 'leases', name)
+  redis.call('DEL', P .. 'holder:' .. name)
+  if redis.call('EXISTS', P .. 'job:' .. name) == 1 then
+    redis.call('ZADD', P .. 'queue', now, name)
+  end
+end
+if #expired > 0 then redis.call('PUBLISH', P .. 'wake', '') end
+return expired
+"#;
+
+/// How a lease renewal went for one operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Renewal {
+    /// Another replica holds it now (or its lease lapsed).
+    Lost,
+    /// Renewed; no client watches it any more.
+    Unwatched,
+    /// Renewed and watched.
+    Watched,
+}
+
+/// Where a job goes when it is submitted.
+pub enum Placement<'a> {
+    /// Into the queue, for any replica.
+    Queue,
+    /// Straight to this replica, which has a free executor for it.
+    Here(&'a str),
+}
+
+/// What a submission produced.
+pub struct Submitted {
+    /// The operation's name: the new one, or the identical one it joined.
+    pub name: String,
+    pub op: Vec<u8>,
+}
+
+/// The scripts, bound to a connection and a prefix.
+pub struct State {
+    conn: ConnectionManager,
+    pub prefix: String,
+    /// How long an in-flight record lives without being finished (a safety
+    /// net against records no replica will ever finish).
+    pub record_ttl: Duration,
+    submit: Script,
+    claim: Script,
+    renew: Script,
+    update: Script,
+    finish: Script,
+    release: Script,
+    reap: Script,
+}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis() as u64
+}
+
+/// Milliseconds since the epoch (queue scores and lease deadlines; every
+/// replica's clock is taken as close enough to the others').
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
+impl State {
+    pub fn new(conn: ConnectionManager, prefix: &str, record_ttl: Duration) -> Self {
+        State {
+            conn,
+            prefix: prefix.to_string(),
+            record_ttl,
+            submit: Script::new(SUBMIT),
+            claim: Script::new(CLAIM),
+            renew: Script::new(RENEW),
+            update: Script::new(UPDATE),
+            finish: Script::new(FINISH),
+            release: Script::new(RELEASE),
+            reap: Script::new(REAP),
+        }
+    }
+
+    pub fn conn(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    pub fn key(&self, kind: &str, name: &str) -> String {
+        format!("{}{kind}:{name}", self.prefix)
+    }
+
+    pub fn channel(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub async fn submit(
+        &self,
+        name: &str,
+        job: &[u8],
+        op: &[u8],
+        placement: Placement<'_>,
+        lease: Duration,
+        watch: Duration,
+        dedup: Option<&str>,
+    ) -> RedisResult<Submitted> {
+        let now = now_ms();
+        let holder = match placement {
+            Placement::Queue => "",
+            Placement::Here(me) => me,
+        };
+        let (name, op): (String, Vec<u8>) = self
+            .submit
+            .arg(&self.prefix)
+            .arg(name)
+            .arg(job)
+            .arg(op)
+            .arg(now)
+            .arg(holder)
+            .arg(now + ms(lease))
+            .arg(ms(self.record_ttl))
+            .arg(ms(watch))
+            .arg(dedup.unwrap_or(""))
+            .invoke_async(&mut self.conn())
+            .await?;
+        Ok(Submitted { name, op })
+    }
+
+    /// Takes `name` from the queue for `me` (or, `adopt`ing, whatever holds
+    /// it: an executor that came here with it says where it runs). Returns
+    /// the job and how many times it was taken from the queue.
+    pub async fn claim(
+        &self,
+        name: &str,
+        me: &str,
+        lease: Duration,
+        adopt: bool,
+    ) -> RedisResult<Option<(Vec<u8>, u32)>> {
+        self.claim
+            .arg(&self.prefix)
+            .arg(name)
+            .arg(me)
+            .arg(now_ms() + ms(lease))
+            .arg(ms(self.record_ttl))
+            .arg(if adopt { "1" } else { "0" })
+            .invoke_async(&mut self.conn())
+            .await
+    }
+
+    pub async fn renew(
+        &self,
+        me: &str,
+        lease: Duration,
+        names: &[String],
+    ) -> RedisResult<Vec<Renewal>> {
+        if names.is_empty() {
+            return Ok(vec![]);
+        }
+        let mut call = self.renew.prepare_invoke();
+        call.arg(&self.prefix).arg(me).arg(now_ms() + ms(lease));
+        for n in names {
+            call.arg(n);
+        }
+        let codes: Vec<u8> = call.invoke_async(&mut self.conn()).await?;
+        Ok(codes
+            .into_iter()
+            .map(|c| match c {
+                0 => Renewal::Lost,
+                1 => Renewal::Unwatched,
+                _ => Renewal::Watched,
+            })
+            .collect())
+    }
+
+    /// Publishes a state of an operation `me` holds; false if it no longer
+    /// does.
+    pub async fn update(&self, name: &str, me: &str, op: &[u8]) -> RedisResult<bool> {
+        self.update
+            .arg(&self.prefix)
+            .arg(name)
+            .arg(me)
+            .arg(op)
+            .arg(ms(self.record_ttl))
+            .invoke_async(&mut self.conn())
+            .await
+    }
+
+    /// Publishes the final state of an operation `holder` holds (None: one
+    /// still in the queue, which this takes out) and lets its job go; false
+    /// if it was not so.
+    pub async fn finish(
+        &self,
+        name: &str,
+        holder: Option<&str>,
+        op: &[u8],
+        retention: Duration,
+        dedup: &str,
+    ) -> RedisResult<bool> {
+        self.finish
+            .arg(&self.prefix)
+            .arg(name)
+            .arg(holder.unwrap_or(""))
+            .arg(op)
+            .arg(ms(retention))
+            .arg(dedup)
+            .invoke_async(&mut self.conn())
+            .await
+    }
+
+    /// Puts an operation `me` holds back in the queue.
+    pub async fn release(&self, name: &str, me: &str) -> RedisResult<bool> {
+        self.release
+            .arg(&self.prefix)
+            .arg(name)
+            .arg(me)
+            .arg(now_ms())
+            .invoke_async(&mut self.conn())
+            .await
+    }
+
+    /// Puts the jobs of lapsed leases back in the queue; returns them.
+    pub async fn reap(&self) -> RedisResult<Vec<String>> {
+        self.reap
+            .arg(&self.prefix)
+            .arg(now_ms())
+            .invoke_async(&mut self.conn())
+            .await
+    }
+}

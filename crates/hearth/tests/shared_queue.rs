@@ -1,0 +1,214 @@
+//! Several replicas on one Redis (`--state`) and one bucket: the queue, the
+//! operations and the leases of running work are shared, so an action runs
+//! on whichever replica's executor is free, is watched from any replica, and
+//! survives the death of the replica that ran it.
+
+mod common;
+
+use std::time::Duration;
+
+use common::remote::{executor_with, status, wait_for, wait_for_within};
+use common::*;
+use hearth_proto::longrunning::{operations_client::OperationsClient, GetOperationRequest};
+use hearth_proto::reapi::{ExecuteRequest, WaitExecutionRequest};
+use hearth_testkit::{Redis, SeaweedFs};
+
+/// Two replicas sharing `redis` and a bucket on `s3`.
+fn replicas(s3: &SeaweedFs, redis: &Redis) -> (Hearth, Hearth) {
+    let mut flags = vec![
+        "--state".to_string(),
+        redis.url.clone(),
+        "--cas-store".into(),
+        "s3://hearth/fleet".into(),
+    ];
+    flags.extend(s3.hearth_flags());
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    (server(&flags), server(&flags))
+}
+
+/// Starts Execute and returns the operation's name (from its first
+/// message) and the rest of the stream.
+async fn start(
+    c: &Channel,
+    action: hearth_storage::Digest,
+) -> (
+    String,
+    tonic::Streaming<hearth_proto::longrunning::Operation>,
+) {
+    let mut stream = exec(c)
+        .execute(ExecuteRequest {
+            action_digest: Some(action.to_proto()),
+            ..Default::default()
+        })
+        .await
+        .expect("Execute")
+        .into_inner();
+    let first = stream
+        .message()
+        .await
+        .expect("the stream")
+        .expect("a first message");
+    (first.name, stream)
+}
+
+/// Follows the stream to the end (at most 90 s).
+async fn finish(
+    stream: tonic::Streaming<hearth_proto::longrunning::Operation>,
+) -> hearth_proto::reapi::ExecuteResponse {
+    tokio::time::timeout(Duration::from_secs(90), follow(stream))
+        .await
+        .expect("the operation completed within 90 s")
+}
+
+async fn follow(
+    mut stream: tonic::Streaming<hearth_proto::longrunning::Operation>,
+) -> hearth_proto::reapi::ExecuteResponse {
+    loop {
+        let op = stream
+            .message()
+            .await
+            .expect("the stream")
+            .expect("the stream ended before the operation was done");
+        if op.done {
+            return response_of(&op);
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_action_sent_to_one_replica_runs_on_another_replicas_executor_and_is_watched_from_either(
+) {
+    let (s3, redis) = (SeaweedFs::start(), Redis::start());
+    let (a, b) = replicas(&s3, &redis);
+    let (ca, cb) = (channel(&a).await, channel(&b).await);
+    let _executor = executor_with(&b, &b.addr, "on-b", &["--capacity", "2", "--vm", "off"]);
+    wait_for(&cb, "the executor on replica B", |s| {
+        s.executors.iter().any(|e| e.executor_id == "on-b")
+    })
+    .await;
+
+    let action = make_action(
+        &ca,
+        &ActionSpec {
+            outputs: vec!["out"],
+            ..ActionSpec::new("sleep 2; echo ran > out")
+        },
+    )
+    .await;
+    // Sent through A, which has no executor at all.
+    let (name, through_a) = start(&ca, action).await;
+    // The same request through B joins it instead of running it twice.
+    let (joined, through_b) = start(&cb, action).await;
+    assert_eq!(
+        joined, name,
+        "an identical request on another replica joins the one in flight"
+    );
+    // And B follows it by name.
+    let waited = exec(&cb)
+        .wait_execution(WaitExecutionRequest { name: name.clone() })
+        .await
+        .expect("WaitExecution on replica B")
+        .into_inner();
+
+    let resp = finish(through_a).await;
+    let result = resp.result.clone().expect("a result");
+    assert_eq!(result.exit_code, 0, "{result:?}");
+    assert_eq!(
+        result
+            .execution_metadata
+            .as_ref()
+            .map(|m| m.worker.as_str()),
+        Some("on-b"),
+        "it ran on replica B's executor"
+    );
+    let out = result.output_files[0].digest.clone().expect("digest");
+    assert_eq!(read_blob(&ca, &out).await, "ran\n");
+    for other in [finish(through_b).await, finish(waited).await] {
+        assert_eq!(
+            other.result, resp.result,
+            "every watcher sees the one result"
+        );
+    }
+    let op = OperationsClient::new(ca.clone())
+        .get_operation(GetOperationRequest { name: name.clone() })
+        .await
+        .expect("GetOperation on replica A")
+        .into_inner();
+    assert!(op.done);
+    assert!(
+        status(&ca).await.executors.is_empty(),
+        "A never had an executor"
+    );
+
+    let unknown = OperationsClient::new(cb.clone())
+        .get_operation(GetOperationRequest {
+            name: "operations/none-such".into(),
+        })
+        .await
+        .expect_err("an unknown operation");
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
+}
+
+#[tokio::test]
+async fn a_replica_killed_mid_action_loses_nothing_its_executor_moves_and_the_action_is_adopted() {
+    let (s3, redis) = (SeaweedFs::start(), Redis::start());
+    let (a, mut b) = replicas(&s3, &redis);
+    let (ca, cb) = (channel(&a).await, channel(&b).await);
+    let a_url = a.addr.replace("http://", "grpc://");
+    let _executor = executor_with(
+        &b,
+        &b.addr,
+        "roamer",
+        &["--capacity", "1", "--vm", "off", "--server", &a_url],
+    );
+    wait_for(&cb, "the executor on replica B", |s| {
+        s.executors.iter().any(|e| e.executor_id == "roamer")
+    })
+    .await;
+    let action = make_action(
+        &ca,
+        &ActionSpec {
+            outputs: vec!["out"],
+            // When this run started: before the kill if it was kept, after
+            // it if the action ran again.
+            ..ActionSpec::new("date +%s%N > out; sleep 6")
+        },
+    )
+    .await;
+    let (_, through_a) = start(&ca, action).await;
+    wait_for(&cb, "the action running on replica B", |s| {
+        s.executors.iter().any(|e| e.running == 1)
+    })
+    .await;
+
+    // The replica running it dies; the client, on A, keeps waiting.
+    let killed_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_nanos();
+    b.child.kill().expect("kill -9 replica B");
+    b.child.wait().expect("reaping replica B");
+    wait_for_within(
+        &ca,
+        "the executor on replica A, still running it",
+        30,
+        |s| {
+            s.executors
+                .iter()
+                .any(|e| e.executor_id == "roamer" && e.running == 1)
+        },
+    )
+    .await;
+    let resp = finish(through_a).await;
+    let result = resp.result.expect("a result");
+    assert_eq!(result.exit_code, 0, "{result:?}");
+    let out = result.output_files[0].digest.clone().expect("digest");
+    let started: u128 = String::from_utf8_lossy(&read_blob(&ca, &out).await)
+        .trim()
+        .parse()
+        .expect("a start time");
+    assert!(
+        started < killed_at,
+        "the action ran again after the kill instead of being adopted"
+    );
+}
