@@ -348,7 +348,9 @@ pub async fn connect_executor(
     for (name, op) in watched {
         if let Some(id) = ids.remove(&name) {
             metrics::counter!("hearth_fleet_adopted_total").increment(1);
-            tracing::info!(operation = %name, executor = %info.id, "adopted an action running on an executor that moved here");
+            // Its replica lost the executor (died, most likely): operators
+            // want to see that.
+            tracing::warn!(operation = %name, executor = %info.id, "adopted an action running on an executor that moved here");
             mirror(inner.clone(), name, id, op);
         }
     }

@@ -1,7 +1,7 @@
 //! Real Bazel 4.2 against two Hearth replicas that share a bucket (SeaweedFS)
 //! and Redis, each with an executor: what one replica built, the other
-//! serves from cache after `bazel clean`, and it can run the actions again
-//! on its own executor from the shared blobs.
+//! serves from cache after `bazel clean`, and they run the actions again
+//! from the shared blobs and queue; a replica killed mid-build loses nothing.
 
 mod bazel_support;
 
@@ -132,9 +132,107 @@ fn bazel_4_2_builds_on_replica_a_and_replica_b_serves_the_rebuild_from_cache() {
     assert_success(&third, "`bazel test //...` executed through replica B");
     let ran = assert_only(&process_counts(&third.text), "remote", &third.text);
     assert_eq!(ran, remote, "{}", third.text);
-    let status_b = status_actions(&hearth_status(port_b));
+    // With the queue shared, whichever replica's executor was free ran
+    // each: together they ran them all again.
+    let (status_a, status_b) = (
+        status_actions(&hearth_status(port_a)),
+        status_actions(&hearth_status(port_b)),
+    );
     assert!(
-        status_b.completed >= remote,
-        "B's executor ran them: {status_b:?}"
+        status_a.completed + status_b.completed >= 2 * remote,
+        "the replicas ran them: A {status_a:?}, B {status_b:?}"
+    );
+}
+
+/// Bazel builds through replica A; the only executor is connected to
+/// replica B (with A next on its list). B is killed with SIGKILL while the
+/// action runs: the executor moves to A, which adopts the running action
+/// from the shared state, and the build succeeds with one remote run.
+#[test]
+fn bazel_4_2_build_survives_kill_9_of_the_replica_running_its_action() {
+    require_bazel("4.2");
+    let _serial = serial();
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let s3 = SeaweedFs::start();
+    let redis = Redis::start();
+    let shared = shared_flags(&s3, &redis);
+    let (a, port_a) = replica(tmp.path(), "replica-a", "server", &shared);
+    let (mut b, port_b) = replica(tmp.path(), "replica-b", "server", &shared);
+    let work = tmp.path().join("roamer");
+    let _executor = Hearth::spawn(
+        "roamer",
+        &[
+            "executor",
+            "--server",
+            &format!("grpc://127.0.0.1:{port_b}"),
+            "--server",
+            &format!("grpc://127.0.0.1:{port_a}"),
+            "--executor-id",
+            "roamer",
+            "--vm",
+            "off",
+            "--capacity",
+            "1",
+            "--work-dir",
+            work.to_str().expect("utf-8 path"),
+        ],
+        tmp.path(),
+    );
+    poll(
+        "the executor to join replica B",
+        std::time::Duration::from_secs(30),
+        || hearth_status(port_b).contains("roamer").then_some(()),
+    );
+    let root = tmp.path().join("bazel-4.2");
+    let _bazel_server = BazelServer {
+        version: "4.2",
+        root: root.clone(),
+    };
+    let args = flags_with(
+        &remote_flags(port_a),
+        &[
+            "--noremote_accept_cached",
+            "--remote_retries=0",
+            "//slow:slow",
+        ],
+    );
+    let build = {
+        let root = root.clone();
+        std::thread::spawn(move || bazel("4.2", &root, "build", &args, "slow-through-a"))
+    };
+    poll(
+        "the action to run on replica B's executor",
+        std::time::Duration::from_secs(90),
+        || {
+            assert!(!build.is_finished(), "the build finished before B ran it");
+            status_executors(&hearth_status(port_b))
+                .into_iter()
+                .any(|(_, running, _)| running == 1)
+                .then_some(())
+        },
+    );
+    b.kill9();
+    let out = build.join().expect("build thread");
+    assert_success(&out, "`bazel build //slow:slow` with replica B killed");
+    let remote = assert_only(&process_counts(&out.text), "remote", &out.text);
+    assert_eq!(remote, 1, "{}", out.text);
+    let output = find_output(&root, "slow/slow.txt")
+        .unwrap_or_else(|| panic!("no slow/slow.txt under {}", root.display()));
+    assert_eq!(
+        std::fs::read_to_string(&output).expect("reading slow.txt"),
+        "slow-done\n"
+    );
+    let status_a = hearth_status(port_a);
+    assert!(
+        status_executors(&status_a)
+            .iter()
+            .any(|(id, _, _)| id == "roamer"),
+        "the executor moved to A:\n{status_a}"
+    );
+    assert_eq!(status_actions(&status_a).completed, 1, "{status_a}");
+    let log = std::fs::read_to_string(&a.log).expect("replica A's log");
+    assert!(
+        log.contains("adopted an action running on an executor that moved here"),
+        "A kept the running action rather than running it again:\n{log}"
     );
 }
