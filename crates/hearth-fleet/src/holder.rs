@@ -45,8 +45,19 @@ async fn mirror_task(
     id: OpIdentity,
     mut rx: watch::Receiver<OpSnapshot>,
 ) {
+    let mut ran = false;
     loop {
         let snap = rx.borrow_and_update().clone();
+        ran |= snap.stage == Stage::Executing;
+        if ran && snap.stage == Stage::Queued && inner.scheduler.withdraw(&name) {
+            // Its executor here went away: any replica may run it now.
+            tracing::info!(operation = %name, "its executor went away; back to the shared queue");
+            inner.held_lock().remove(&name);
+            if let Err(e) = inner.state.release(&name, inner.me()).await {
+                tracing::warn!(operation = %name, error = %e, "cannot put it back in the queue; its lease will lapse");
+            }
+            return;
+        }
         let done = snap.stage == Stage::Completed;
         let bytes = encode_op(&id, &snap);
         // The state must land (the client waits on it): retried while Redis

@@ -85,6 +85,8 @@ pub(crate) struct Inner {
     fleet: RwLock<Vec<Replica>>,
     /// Work was queued somewhere.
     wake: Notify,
+    /// This replica's background tasks.
+    tasks: Mutex<Vec<tokio::task::AbortHandle>>,
 }
 
 /// The queue shared through Redis; see the crate docs.
@@ -142,15 +144,37 @@ impl SharedQueue {
             held: Mutex::default(),
             fleet: RwLock::default(),
             wake: Notify::new(),
+            tasks: Mutex::default(),
             config,
         });
         tracing::info!(replica = %inner.config.replica, "sharing the queue through Redis");
-        tokio::spawn(listener::run(inner.clone()));
-        tokio::spawn(holder::claim_loop(inner.clone()));
-        tokio::spawn(holder::lease_loop(inner.clone()));
-        tokio::spawn(replicas::advert_loop(inner.clone()));
-        tokio::spawn(listener::poll_loop(inner.clone()));
+        let tasks = vec![
+            tokio::spawn(listener::run(inner.clone())),
+            tokio::spawn(holder::claim_loop(inner.clone())),
+            tokio::spawn(holder::lease_loop(inner.clone())),
+            tokio::spawn(replicas::advert_loop(inner.clone())),
+            tokio::spawn(listener::poll_loop(inner.clone())),
+        ];
+        *inner.tasks.lock().unwrap_or_else(|p| p.into_inner()) =
+            tasks.iter().map(|t| t.abort_handle()).collect();
         Ok(SharedQueue { inner })
+    }
+
+    /// Stops taking part: no more claims, renewals or mirroring. What this
+    /// replica held is left to lapse to the others, as if it had died.
+    pub fn stop(&self) {
+        for t in self
+            .inner
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            t.abort();
+        }
+        for (_, t) in self.inner.held_lock().drain() {
+            t.abort();
+        }
     }
 
     pub fn replica(&self) -> &str {

@@ -308,6 +308,24 @@ impl Scheduler {
         true
     }
 
+    /// Takes a job that waits in the queue back out, its operation
+    /// forgotten without an end (watchers see the channel close): for work
+    /// a shared queue can give to another replica instead. False if it is
+    /// not waiting here.
+    pub fn withdraw(&self, name: &str) -> bool {
+        let mut st = self.lock();
+        let waiting = st
+            .jobs
+            .get(name)
+            .is_some_and(|js| js.executor.is_none() && st.queue.iter().any(|q| q == name));
+        if waiting {
+            st.queue.retain(|q| q != name);
+            st.jobs.remove(name);
+            st.ops.remove(name);
+        }
+        waiting
+    }
+
     /// Cancels an operation, whoever's it is, saying why.
     pub fn cancel_because(&self, name: &str, why: &str) {
         cancel_locked(&mut self.lock(), name, why);

@@ -1,0 +1,348 @@
+//! Two replicas in one process, each its own scheduler with executors
+//! connected straight to it, sharing one real `redis-server`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hearth_fleet::{FleetConfig, SharedQueue};
+use hearth_proto::reapi::{self, Action, Command};
+use hearth_proto::worker::{server_message, ServerMessage};
+use hearth_scheduler::{
+    Assignments, ExecutorInfo, Job, JobQueue, OpSnapshot, Platform, Scheduler, SchedulerConfig,
+    Stage, SubmitError,
+};
+use hearth_storage::Digest;
+use hearth_testkit::Redis;
+use prost::Message;
+use redis::AsyncCommands;
+use tokio::sync::watch;
+
+fn config(lease_ms: u64) -> FleetConfig {
+    FleetConfig {
+        lease: Duration::from_millis(lease_ms),
+        abandon_unwatched: Duration::from_secs(1),
+        ..Default::default()
+    }
+}
+
+async fn replica(redis: &Redis, config: FleetConfig) -> (Arc<Scheduler>, SharedQueue) {
+    replica_with(redis, config, SchedulerConfig::default()).await
+}
+
+async fn replica_with(
+    redis: &Redis,
+    config: FleetConfig,
+    scheduler: SchedulerConfig,
+) -> (Arc<Scheduler>, SharedQueue) {
+    let scheduler = Scheduler::new(scheduler);
+    let queue = SharedQueue::start(&redis.url, scheduler.clone(), config)
+        .await
+        .expect("connecting to Redis");
+    (scheduler, queue)
+}
+
+fn info(id: &str) -> ExecutorInfo {
+    ExecutorInfo {
+        id: id.into(),
+        description: String::new(),
+        properties: Default::default(),
+        isolation_types: vec!["none".into()],
+        capacity: 1,
+        vm_unavailable: String::new(),
+    }
+}
+
+/// A job for `script` with the platform `pairs`.
+fn job(script: &str, pairs: &[(&str, &str)]) -> Job {
+    let platform = reapi::Platform {
+        properties: pairs
+            .iter()
+            .map(|(n, v)| reapi::platform::Property {
+                name: n.to_string(),
+                value: v.to_string(),
+            })
+            .collect(),
+    };
+    let command = Command {
+        arguments: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        ..Default::default()
+    };
+    let command_bytes = command.encode_to_vec();
+    let action = Action {
+        command_digest: Some(Digest::of(&command_bytes).to_proto()),
+        platform: Some(platform.clone()),
+        ..Default::default()
+    };
+    let action_bytes = action.encode_to_vec();
+    Job {
+        tenant: String::new(),
+        instance_name: String::new(),
+        action_digest: Digest::of(&action_bytes),
+        platform: Platform::from_protos(None, Some(&platform)).expect("platform"),
+        action: action_bytes,
+        command: command_bytes,
+        do_not_cache: false,
+        shareable: true,
+        pins: None,
+    }
+}
+
+/// The next message to an executor, within 10 s.
+async fn next(rx: &mut Assignments) -> server_message::Kind {
+    tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("a message within 10 s")
+        .and_then(|m: ServerMessage| m.kind)
+        .expect("a message")
+}
+
+async fn assigned(rx: &mut Assignments) -> String {
+    match next(rx).await {
+        server_message::Kind::Assign(a) => a.operation_name,
+        other => panic!("expected an assignment, got {other:?}"),
+    }
+}
+
+async fn until(rx: &mut watch::Receiver<OpSnapshot>, stage: Stage) -> OpSnapshot {
+    tokio::time::timeout(Duration::from_secs(15), rx.wait_for(|s| s.stage == stage))
+        .await
+        .unwrap_or_else(|_| panic!("stage {stage:?} within 15 s"))
+        .expect("the operation")
+        .clone()
+}
+
+fn ok() -> reapi::ExecuteResponse {
+    reapi::ExecuteResponse {
+        result: Some(reapi::ActionResult {
+            exit_code: 0,
+            ..Default::default()
+        }),
+        status: Some(Default::default()),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn work_sent_to_a_replica_without_executors_runs_on_another_and_completes_for_all() {
+    let redis = Redis::start();
+    let (_, a) = replica(&redis, config(10_000)).await;
+    let (sb, b) = replica(&redis, config(10_000)).await;
+    let (_, mut exec_b) = sb.connect(info("on-b"), vec![], "").expect("connect");
+
+    let mut rx = a.submit(job("true", &[])).await.expect("submit on A");
+    let name = rx.borrow().name.clone();
+    assert_eq!(assigned(&mut exec_b).await, name, "B's executor got it");
+    until(&mut rx, Stage::Executing).await;
+    // Watched from B too, by name.
+    let mut on_b = b
+        .subscribe(&name, None)
+        .await
+        .expect("Redis")
+        .expect("known on B");
+    assert!(b
+        .subscribe(&name, Some("another tenant"))
+        .await
+        .expect("Redis")
+        .is_none());
+
+    let running = sb.finish("on-b", 1, &name).expect("B's job");
+    sb.complete(&running.operation_name, ok());
+    for w in [&mut rx, &mut on_b] {
+        let done = until(w, Stage::Completed).await;
+        assert_eq!(done.response.expect("response").result, ok().result);
+    }
+    // Completed operations stay visible for the retention period.
+    let later = a
+        .subscribe(&name, None)
+        .await
+        .expect("Redis")
+        .expect("retained");
+    assert_eq!(later.borrow().stage, Stage::Completed);
+}
+
+#[tokio::test]
+async fn a_replica_that_stops_renewing_loses_its_work_to_another() {
+    let redis = Redis::start();
+    let (sa, a) = replica(&redis, config(1_000)).await;
+    let (sb, b) = replica(&redis, config(1_000)).await;
+    let (_, mut exec_b) = sb.connect(info("on-b"), vec![], "").expect("connect");
+    let mut rx = a.submit(job("sleep 100", &[])).await.expect("submit on A");
+    let name = assigned(&mut exec_b).await;
+
+    // B dies (its tasks stop; its executor never reports).
+    b.stop();
+    let (_, mut exec_a) = sa.connect(info("on-a"), vec![], "").expect("connect");
+    assert_eq!(
+        assigned(&mut exec_a).await,
+        name,
+        "the lapsed lease put it back and A took it"
+    );
+    let running = sa.finish("on-a", 1, &name).expect("A's job");
+    sa.complete(&running.operation_name, ok());
+    let done = until(&mut rx, Stage::Completed).await;
+    assert_eq!(done.response.expect("response").result, ok().result);
+}
+
+#[tokio::test]
+async fn an_executor_moving_replicas_keeps_its_running_action() {
+    let redis = Redis::start();
+    let (sa, a) = replica(&redis, config(10_000)).await;
+    let (sb, _b) = replica(&redis, config(10_000)).await;
+    let (session, mut exec_b) = sb.connect(info("roamer"), vec![], "").expect("connect");
+    let mut rx = a.submit(job("sleep 100", &[])).await.expect("submit");
+    let name = assigned(&mut exec_b).await;
+    sb.disconnect("roamer", session);
+
+    // It comes to A still running it: A takes it over, sends it nothing new
+    // and no cancel, and its finish completes the operation.
+    let (session_a, mut exec_a) = a
+        .connect_executor(info("roamer"), vec![], std::slice::from_ref(&name), "")
+        .await
+        .expect("connect to A");
+    assert!(sa.runs(&name), "A adopted it");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), exec_a.recv())
+            .await
+            .is_err(),
+        "nothing sent to the executor"
+    );
+    let running = sa.finish("roamer", session_a, &name).expect("adopted job");
+    sa.complete(&running.operation_name, ok());
+    until(&mut rx, Stage::Completed).await;
+    // B's lease is gone: B no longer runs it after its grace period.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!sb.runs(&name), "B let it go");
+}
+
+#[tokio::test]
+async fn work_nobody_watches_any_more_is_cancelled_on_the_replica_running_it() {
+    let redis = Redis::start();
+    let (_, a) = replica(&redis, config(1_000)).await;
+    let (sb, _b) = replica(&redis, config(1_000)).await;
+    let (_, mut exec_b) = sb.connect(info("on-b"), vec![], "").expect("connect");
+    let rx = a.submit(job("sleep 100", &[])).await.expect("submit");
+    let name = assigned(&mut exec_b).await;
+    drop(rx);
+    match next(&mut exec_b).await {
+        server_message::Kind::Cancel(c) => assert_eq!(c.operation_name, name),
+        other => panic!("expected a cancel, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_client_cancels_through_a_replica_that_does_not_run_it() {
+    let redis = Redis::start();
+    let (_, a) = replica(&redis, config(10_000)).await;
+    let (sb, _b) = replica(&redis, config(10_000)).await;
+    let (_, mut exec_b) = sb.connect(info("on-b"), vec![], "").expect("connect");
+    let mut rx = a.submit(job("sleep 100", &[])).await.expect("submit");
+    let name = assigned(&mut exec_b).await;
+    assert!(!a.cancel(&name, Some("someone else")).await.expect("Redis"));
+    assert!(a.cancel(&name, None).await.expect("Redis"));
+    match next(&mut exec_b).await {
+        server_message::Kind::Cancel(c) => assert_eq!(c.operation_name, name),
+        other => panic!("expected a cancel, got {other:?}"),
+    }
+    let done = until(&mut rx, Stage::Completed).await;
+    assert_eq!(
+        done.response
+            .expect("response")
+            .status
+            .expect("status")
+            .code,
+        1
+    );
+
+    // A queued one is cancelled in the queue itself.
+    let mut queued = a.submit(job("queued", &[])).await.expect("submit");
+    let name = queued.borrow().name.clone();
+    assert!(a.cancel(&name, None).await.expect("Redis"));
+    until(&mut queued, Stage::Completed).await;
+}
+
+#[tokio::test]
+async fn work_waiting_too_long_fails_and_malformed_work_does_not_stall_the_queue() {
+    let redis = Redis::start();
+    let cfg = FleetConfig {
+        queue_timeout: Duration::from_secs(1),
+        ..config(1_000)
+    };
+    let (sa, a) = replica(&redis, cfg).await;
+    let mut rx = a.submit(job("never", &[])).await.expect("submit");
+    let done = until(&mut rx, Stage::Completed).await;
+    let status = done.response.expect("response").status.expect("status");
+    assert_eq!(status.code, 14, "UNAVAILABLE: {status:?}");
+    assert!(status.message.contains("queue timeout"), "{status:?}");
+
+    // Garbage in the queue (a hostile or broken writer) is dropped; the
+    // job behind it runs.
+    let mut conn = redis::Client::open(redis.url.as_str())
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connection");
+    let _: () = conn
+        .set("hearth:job:operations/garbage", b"\xff\xff\xff".as_slice())
+        .await
+        .expect("SET");
+    let _: () = conn
+        .zadd("hearth:queue", "operations/garbage", 0)
+        .await
+        .expect("ZADD");
+    let mut rx = a.submit(job("after garbage", &[])).await.expect("submit");
+    let (_, mut exec_a) = sa.connect(info("on-a"), vec![], "").expect("connect");
+    assert_eq!(assigned(&mut exec_a).await, rx.borrow_and_update().name);
+    let left: Vec<String> = conn.zrange("hearth:queue", 0, -1).await.expect("ZRANGE");
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[tokio::test]
+async fn the_fleet_refuses_what_no_executor_anywhere_can_run_and_honours_warm_runners_elsewhere() {
+    let redis = Redis::start();
+    let (sa, a) = replica(&redis, config(10_000)).await;
+    let (sb, _b) = replica(&redis, config(10_000)).await;
+    let warm_job = job("warm", &[("recycle-runner", "true")]);
+    let key = hearth_scheduler::affinity_key("", "", &warm_job.platform);
+    let (_, mut cold_a) = sa.connect(info("cold-on-a"), vec![], "").expect("connect");
+    let (_, mut warm_b) = sb
+        .connect(info("warm-on-b"), vec![key], "")
+        .expect("connect");
+    // Adverts go round every second.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+
+    let err = a
+        .submit(job("gpu", &[("Pool", "gpu")]))
+        .await
+        .expect_err("no executor has that pool");
+    assert!(matches!(err, SubmitError::NoMatchingExecutor(_)), "{err:?}");
+
+    let rx = a.submit(warm_job).await.expect("submit on A");
+    assert_eq!(
+        assigned(&mut warm_b).await,
+        rx.borrow().name,
+        "the warm runner on B got it, not A's idle cold executor"
+    );
+    assert!(cold_a.try_recv().is_err());
+}
+
+#[tokio::test]
+async fn work_whose_executor_went_away_goes_back_to_the_shared_queue_not_a_local_one() {
+    let redis = Redis::start();
+    let (sa, a) = replica(&redis, config(10_000)).await;
+    let no_grace = SchedulerConfig {
+        reconnect_grace: Duration::ZERO,
+        ..Default::default()
+    };
+    let (sb, _b) = replica_with(&redis, config(10_000), no_grace).await;
+    let (session, mut exec_b) = sb.connect(info("on-b"), vec![], "").expect("connect");
+    let mut rx = a.submit(job("sleep 100", &[])).await.expect("submit");
+    let name = assigned(&mut exec_b).await;
+    // B's only executor goes for good; A has one free.
+    let (_, mut exec_a) = sa.connect(info("on-a"), vec![], "").expect("connect");
+    sb.disconnect("on-b", session);
+    assert_eq!(assigned(&mut exec_a).await, name, "A runs it now");
+    assert!(!sb.runs(&name), "B no longer holds it");
+    let running = sa.finish("on-a", 1, &name).expect("A's job");
+    sa.complete(&running.operation_name, ok());
+    until(&mut rx, Stage::Completed).await;
+}
