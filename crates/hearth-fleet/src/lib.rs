@@ -148,7 +148,7 @@ impl SharedQueue {
             config,
         });
         tracing::info!(replica = %inner.config.replica, "sharing the queue through Redis");
-        let tasks = vec![
+        let tasks = [
             tokio::spawn(listener::run(inner.clone())),
             tokio::spawn(holder::claim_loop(inner.clone())),
             tokio::spawn(holder::lease_loop(inner.clone())),
