@@ -382,8 +382,9 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[i].as_secs_f64() * 1000.0
 }
 
-async fn noop_actions(c: &Channel, n: usize) -> Result<()> {
-    let action = upload_action(
+/// A no-op action of its own (a fresh environment, so never cached yet).
+async fn noop_action(c: &Channel) -> Result<Digest> {
+    upload_action(
         c,
         &Command {
             arguments: vec!["/bin/true".into()],
@@ -394,7 +395,26 @@ async fn noop_actions(c: &Channel, n: usize) -> Result<()> {
             ..Default::default()
         },
     )
-    .await?;
+    .await
+}
+
+/// p50 and p99 of `n` executions of `action` through `c`, cache skipped.
+async fn executed_times(c: &Channel, action: Digest, n: usize) -> Result<String> {
+    run_action(c, action, true).await?;
+    let mut times = Vec::with_capacity(n);
+    for _ in 0..n {
+        times.push(run_action(c, action, true).await?);
+    }
+    times.sort();
+    Ok(format!(
+        "p50 {:.2} ms, p99 {:.2} ms",
+        percentile(&times, 0.5),
+        percentile(&times, 0.99)
+    ))
+}
+
+async fn noop_actions(c: &Channel, n: usize) -> Result<()> {
+    let action = noop_action(c).await?;
     for (label, skip) in [
         ("executed (skip_cache_lookup)", true),
         ("served from the action cache", false),

@@ -125,7 +125,15 @@ pub async fn tiers(a: &Channel, b: &Channel, actions: usize) -> Result<()> {
             format!("{:.0} MB/s", mb / start.elapsed().as_secs_f64()),
         );
     }
-    crate::noop_actions(a, actions).await
+    crate::noop_actions(a, actions).await?;
+    // Sent to B, run by A's executor: with a shared queue, the trip through
+    // Redis to the other replica and back.
+    let action = crate::noop_action(a).await?;
+    row(
+        "No-op action round trip, executed, sent to B (run on A's executor)",
+        crate::executed_times(b, action, actions).await?,
+    );
+    Ok(())
 }
 
 async fn find_missing(c: &Channel, digests: &[reapi::Digest]) -> Result<usize> {

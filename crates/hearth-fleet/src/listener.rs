@@ -79,7 +79,6 @@ async fn poll(inner: &Inner, names: &[String]) -> redis::RedisResult<()> {
             .arg(1)
             .arg("PX")
             .arg(ttl)
-            .arg("XX")
             .ignore();
     }
     pipe.cmd("MGET").arg(
