@@ -76,7 +76,11 @@ async fn mirror_task(
                     )
                     .await
             } else {
-                inner.state.update(&name, inner.me(), &bytes).await
+                let runner = inner.scheduler.runner_of(&name);
+                inner
+                    .state
+                    .update(&name, inner.me(), &bytes, runner.as_deref())
+                    .await
             };
             match r {
                 Ok(kept) => break kept,
@@ -164,7 +168,7 @@ async fn claim_some(inner: &Arc<Inner>) -> redis::RedisResult<()> {
             }
             let Some((_, tries)) = inner
                 .state
-                .claim(&name, inner.me(), inner.config.lease, false)
+                .claim(&name, inner.me(), inner.config.lease, None)
                 .await?
             else {
                 continue;
@@ -329,10 +333,13 @@ pub async fn connect_executor(
 ) -> Result<(u64, Assignments), ConnectError> {
     let mut adopted = vec![];
     let mut ids = HashMap::new();
+    // Only the executor recorded as running an operation can move it here:
+    // another cannot steal work by naming it.
+    let runner = format!("{owner}/{}", info.id);
     for name in running.iter().filter(|n| !inner.scheduler.runs(n)) {
         match inner
             .state
-            .claim(name, inner.me(), inner.config.lease, true)
+            .claim(name, inner.me(), inner.config.lease, Some(&runner))
             .await
         {
             Ok(Some((bytes, _))) => match decode_job(name, &bytes) {

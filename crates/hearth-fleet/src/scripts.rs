@@ -12,6 +12,8 @@
 //!   lease holds (a sorted set by deadline); a lease not renewed puts the
 //!   job back in the queue;
 //! - `tries:<op>` — how many times a replica took it from the queue;
+//! - `runner:<op>` — the executor running it (`OWNER/ID`): the only one
+//!   whose word moves the work to another replica;
 //! - `dedup:<key>` — the operation identical requests join;
 //! - `watch:<op>` — set while some client watches it (on any replica);
 //! - `replica:<id>` and `replicas` — each replica's advert ([`crate::codec::advert`]);
@@ -55,6 +57,9 @@ return {name, ARGV[4]}
 
 const CLAIM: &str = r#"
 local P, name = ARGV[1], ARGV[2]
+if ARGV[6] == '1' and redis.call('GET', P .. 'runner:' .. name) ~= ARGV[7] then
+  return false
+end
 local queued = redis.call('ZREM', P .. 'queue', name)
 if queued == 0 and ARGV[6] == '0' then return false end
 local job = redis.call('GET', P .. 'job:' .. name)
@@ -90,6 +95,9 @@ const UPDATE: &str = r#"
 local P, name = ARGV[1], ARGV[2]
 if redis.call('GET', P .. 'holder:' .. name) ~= ARGV[3] then return 0 end
 redis.call('SET', P .. 'op:' .. name, ARGV[4], 'PX', ARGV[5])
+if ARGV[6] ~= '' then
+  redis.call('SET', P .. 'runner:' .. name, ARGV[6], 'PX', ARGV[5])
+end
 redis.call('PUBLISH', P .. 'ops', ARGV[4])
 return 1
 "#;
@@ -103,7 +111,7 @@ elseif redis.call('ZREM', P .. 'queue', name) == 0 then
 end
 redis.call('SET', P .. 'op:' .. name, ARGV[4], 'PX', ARGV[5])
 redis.call('DEL', P .. 'job:' .. name, P .. 'holder:' .. name, P .. 'tries:' .. name,
-  P .. 'watch:' .. name)
+  P .. 'watch:' .. name, P .. 'runner:' .. name)
 redis.call('ZREM', P .. 'leases', name)
 local d = P .. 'dedup:' .. ARGV[6]
 if redis.call('GET', d) == name then redis.call('DEL', d) end
@@ -253,15 +261,17 @@ impl State {
         Ok(Submitted { name, op })
     }
 
-    /// Takes `name` from the queue for `me` (or, `adopt`ing, whatever holds
-    /// it: an executor that came here with it says where it runs). Returns
-    /// the job and how many times it was taken from the queue.
+    /// Takes `name` from the queue for `me`, or (`adopt`ing for the
+    /// executor `runner`, `OWNER/ID`, that came here running it) from
+    /// whatever replica holds it — only if that executor is the one
+    /// recorded as running it. Returns the job and how many times it was
+    /// taken from the queue.
     pub async fn claim(
         &self,
         name: &str,
         me: &str,
         lease: Duration,
-        adopt: bool,
+        adopt: Option<&str>,
     ) -> RedisResult<Option<(Vec<u8>, u32)>> {
         self.claim
             .arg(&self.prefix)
@@ -269,7 +279,8 @@ impl State {
             .arg(me)
             .arg(now_ms() + ms(lease))
             .arg(ms(self.record_ttl))
-            .arg(if adopt { "1" } else { "0" })
+            .arg(if adopt.is_some() { "1" } else { "0" })
+            .arg(adopt.unwrap_or(""))
             .invoke_async(&mut self.conn())
             .await
     }
@@ -299,15 +310,22 @@ impl State {
             .collect())
     }
 
-    /// Publishes a state of an operation `me` holds; false if it no longer
-    /// does.
-    pub async fn update(&self, name: &str, me: &str, op: &[u8]) -> RedisResult<bool> {
+    /// Publishes a state of an operation `me` holds, and the executor
+    /// running it (`OWNER/ID`) if any; false if `me` no longer holds it.
+    pub async fn update(
+        &self,
+        name: &str,
+        me: &str,
+        op: &[u8],
+        runner: Option<&str>,
+    ) -> RedisResult<bool> {
         self.update
             .arg(&self.prefix)
             .arg(name)
             .arg(me)
             .arg(op)
             .arg(ms(self.record_ttl))
+            .arg(runner.unwrap_or(""))
             .invoke_async(&mut self.conn())
             .await
     }

@@ -191,6 +191,8 @@ async fn an_executor_moving_replicas_keeps_its_running_action() {
     let (session, mut exec_b) = sb.connect(info("roamer"), vec![], "").expect("connect");
     let mut rx = a.submit(job("sleep 100", &[])).await.expect("submit");
     let name = assigned(&mut exec_b).await;
+    // Seen executing on A: B has recorded which executor runs it.
+    until(&mut rx, Stage::Executing).await;
     sb.disconnect("roamer", session);
 
     // It comes to A still running it: A takes it over, sends it nothing new
@@ -345,4 +347,39 @@ async fn work_whose_executor_went_away_goes_back_to_the_shared_queue_not_a_local
     let running = sa.finish("on-a", 1, &name).expect("A's job");
     sa.complete(&running.operation_name, ok());
     until(&mut rx, Stage::Completed).await;
+}
+
+#[tokio::test]
+async fn an_executor_cannot_take_over_work_it_does_not_run_by_naming_it() {
+    let redis = Redis::start();
+    let (sa, a) = replica(&redis, config(10_000)).await;
+    let (sb, _b) = replica(&redis, config(10_000)).await;
+    let (_, mut exec_b) = sb
+        .connect(info("on-b"), vec![], "team-key")
+        .expect("connect");
+    let mut rx = a.submit(job("sleep 100", &[])).await.expect("submit");
+    let name = assigned(&mut exec_b).await;
+    // Seen executing on A: B has recorded which executor runs it.
+    until(&mut rx, Stage::Executing).await;
+
+    // Another executor, and one borrowing B's executor's id under another
+    // key, each claim to run it on A.
+    for (id, owner) in [("thief", "team-key"), ("on-b", "other-key")] {
+        let (_, mut thief) = a
+            .connect_executor(info(id), vec![], std::slice::from_ref(&name), owner)
+            .await
+            .expect("connect to A");
+        assert!(!sa.runs(&name), "{owner}/{id} took it over");
+        match next(&mut thief).await {
+            server_message::Kind::Cancel(c) => assert_eq!(c.operation_name, name),
+            other => panic!("expected a cancel, got {other:?}"),
+        }
+    }
+    // B still runs it, and its result is the one that counts.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(sb.runs(&name), "B lost it");
+    let running = sb.finish("on-b", 1, &name).expect("B's job");
+    sb.complete(&running.operation_name, ok());
+    let done = until(&mut rx, Stage::Completed).await;
+    assert_eq!(done.response.expect("response").result, ok().result);
 }

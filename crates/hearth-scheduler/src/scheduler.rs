@@ -277,6 +277,15 @@ impl Scheduler {
         self.slots.clone()
     }
 
+    /// The executor running an operation here, as "OWNER/ID" (the key it
+    /// authenticated with, and its id).
+    pub fn runner_of(&self, name: &str) -> Option<String> {
+        let st = self.lock();
+        let id = st.jobs.get(name)?.executor.as_ref()?;
+        let exec = st.executors.get(id)?;
+        Some(format!("{}/{}", exec.owner, exec.info.id))
+    }
+
     /// Whether an operation of this name is in flight here.
     pub fn runs(&self, name: &str) -> bool {
         self.lock().jobs.contains_key(name)
