@@ -4,7 +4,9 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use hearth_storage::{BlobSource, BlobStore, BlobStream, Digest, Owners, StoreError, StoreResult};
+use hearth_storage::{
+    BlobSource, BlobStore, BlobStream, Digest, Ownership, StoreError, StoreResult,
+};
 use tonic::{Request, Status};
 
 use crate::auth::Principal;
@@ -25,11 +27,10 @@ impl Context {
 
     /// Lets `tenant` read `digests` (it uploaded them, or its execution
     /// produced them).
-    pub(crate) fn grant(&self, tenant: &str, digests: &[Digest]) {
-        if let Some(owners) = &self.owners {
-            if !tenant.is_empty() {
-                owners.grant(tenant, digests);
-            }
+    pub(crate) async fn grant(&self, tenant: &str, digests: &[Digest]) -> StoreResult<()> {
+        match &self.owners {
+            Some(owners) if !tenant.is_empty() => owners.grant(tenant, digests).await,
+            _ => Ok(()),
         }
     }
 
@@ -47,7 +48,7 @@ impl Context {
 /// get the same rule by taking the store from [`Context::store_for`].
 struct TenantView {
     inner: Arc<dyn BlobStore>,
-    owners: Arc<Owners>,
+    owners: Arc<dyn Ownership>,
     tenant: String,
 }
 
@@ -56,7 +57,7 @@ impl BlobStore for TenantView {
     async fn find_missing(&self, digests: &[Digest]) -> StoreResult<Vec<Digest>> {
         // Only the caller's own digests need the store's answer; the rest
         // are missing to it whatever the store holds.
-        let (owned, hidden) = self.owners.partition(&self.tenant, digests);
+        let (owned, hidden) = self.owners.partition(&self.tenant, digests).await?;
         let mut missing = if owned.is_empty() {
             Vec::new()
         } else {
@@ -67,7 +68,7 @@ impl BlobStore for TenantView {
     }
 
     async fn read(&self, digest: &Digest, offset: u64, limit: Option<u64>) -> StoreResult<Bytes> {
-        if !self.owners.owns(&self.tenant, digest) {
+        if !self.owners.owns(&self.tenant, digest).await? {
             return Err(StoreError::NotFound(*digest));
         }
         self.inner.read(digest, offset, limit).await
@@ -79,7 +80,7 @@ impl BlobStore for TenantView {
         offset: u64,
         limit: Option<u64>,
     ) -> StoreResult<BlobStream> {
-        if !self.owners.owns(&self.tenant, digest) {
+        if !self.owners.owns(&self.tenant, digest).await? {
             return Err(StoreError::NotFound(*digest));
         }
         self.inner.read_stream(digest, offset, limit).await
@@ -87,8 +88,7 @@ impl BlobStore for TenantView {
 
     async fn write(&self, digest: &Digest, source: BlobSource) -> StoreResult<()> {
         self.inner.write(digest, source).await?;
-        self.owners.grant(&self.tenant, &[*digest]);
-        Ok(())
+        self.owners.grant(&self.tenant, &[*digest]).await
     }
 }
 

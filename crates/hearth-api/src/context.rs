@@ -3,7 +3,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hearth_scheduler::{JobQueue, Scheduler};
-use hearth_storage::{ActionCache, BlobStore, Occupancy, Owners, Pins, StoreStats};
+use hearth_storage::{ActionCache, BlobStore, Occupancy, Ownership, Pins, StoreStats};
 
 use tonic::Status;
 
@@ -75,7 +75,7 @@ pub struct Context {
     /// API keys (none: single-tenant and anonymous).
     pub auth: Auth,
     /// Which tenant may read which blob; set when keys are.
-    pub owners: Option<Arc<Owners>>,
+    pub owners: Option<Arc<dyn Ownership>>,
     /// Action-cache use by tenant.
     pub usage: Arc<CacheUsage>,
 }

@@ -186,8 +186,17 @@ async fn finished(ctx: &Context, executor: &str, capacity: u32, session: u64, mu
         // must be in the store before anyone is told of it.
         match stored_outputs(ctx, r).await {
             Ok(blobs) => {
-                ctx.grant(&job.tenant, &blobs);
-                if status.code == 0 && r.exit_code == 0 && !job.do_not_cache {
+                if let Err(e) = ctx.grant(&job.tenant, &blobs).await {
+                    // Its outputs would be missing to the tenant: a result
+                    // it cannot use, so an error it can retry.
+                    tracing::error!(action = %job.action_digest, error = %e, "could not record who may read the outputs");
+                    status = rpc::Status {
+                        code: tonic::Code::Unavailable as i32,
+                        message: format!("recording the outputs' ownership: {e}"),
+                        details: vec![],
+                    };
+                    result = None;
+                } else if status.code == 0 && r.exit_code == 0 && !job.do_not_cache {
                     let key = action_key(&job.tenant, &job.instance_name, &job.action_digest);
                     match ctx.ac.put(&key, r).await {
                         Ok(()) => ctx.usage.write(&job.tenant),

@@ -15,6 +15,7 @@ mod metered;
 mod object;
 mod owners;
 mod redis_ac;
+mod redis_owners;
 mod staged;
 mod store;
 
@@ -27,8 +28,9 @@ pub use fast_slow::{copy_into_disk, FastSlow};
 pub use memory::MemoryStore;
 pub use metered::Metered;
 pub use object::ObjectBlobStore;
-pub use owners::Owners;
-pub use redis_ac::RedisActionCache;
+pub use owners::{Owners, Ownership};
+pub use redis_ac::{connect_redis, RedisActionCache};
+pub use redis_owners::RedisOwners;
 pub use staged::StagedFile;
 pub use store::{
     BlobSource, BlobStore, BlobStream, Occupancy, PinGuard, Pins, StoreStats, READ_CHUNK,

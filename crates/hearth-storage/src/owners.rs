@@ -157,6 +157,46 @@ impl Owners {
     }
 }
 
+/// Which tenant may read which blob, wherever that is kept: [`Owners`] on
+/// the local disk, or `RedisOwners` shared by every replica.
+#[async_trait::async_trait]
+pub trait Ownership: Send + Sync {
+    /// `digests` split into those `tenant` may read and those it may not.
+    async fn partition(
+        &self,
+        tenant: &str,
+        digests: &[Digest],
+    ) -> StoreResult<(Vec<Digest>, Vec<Digest>)>;
+
+    /// Lets `tenant` read `digests` from now on.
+    async fn grant(&self, tenant: &str, digests: &[Digest]) -> StoreResult<()>;
+
+    /// Whether `tenant` may read `d`.
+    async fn owns(&self, tenant: &str, d: &Digest) -> StoreResult<bool> {
+        Ok(self.partition(tenant, &[*d]).await?.1.is_empty())
+    }
+}
+
+#[async_trait::async_trait]
+impl Ownership for Owners {
+    async fn partition(
+        &self,
+        tenant: &str,
+        digests: &[Digest],
+    ) -> StoreResult<(Vec<Digest>, Vec<Digest>)> {
+        Ok(Owners::partition(self, tenant, digests))
+    }
+
+    async fn grant(&self, tenant: &str, digests: &[Digest]) -> StoreResult<()> {
+        Owners::grant(self, tenant, digests);
+        Ok(())
+    }
+
+    async fn owns(&self, tenant: &str, d: &Digest) -> StoreResult<bool> {
+        Ok(Owners::owns(self, tenant, d))
+    }
+}
+
 /// The writer thread: appends each grant to its tenant's log.
 fn write_logs(dir: &Path, rx: mpsc::Receiver<Msg>) {
     let mut logs: HashMap<String, fs::File> = HashMap::new();

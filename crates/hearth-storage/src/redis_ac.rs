@@ -22,16 +22,7 @@ pub struct RedisActionCache {
 impl RedisActionCache {
     /// Connects to `url` (`redis://HOST:PORT/DB`); keys start with `prefix`.
     pub async fn connect(url: &str, prefix: &str, ttl: Duration) -> StoreResult<Self> {
-        let client =
-            redis::Client::open(url).map_err(|e| backend(format!("Redis URL {url:?}"), e))?;
-        // A Redis that hangs must not hang the calls waiting on it.
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(5)))
-            .set_response_timeout(Some(Duration::from_secs(5)))
-            .set_number_of_retries(2);
-        let conn = ConnectionManager::new_with_config(client, config)
-            .await
-            .map_err(|e| backend(format!("connecting to Redis at {url}"), e))?;
+        let conn = connect_redis(url).await?;
         Ok(RedisActionCache {
             conn,
             prefix: prefix.to_string(),
@@ -44,7 +35,21 @@ impl RedisActionCache {
     }
 }
 
-fn backend(context: String, e: redis::RedisError) -> StoreError {
+/// A connection to `url` that reconnects on its own, with 5 s connect and
+/// response timeouts: a Redis that hangs must not hang the calls waiting
+/// on it.
+pub async fn connect_redis(url: &str) -> StoreResult<ConnectionManager> {
+    let client = redis::Client::open(url).map_err(|e| backend(format!("Redis URL {url:?}"), e))?;
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(5)))
+        .set_response_timeout(Some(Duration::from_secs(5)))
+        .set_number_of_retries(2);
+    ConnectionManager::new_with_config(client, config)
+        .await
+        .map_err(|e| backend(format!("connecting to Redis at {url}"), e))
+}
+
+pub(crate) fn backend(context: String, e: redis::RedisError) -> StoreError {
     StoreError::Backend {
         context,
         message: e.to_string(),

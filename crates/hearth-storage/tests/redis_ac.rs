@@ -85,3 +85,29 @@ async fn a_redis_that_goes_away_is_an_error_not_a_miss_and_it_reconnects() {
     }
     assert!(ok, "the cache reconnects to a Redis that is back");
 }
+
+#[tokio::test]
+async fn blob_ownership_is_shared_per_tenant_and_a_lapsed_grant_hides_never_reveals() {
+    use hearth_storage::{Ownership, RedisOwners};
+    let redis = Redis::start();
+    let a = RedisOwners::connect(&redis.url, "t1:", Duration::from_secs(2))
+        .await
+        .unwrap();
+    let b = RedisOwners::connect(&redis.url, "t1:", Duration::from_secs(2))
+        .await
+        .unwrap();
+    let (x, y) = (Digest::of(b"x"), Digest::of(b"y"));
+    let empty = Digest::empty();
+    a.grant("team-a", &[x]).await.unwrap();
+    // Another replica sees team A's grant; team B does not get it.
+    let (owned, hidden) = b.partition("team-a", &[x, y, empty]).await.unwrap();
+    assert_eq!((owned, hidden), (vec![x, empty], vec![y]));
+    assert!(!b.owns("team-b", &x).await.unwrap());
+    assert!(
+        b.owns("team-b", &empty).await.unwrap(),
+        "everyone reads the empty blob"
+    );
+    // A grant lives its time to live.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(!b.owns("team-a", &x).await.unwrap());
+}

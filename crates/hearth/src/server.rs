@@ -11,7 +11,7 @@ use hearth_api::auth::{Auth, AuthLayer, Capability};
 use hearth_api::{Context, RequestMetricsLayer};
 use hearth_fleet::{FleetConfig, SharedQueue};
 use hearth_scheduler::{Scheduler, SchedulerConfig};
-use hearth_storage::{BlobStore, DiskActionCache, DiskStore, Owners};
+use hearth_storage::{BlobStore, DiskActionCache, DiskStore};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
@@ -152,9 +152,14 @@ pub async fn build_server(args: &ServerArgs) -> Result<Server> {
     ctx.limits.partial_upload_max_bytes = args.partial_upload_max_bytes;
     if let Some(file) = &args.auth_keys {
         ctx.auth = Auth::from_file(file.clone()).map_err(anyhow::Error::msg)?;
-        ctx.owners = Some(Arc::new(
-            Owners::open(&args.data_dir).context("opening the blob ownership index")?,
-        ));
+        ctx.owners = Some(
+            crate::storage::open_owners(
+                &args.data_dir,
+                &args.state,
+                Duration::from_secs(args.ac_ttl_secs),
+            )
+            .await?,
+        );
         reload_keys_on_sighup(ctx.auth.clone());
         tracing::info!(file = %file.display(), "API keys required");
     } else if !args.listen.ip().is_loopback() {

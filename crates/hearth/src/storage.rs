@@ -9,7 +9,7 @@ use anyhow::{bail, Context as _, Result};
 use clap::Args;
 use hearth_storage::{
     ActionCache, BlobStore, DiskActionCache, DiskStore, ExistenceCache, FastSlow, Metered,
-    ObjectBlobStore, RedisActionCache,
+    ObjectBlobStore, Owners, Ownership, RedisActionCache, RedisOwners,
 };
 
 /// How long the object tier's existence cache trusts a "present".
@@ -89,6 +89,25 @@ pub async fn open_action_cache(
             Ok((Arc::new(ac), None))
         }
     }
+}
+
+/// Who may read which blob (with `--auth-keys`): on the local disk, or in
+/// Redis beside the action cache, where grants live as long as its entries.
+pub async fn open_owners(
+    data_dir: &std::path::Path,
+    state: &StateStore,
+    ttl: Duration,
+) -> Result<Arc<dyn Ownership>> {
+    Ok(match state {
+        StateStore::Embedded => {
+            Arc::new(Owners::open(data_dir).context("opening the blob ownership index")?)
+        }
+        StateStore::Redis(url) => Arc::new(
+            RedisOwners::connect(url, REDIS_PREFIX, ttl)
+                .await
+                .context("opening the blob ownership index in Redis")?,
+        ),
+    })
 }
 
 /// Keys Hearth writes in a Redis database start with this.

@@ -238,7 +238,7 @@ async fn an_executor_moves_to_the_next_replica_when_its_own_is_killed() {
 }
 
 #[tokio::test]
-async fn a_result_hidden_from_a_tenant_on_one_replica_is_not_deleted_for_the_others() {
+async fn tenants_see_their_blobs_on_every_replica_and_a_result_hidden_by_a_lost_record_survives() {
     use hearth_proto::reapi::{
         action_cache_client::ActionCacheClient, ActionResult, GetActionResultRequest, OutputFile,
         UpdateActionResultRequest,
@@ -258,12 +258,19 @@ async fn a_result_hidden_from_a_tenant_on_one_replica_is_not_deleted_for_the_oth
     shared.extend(s3.hearth_flags());
     let shared: Vec<&str> = shared.iter().map(String::as_str).collect();
     let (a, b) = (server(&shared), server(&shared));
-    let (ca, cb) = (
+    let (ca, cb, cb_other) = (
         channel_with_key(&a, Some("key-a")).await,
         channel_with_key(&b, Some("key-a")).await,
+        channel_with_key(&b, Some("key-b")).await,
     );
     // Team A uploads an output and a result through replica A.
     let out = upload(&ca, &[b"built through A"]).await[0];
+    // Who may read it is shared: team A sees it on B, team B does not.
+    assert!(missing(&cb, &[out.to_proto()]).await.is_empty());
+    assert_eq!(
+        missing(&cb_other, &[out.to_proto()]).await,
+        vec![out.to_proto()]
+    );
     let action = Digest::of(b"an action of team a");
     let result = ActionResult {
         output_files: vec![OutputFile {
@@ -289,14 +296,42 @@ async fn a_result_hidden_from_a_tenant_on_one_replica_is_not_deleted_for_the_oth
             })
             .await
     };
-    // Replica B keeps its own record of who uploaded what: to team A there,
-    // the output is not theirs, so B answers a miss...
-    let miss = get(cb.clone()).await.expect_err("hidden on B");
+    assert_eq!(
+        get(cb.clone())
+            .await
+            .expect("a hit on B")
+            .into_inner()
+            .output_files
+            .len(),
+        1
+    );
+
+    // The ownership record is lost (expired, evicted from Redis): to team A
+    // the output is hidden, so the result is a miss...
+    let mut conn = redis::Client::open(redis.url.as_str())
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("Redis");
+    let records: Vec<String> = redis::cmd("KEYS")
+        .arg("hearth:own:*")
+        .query_async(&mut conn)
+        .await
+        .expect("KEYS");
+    assert!(!records.is_empty());
+    let _: () = redis::cmd("DEL")
+        .arg(&records)
+        .query_async(&mut conn)
+        .await
+        .expect("DEL");
+    let miss = get(cb.clone()).await.expect_err("hidden now");
     assert_eq!(miss.code(), tonic::Code::NotFound);
-    // ...but the shared entry stays: A still serves it.
+    // ...but the entry stays: once team A uploads the output again (as
+    // Bazel does for what it finds missing), the result is a hit again.
+    upload(&cb, &[b"built through A"]).await;
     let hit = get(ca.clone())
         .await
-        .expect("still a hit on A")
+        .expect("a hit again on A")
         .into_inner();
     assert_eq!(hit.output_files.len(), 1);
 }
