@@ -190,11 +190,10 @@ impl Inner {
     /// Why no executor of the fleet can run `platform`, if none can (and
     /// there are executors at all).
     fn fleet_mismatch(&self, platform: &Platform) -> Option<String> {
-        let local = self.scheduler.stats(None).executors;
+        let local = self.scheduler.executor_infos();
         let fleet = self.fleet.read().unwrap_or_else(|p| p.into_inner());
         let infos: Vec<&ExecutorInfo> = local
             .iter()
-            .map(|e| &e.info)
             .chain(
                 fleet
                     .iter()

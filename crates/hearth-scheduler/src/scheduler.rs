@@ -272,6 +272,15 @@ impl Scheduler {
         st.executors.values().map(|e| e.free_slots()).sum()
     }
 
+    /// What each connected executor offers.
+    pub fn executor_infos(&self) -> Vec<crate::ExecutorInfo> {
+        self.lock()
+            .executors
+            .values()
+            .map(|e| e.info.clone())
+            .collect()
+    }
+
     /// Woken when an executor slot may have come free.
     pub fn slots_notify(&self) -> Arc<tokio::sync::Notify> {
         self.slots.clone()
