@@ -13,6 +13,7 @@
 //! action back in the queue, and an executor that reconnects to another
 //! replica still running it is adopted there, the action not run again.
 
+mod claim;
 mod codec;
 mod holder;
 mod listener;
@@ -150,8 +151,9 @@ impl SharedQueue {
         tracing::info!(replica = %inner.config.replica, "sharing the queue through Redis");
         let tasks = [
             tokio::spawn(listener::run(inner.clone())),
-            tokio::spawn(holder::claim_loop(inner.clone())),
-            tokio::spawn(holder::lease_loop(inner.clone())),
+            tokio::spawn(claim::claim_loop(inner.clone())),
+            tokio::spawn(holder::renew_loop(inner.clone())),
+            tokio::spawn(holder::reap_loop(inner.clone())),
             tokio::spawn(replicas::advert_loop(inner.clone())),
             tokio::spawn(listener::poll_loop(inner.clone())),
         ];
@@ -185,6 +187,13 @@ impl SharedQueue {
 impl Inner {
     fn me(&self) -> &str {
         &self.config.replica
+    }
+
+    /// How long a `watch:` key outlives its last renewal: the abandonment
+    /// time, plus two of the watchers' one-second polls so that one late
+    /// poll is not taken for a client gone.
+    pub(crate) fn watch_ttl(&self) -> Duration {
+        self.config.abandon_unwatched + Duration::from_secs(2)
     }
 
     /// Why no executor of the fleet can run `platform`, if none can (and
@@ -234,8 +243,15 @@ fn affinity_of(job: &Job) -> Option<String> {
 impl JobQueue for SharedQueue {
     async fn submit(&self, job: Job) -> Result<watch::Receiver<OpSnapshot>, SubmitError> {
         let inner = &self.inner;
-        if let Some(why) = inner.fleet_mismatch(&job.platform) {
-            return Err(SubmitError::NoMatchingExecutor(why));
+        if inner.fleet_mismatch(&job.platform).is_some() {
+            // The adverts are up to a second old: an executor that fits
+            // may just have connected somewhere. Look again before refusing.
+            replicas::exchange(inner)
+                .await
+                .map_err(|e| unavailable("reading the other replicas' executors", e))?;
+            if let Some(why) = inner.fleet_mismatch(&job.platform) {
+                return Err(SubmitError::NoMatchingExecutor(why));
+            }
         }
         let id = OpIdentity::of(&job);
         let name = format!("operations/{}", uuid::Uuid::new_v4());
@@ -262,7 +278,7 @@ impl JobQueue for SharedQueue {
                     Placement::Queue
                 },
                 inner.config.lease,
-                inner.config.abandon_unwatched,
+                inner.watch_ttl(),
                 dedup.as_deref(),
             )
             .await
@@ -363,6 +379,6 @@ impl JobQueue for SharedQueue {
         running: &[String],
         owner: &str,
     ) -> Result<(u64, Assignments), ConnectError> {
-        holder::connect_executor(self.inner.clone(), info, warm_keys, running, owner).await
+        claim::connect_executor(self.inner.clone(), info, warm_keys, running, owner).await
     }
 }

@@ -2,13 +2,14 @@
 //! a poll of the watched operations (pub/sub drops messages while its
 //! connection is down) that also keeps their `watch:` keys alive.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
 
 use crate::codec::decode_op;
-use crate::Inner;
+use crate::{code, error_response, Inner};
 
 pub async fn run(inner: Arc<Inner>) {
     loop {
@@ -57,22 +58,31 @@ async fn listen(inner: &Inner) -> redis::RedisResult<()> {
 /// watched for the replicas that run them.
 pub async fn poll_loop(inner: Arc<Inner>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut missing = HashSet::new();
     loop {
         tick.tick().await;
         let names = inner.watches.watched();
         if names.is_empty() {
             continue;
         }
-        if let Err(e) = poll(&inner, &names).await {
-            tracing::warn!(error = %e, "cannot poll watched operations");
+        match poll(&inner, &names, &missing).await {
+            Ok(now_missing) => missing = now_missing,
+            Err(e) => tracing::warn!(error = %e, "cannot poll watched operations"),
         }
     }
 }
 
-async fn poll(inner: &Inner, names: &[String]) -> redis::RedisResult<()> {
+/// Returns the operations whose records are missing; one missing at two
+/// polls in a row is gone (Redis lost it, or it expired), and its watchers
+/// are told so rather than left waiting.
+async fn poll(
+    inner: &Inner,
+    names: &[String],
+    missing_before: &HashSet<String>,
+) -> redis::RedisResult<HashSet<String>> {
     let mut conn = inner.state.conn();
     let mut pipe = redis::pipe();
-    let ttl = inner.config.abandon_unwatched.as_millis() as u64;
+    let ttl = inner.watch_ttl().as_millis() as u64;
     for name in names {
         pipe.cmd("SET")
             .arg(inner.state.key("watch", name))
@@ -88,10 +98,26 @@ async fn poll(inner: &Inner, names: &[String]) -> redis::RedisResult<()> {
             .collect::<Vec<_>>(),
     );
     let (ops,): (Vec<Option<Vec<u8>>>,) = pipe.query_async(&mut conn).await?;
-    for bytes in ops.into_iter().flatten() {
-        if let Ok((_, snap)) = decode_op(&bytes) {
-            inner.watches.deliver(snap);
+    let mut missing = HashSet::new();
+    for (name, bytes) in names.iter().zip(ops) {
+        match bytes.map(|b| decode_op(&b)) {
+            Some(Ok((_, snap))) if snap.name == *name => inner.watches.deliver(snap),
+            Some(_) => tracing::warn!(operation = %name, "ignoring a malformed operation record"),
+            None if missing_before.contains(name) => {
+                tracing::warn!(operation = %name, "its record is gone from the shared state");
+                inner.watches.fail(
+                    name,
+                    error_response(
+                        code::UNAVAILABLE,
+                        "the operation's record is gone from the shared state (Redis lost \
+                         or evicted it); execute the action again",
+                    ),
+                );
+            }
+            None => {
+                missing.insert(name.clone());
+            }
         }
     }
-    Ok(())
+    Ok(missing)
 }

@@ -23,7 +23,8 @@ pub async fn advert_loop(inner: Arc<Inner>) {
     }
 }
 
-async fn exchange(inner: &Inner) -> redis::RedisResult<()> {
+/// Writes this replica's advert and reads the others'.
+pub async fn exchange(inner: &Inner) -> redis::RedisResult<()> {
     let mut conn = inner.state.conn();
     let set = inner.state.channel("replicas");
     let ours = advert(inner.me(), &inner.scheduler.stats(None));

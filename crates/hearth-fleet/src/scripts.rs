@@ -27,57 +27,78 @@ use std::time::Duration;
 use redis::aio::ConnectionManager;
 use redis::{RedisResult, Script};
 
-const SUBMIT: &str = r#"
+/// Every script reads the time from Redis (`TIME`), so queue order and
+/// lease deadlines do not depend on the replicas' clocks agreeing.
+macro_rules! script {
+    ($body:literal) => {
+        concat!(
+            "local function now_ms() local t = redis.call('TIME') ",
+            "return string.format('%.0f', t[1] * 1000 + math.floor(t[2] / 1000)) end\n",
+            $body
+        )
+    };
+}
+
+const SUBMIT: &str = script!(
+    r#"
 local P, name = ARGV[1], ARGV[2]
-if ARGV[10] ~= '' then
-  local dkey = P .. 'dedup:' .. ARGV[10]
+if ARGV[9] ~= '' then
+  local dkey = P .. 'dedup:' .. ARGV[9]
   local other = redis.call('GET', dkey)
   if other and redis.call('EXISTS', P .. 'job:' .. other) == 1 then
     local op = redis.call('GET', P .. 'op:' .. other)
     if op then
-      redis.call('SET', P .. 'watch:' .. other, '1', 'PX', ARGV[9])
+      redis.call('SET', P .. 'watch:' .. other, '1', 'PX', ARGV[8])
       return {other, op}
     end
   end
-  redis.call('SET', dkey, name, 'PX', ARGV[8])
+  redis.call('SET', dkey, name, 'PX', ARGV[7])
 end
-redis.call('SET', P .. 'job:' .. name, ARGV[3], 'PX', ARGV[8])
-redis.call('SET', P .. 'op:' .. name, ARGV[4], 'PX', ARGV[8])
-redis.call('SET', P .. 'watch:' .. name, '1', 'PX', ARGV[9])
+redis.call('SET', P .. 'job:' .. name, ARGV[3], 'PX', ARGV[7])
+redis.call('SET', P .. 'op:' .. name, ARGV[4], 'PX', ARGV[7])
+redis.call('SET', P .. 'watch:' .. name, '1', 'PX', ARGV[8])
+local now = now_ms()
 if ARGV[6] ~= '' then
-  redis.call('SET', P .. 'holder:' .. name, ARGV[6], 'PX', ARGV[8])
-  redis.call('ZADD', P .. 'leases', ARGV[7], name)
-  redis.call('SET', P .. 'tries:' .. name, 1, 'PX', ARGV[8])
+  redis.call('SET', P .. 'holder:' .. name, ARGV[6], 'PX', ARGV[7])
+  redis.call('ZADD', P .. 'leases', now + ARGV[5], name)
+  redis.call('SET', P .. 'tries:' .. name, 1, 'PX', ARGV[7])
 else
-  redis.call('ZADD', P .. 'queue', ARGV[5], name)
+  redis.call('ZADD', P .. 'queue', now, name)
   redis.call('PUBLISH', P .. 'wake', name)
 end
 return {name, ARGV[4]}
-"#;
+"#
+);
 
-const CLAIM: &str = r#"
-local P, name = ARGV[1], ARGV[2]
-if ARGV[6] == '1' and redis.call('GET', P .. 'runner:' .. name) ~= ARGV[7] then
+const CLAIM: &str = script!(
+    r#"
+local P, name, adopt = ARGV[1], ARGV[2], ARGV[6] == '1'
+if adopt and redis.call('GET', P .. 'runner:' .. name) ~= ARGV[7] then
   return false
 end
 local queued = redis.call('ZREM', P .. 'queue', name)
-if queued == 0 and ARGV[6] == '0' then return false end
+if queued == 0 and not adopt then return false end
 local job = redis.call('GET', P .. 'job:' .. name)
 if not job then return false end
 redis.call('SET', P .. 'holder:' .. name, ARGV[3], 'PX', ARGV[5])
-redis.call('ZADD', P .. 'leases', ARGV[4], name)
+redis.call('ZADD', P .. 'leases', now_ms() + ARGV[4], name)
 local tries
-if ARGV[6] == '0' then
+if adopt then
+  tries = tonumber(redis.call('GET', P .. 'tries:' .. name) or '1')
+else
+  -- Whoever ran it before has no say over this run.
+  redis.call('DEL', P .. 'runner:' .. name)
   tries = redis.call('INCR', P .. 'tries:' .. name)
   redis.call('PEXPIRE', P .. 'tries:' .. name, ARGV[5])
-else
-  tries = tonumber(redis.call('GET', P .. 'tries:' .. name) or '1')
 end
-return {job, tries}
-"#;
+return {job, tries, redis.call('EXISTS', P .. 'watch:' .. name)}
+"#
+);
 
-const RENEW: &str = r#"
-local P, me, deadline = ARGV[1], ARGV[2], ARGV[3]
+const RENEW: &str = script!(
+    r#"
+local P, me = ARGV[1], ARGV[2]
+local deadline = now_ms() + ARGV[3]
 local out = {}
 for i = 4, #ARGV do
   local name = ARGV[i]
@@ -89,7 +110,8 @@ for i = 4, #ARGV do
   end
 end
 return out
-"#;
+"#
+);
 
 const UPDATE: &str = r#"
 local P, name = ARGV[1], ARGV[2]
@@ -119,21 +141,26 @@ redis.call('PUBLISH', P .. 'ops', ARGV[4])
 return 1
 "#;
 
-const RELEASE: &str = r#"
+const RELEASE: &str = script!(
+    r#"
 local P, name = ARGV[1], ARGV[2]
 if redis.call('GET', P .. 'holder:' .. name) ~= ARGV[3] then return 0 end
 redis.call('DEL', P .. 'holder:' .. name)
 redis.call('ZREM', P .. 'leases', name)
 if redis.call('EXISTS', P .. 'job:' .. name) == 1 then
-  redis.call('ZADD', P .. 'queue', ARGV[4], name)
+  redis.call('ZADD', P .. 'queue', now_ms(), name)
   redis.call('PUBLISH', P .. 'wake', name)
 end
 return 1
-"#;
+"#
+);
 
-const REAP: &str = r#"
-local P, now = ARGV[1], ARGV[2]
-local expired = redis.call('ZRANGEBYSCORE', P .. 'leases', '-inf', now, 'LIMIT', 0, 100)
+const REAP: &str = script!(
+    r#"
+local P = ARGV[1]
+local now = now_ms()
+local expired = redis.call('ZRANGEBYSCORE', P .. 'leases', '-inf', now - ARGV[2],
+  'LIMIT', 0, 100)
 for _, name in ipairs(expired) do
   redis.call('ZREM', P .. 'leases', name)
   redis.call('DEL', P .. 'holder:' .. name)
@@ -143,7 +170,16 @@ for _, name in ipairs(expired) do
 end
 if #expired > 0 then redis.call('PUBLISH', P .. 'wake', '') end
 return expired
-"#;
+"#
+);
+
+/// Queued before `ARGV[2]` ms ago, by Redis's clock.
+const OVERDUE: &str = script!(
+    r#"
+return redis.call('ZRANGEBYSCORE', ARGV[1] .. 'queue', '-inf', now_ms() - ARGV[2],
+  'LIMIT', 0, 100)
+"#
+);
 
 /// How a lease renewal went for one operation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -162,6 +198,15 @@ pub enum Placement<'a> {
     Queue,
     /// Straight to this replica, which has a free executor for it.
     Here(&'a str),
+}
+
+/// A job taken for this replica.
+pub struct Claimed {
+    pub job: Vec<u8>,
+    /// How many times a replica has taken it from the queue.
+    pub tries: u32,
+    /// Whether a client still watches it.
+    pub watched: bool,
 }
 
 /// What a submission produced.
@@ -185,19 +230,11 @@ pub struct State {
     finish: Script,
     release: Script,
     reap: Script,
+    overdue: Script,
 }
 
 fn ms(d: Duration) -> u64 {
     d.as_millis() as u64
-}
-
-/// Milliseconds since the epoch (queue scores and lease deadlines; every
-/// replica's clock is taken as close enough to the others').
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or_default()
 }
 
 impl State {
@@ -213,6 +250,7 @@ impl State {
             finish: Script::new(FINISH),
             release: Script::new(RELEASE),
             reap: Script::new(REAP),
+            overdue: Script::new(OVERDUE),
         }
     }
 
@@ -239,7 +277,6 @@ impl State {
         watch: Duration,
         dedup: Option<&str>,
     ) -> RedisResult<Submitted> {
-        let now = now_ms();
         let holder = match placement {
             Placement::Queue => "",
             Placement::Here(me) => me,
@@ -250,9 +287,8 @@ impl State {
             .arg(name)
             .arg(job)
             .arg(op)
-            .arg(now)
+            .arg(ms(lease))
             .arg(holder)
-            .arg(now + ms(lease))
             .arg(ms(self.record_ttl))
             .arg(ms(watch))
             .arg(dedup.unwrap_or(""))
@@ -264,25 +300,30 @@ impl State {
     /// Takes `name` from the queue for `me`, or (`adopt`ing for the
     /// executor `runner`, `OWNER/ID`, that came here running it) from
     /// whatever replica holds it — only if that executor is the one
-    /// recorded as running it. Returns the job and how many times it was
-    /// taken from the queue.
+    /// recorded as running it.
     pub async fn claim(
         &self,
         name: &str,
         me: &str,
         lease: Duration,
         adopt: Option<&str>,
-    ) -> RedisResult<Option<(Vec<u8>, u32)>> {
-        self.claim
+    ) -> RedisResult<Option<Claimed>> {
+        let got: Option<(Vec<u8>, u32, u8)> = self
+            .claim
             .arg(&self.prefix)
             .arg(name)
             .arg(me)
-            .arg(now_ms() + ms(lease))
+            .arg(ms(lease))
             .arg(ms(self.record_ttl))
             .arg(if adopt.is_some() { "1" } else { "0" })
             .arg(adopt.unwrap_or(""))
             .invoke_async(&mut self.conn())
-            .await
+            .await?;
+        Ok(got.map(|(job, tries, watched)| Claimed {
+            job,
+            tries,
+            watched: watched == 1,
+        }))
     }
 
     pub async fn renew(
@@ -295,7 +336,7 @@ impl State {
             return Ok(vec![]);
         }
         let mut call = self.renew.prepare_invoke();
-        call.arg(&self.prefix).arg(me).arg(now_ms() + ms(lease));
+        call.arg(&self.prefix).arg(me).arg(ms(lease));
         for n in names {
             call.arg(n);
         }
@@ -358,16 +399,26 @@ impl State {
             .arg(&self.prefix)
             .arg(name)
             .arg(me)
-            .arg(now_ms())
             .invoke_async(&mut self.conn())
             .await
     }
 
-    /// Puts the jobs of lapsed leases back in the queue; returns them.
-    pub async fn reap(&self) -> RedisResult<Vec<String>> {
+    /// Puts the jobs of leases lapsed for longer than `grace` back in the
+    /// queue; returns them. The grace gives holders that were cut off from
+    /// Redis as long again to renew once it is back.
+    pub async fn reap(&self, grace: Duration) -> RedisResult<Vec<String>> {
         self.reap
             .arg(&self.prefix)
-            .arg(now_ms())
+            .arg(ms(grace))
+            .invoke_async(&mut self.conn())
+            .await
+    }
+
+    /// Operations queued for longer than `limit`.
+    pub async fn overdue(&self, limit: Duration) -> RedisResult<Vec<String>> {
+        self.overdue
+            .arg(&self.prefix)
+            .arg(ms(limit))
             .invoke_async(&mut self.conn())
             .await
     }

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use hearth_proto::reapi::ExecuteResponse;
 use hearth_scheduler::{OpSnapshot, Stage};
 use tokio::sync::watch;
 
@@ -44,6 +45,18 @@ impl Watches {
         }
     }
 
+    /// Ends a watched operation with `response` (its record was lost).
+    pub fn fail(&self, name: &str, response: ExecuteResponse) {
+        if let Some(tx) = self.lock().get(name) {
+            let snap = OpSnapshot {
+                stage: Stage::Completed,
+                response: Some(response),
+                ..tx.borrow().clone()
+            };
+            deliver_to(tx, snap);
+        }
+    }
+
     /// The operations someone here still watches (and not yet completed);
     /// forgets those nobody does.
     pub fn watched(&self) -> Vec<String> {
@@ -71,7 +84,6 @@ fn deliver_to(tx: &watch::Sender<OpSnapshot>, snap: OpSnapshot) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hearth_proto::reapi::ExecuteResponse;
     use hearth_storage::Digest;
 
     fn snap(stage: Stage) -> OpSnapshot {

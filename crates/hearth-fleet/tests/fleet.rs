@@ -383,3 +383,89 @@ async fn an_executor_cannot_take_over_work_it_does_not_run_by_naming_it() {
     let done = until(&mut rx, Stage::Completed).await;
     assert_eq!(done.response.expect("response").result, ok().result);
 }
+
+#[tokio::test]
+async fn a_job_behind_many_no_free_executor_fits_is_still_claimed() {
+    let redis = Redis::start();
+    let (sa, a) = replica(&redis, config(10_000)).await;
+    let (_, b) = replica(&redis, config(10_000)).await;
+    let gpu = ExecutorInfo {
+        properties: [("pool".to_string(), "gpu".to_string())].into(),
+        ..info("gpu-on-a")
+    };
+    let (_, mut gpu_a) = sa.connect(gpu, vec![], "").expect("connect");
+    let mut waiting = vec![];
+    for i in 0..70 {
+        let rx = a
+            .submit(job(&format!("gpu {i}"), &[("Pool", "gpu")]))
+            .await
+            .expect("submit");
+        waiting.push(rx);
+    }
+    assigned(&mut gpu_a).await;
+    // 69 GPU jobs wait in front of it; B's host executor is free.
+    let (_, mut host_b) = b
+        .connect_executor(info("host-on-b"), vec![], &[], "")
+        .await
+        .expect("connect");
+    // Advertised at once: A accepts the job it could not place a moment ago.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let rx = a.submit(job("host", &[])).await.expect("submit");
+    assert_eq!(assigned(&mut host_b).await, rx.borrow().name);
+}
+
+#[tokio::test]
+async fn a_queued_job_whose_client_left_is_cancelled_not_run() {
+    let redis = Redis::start();
+    let (_, a) = replica(&redis, config(10_000)).await;
+    let (sb, b) = replica(&redis, config(10_000)).await;
+    let rx = a.submit(job("left behind", &[])).await.expect("submit");
+    let name = rx.borrow().name.clone();
+    drop(rx);
+    // Its watch lapses (abandonment 1 s + 2 s).
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let (_, mut exec_b) = sb.connect(info("on-b"), vec![], "").expect("connect");
+    let mut op = b
+        .subscribe(&name, None)
+        .await
+        .expect("Redis")
+        .expect("known");
+    let done = until(&mut op, Stage::Completed).await;
+    assert_eq!(
+        done.response
+            .expect("response")
+            .status
+            .expect("status")
+            .code,
+        1
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), exec_b.recv())
+            .await
+            .is_err(),
+        "it was not sent to the executor"
+    );
+}
+
+#[tokio::test]
+async fn watchers_are_told_when_redis_loses_the_operation() {
+    let redis = Redis::start();
+    let (_, a) = replica(&redis, config(10_000)).await;
+    let mut rx = a.submit(job("forgotten", &[])).await.expect("submit");
+    let mut conn = redis::Client::open(redis.url.as_str())
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connection");
+    let _: () = redis::cmd("FLUSHALL")
+        .query_async(&mut conn)
+        .await
+        .expect("FLUSHALL");
+    let done = until(&mut rx, Stage::Completed).await;
+    let status = done.response.expect("response").status.expect("status");
+    assert_eq!(status.code, 14, "{status:?}");
+    assert!(
+        status.message.contains("gone from the shared state"),
+        "{status:?}"
+    );
+}

@@ -220,6 +220,11 @@ impl Scheduler {
         job: Job,
     ) -> Result<watch::Receiver<OpSnapshot>, SubmitError> {
         let mut st = self.lock();
+        if st.jobs.contains_key(&name) {
+            return Err(SubmitError::Unavailable(format!(
+                "operation {name} is already in flight here"
+            )));
+        }
         let key = shared_key(&job);
         if job.shareable {
             if let Some(rx) = st
@@ -338,7 +343,12 @@ impl Scheduler {
             .is_some_and(|js| js.executor.is_none() && st.queue.iter().any(|q| q == name));
         if waiting {
             st.queue.retain(|q| q != name);
-            st.jobs.remove(name);
+            if let Some(js) = st.jobs.remove(name) {
+                let key = shared_key(&js.job);
+                if st.shared.get(&key).map(String::as_str) == Some(name) {
+                    st.shared.remove(&key);
+                }
+            }
             st.ops.remove(name);
         }
         waiting
