@@ -13,7 +13,9 @@
 # the next nine ports too), ACTIONS (no-op actions per run, default 300),
 # BEFORE (an earlier `hearth` binary: its embedded figures are taken in the
 # same turns, for "the embedded default is no slower than before"), MODES
-# (default "embedded s3"; "embedded" alone with BEFORE for that comparison).
+# (default "embedded s3"; "embedded" alone with BEFORE for that comparison;
+# "embedded redis" for Redis state and queue on the disk CAS, one replica:
+# its figures land in the S3 + Redis column).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-3} port=${PORT:-19881} actions=${ACTIONS:-300}
@@ -59,6 +61,8 @@ run() { # run MODE ROUND
     local a=$port b=$((port + 1)) shared=() read_at=()
     if [ "$1" = s3 ]; then
         shared=(--cas-store "s3://bench/round$2" --state "redis://127.0.0.1:$redis_port/0")
+    elif [ "$1" = redis ]; then
+        shared=(--state "redis://127.0.0.1:$redis_port/0")
     fi
     local hearth=$bin/hearth
     [ "$1" = before ] && hearth=$BEFORE
@@ -91,7 +95,9 @@ done
 
 echo
 echo "== medians over $rounds rounds"
-python3 - "$scratch/embedded.txt" "$scratch/s3.txt" "$scratch/before.txt" <<'PY'
+other=s3
+[[ " $modes " == *" redis "* ]] && other=redis
+python3 - "$scratch/embedded.txt" "$scratch/$other.txt" "$scratch/before.txt" <<'PY'
 import re, statistics, sys
 def rows(path):
     out = {}

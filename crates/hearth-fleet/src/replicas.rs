@@ -28,7 +28,7 @@ pub async fn exchange(inner: &Inner) -> redis::RedisResult<()> {
     let mut conn = inner.state.conn();
     let set = inner.state.channel("replicas");
     let ours = advert(inner.me(), &inner.scheduler.stats(None));
-    let (ids,): (Vec<String>,) = redis::pipe()
+    let (ids, queued): (Vec<String>, u64) = redis::pipe()
         .cmd("SET")
         .arg(inner.state.key("replica", inner.me()))
         .arg(ours)
@@ -38,8 +38,11 @@ pub async fn exchange(inner: &Inner) -> redis::RedisResult<()> {
         .sadd(&set, inner.me())
         .ignore()
         .smembers(&set)
+        .zcard(inner.state.channel("queue"))
         .query_async(&mut conn)
         .await?;
+    metrics::gauge!("hearth_fleet_queue_length").set(queued as f64);
+    metrics::gauge!("hearth_fleet_held").set(inner.held_lock().len() as f64);
     let others: Vec<String> = ids.into_iter().filter(|id| id != inner.me()).collect();
     let mut fleet = vec![];
     if !others.is_empty() {
@@ -61,6 +64,7 @@ pub async fn exchange(inner: &Inner) -> redis::RedisResult<()> {
             }
         }
     }
+    metrics::gauge!("hearth_fleet_replicas").set((fleet.len() + 1) as f64);
     *inner.fleet.write().unwrap_or_else(|p| p.into_inner()) = fleet;
     Ok(())
 }

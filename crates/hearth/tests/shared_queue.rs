@@ -13,17 +13,39 @@ use hearth_proto::longrunning::{operations_client::OperationsClient, GetOperatio
 use hearth_proto::reapi::{ExecuteRequest, WaitExecutionRequest};
 use hearth_testkit::{Redis, SeaweedFs};
 
-/// Two replicas sharing `redis` and a bucket on `s3`.
-fn replicas(s3: &SeaweedFs, redis: &Redis) -> (Hearth, Hearth) {
-    let mut flags = vec![
-        "--state".to_string(),
-        redis.url.clone(),
-        "--cas-store".into(),
-        "s3://hearth/fleet".into(),
-    ];
-    flags.extend(s3.hearth_flags());
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    (server(&flags), server(&flags))
+/// Two replicas sharing `redis` and a bucket on `s3`, each with a
+/// metrics listener (the addresses are returned too).
+fn replicas(s3: &SeaweedFs, redis: &Redis) -> ((Hearth, String), (Hearth, String)) {
+    let replica = || {
+        let metrics = format!("127.0.0.1:{}", common::web::free_port());
+        let mut flags = vec![
+            "--state".to_string(),
+            redis.url.clone(),
+            "--cas-store".into(),
+            "s3://hearth/fleet".into(),
+            "--metrics-listen".into(),
+            metrics.clone(),
+        ];
+        flags.extend(s3.hearth_flags());
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        (server(&flags), metrics)
+    };
+    (replica(), replica())
+}
+
+/// Waits (up to 10 s) until the sum of `metric` on the replica whose
+/// metrics are at `at` is `value`.
+async fn metric_reaches(at: &str, metric: &str, value: f64) {
+    let mut seen = 0.0;
+    for _ in 0..50 {
+        let page = common::web::get(at, "/metrics", &[]).body;
+        seen = common::web::sum(&page, metric, &[]);
+        if seen == value {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("{metric} at {at} is {seen}, not {value}");
 }
 
 /// Starts Execute and returns the operation's name (from its first
@@ -79,7 +101,7 @@ async fn follow(
 async fn an_action_sent_to_one_replica_runs_on_another_replicas_executor_and_is_watched_from_either(
 ) {
     let (s3, redis) = (SeaweedFs::start(), Redis::start());
-    let (a, b) = replicas(&s3, &redis);
+    let ((a, _), (b, b_metrics)) = replicas(&s3, &redis);
     let (ca, cb) = (channel(&a).await, channel(&b).await);
     let _executor = executor_with(&b, &b.addr, "on-b", &["--capacity", "2", "--vm", "off"]);
     wait_for(&cb, "the executor on replica B", |s| {
@@ -139,6 +161,11 @@ async fn an_action_sent_to_one_replica_runs_on_another_replicas_executor_and_is_
         status(&ca).await.executors.is_empty(),
         "A never had an executor"
     );
+    // B's operator sees it took one action from the shared queue, of two
+    // replicas, and holds nothing now.
+    metric_reaches(&b_metrics, "hearth_fleet_claimed_total", 1.0).await;
+    metric_reaches(&b_metrics, "hearth_fleet_replicas", 2.0).await;
+    metric_reaches(&b_metrics, "hearth_fleet_held", 0.0).await;
 
     let unknown = OperationsClient::new(cb.clone())
         .get_operation(GetOperationRequest {
@@ -152,7 +179,7 @@ async fn an_action_sent_to_one_replica_runs_on_another_replicas_executor_and_is_
 #[tokio::test]
 async fn a_replica_killed_mid_action_loses_nothing_its_executor_moves_and_the_action_is_adopted() {
     let (s3, redis) = (SeaweedFs::start(), Redis::start());
-    let (a, mut b) = replicas(&s3, &redis);
+    let ((a, a_metrics), (mut b, _)) = replicas(&s3, &redis);
     let (ca, cb) = (channel(&a).await, channel(&b).await);
     let a_url = a.addr.replace("http://", "grpc://");
     let _executor = executor_with(
@@ -211,4 +238,5 @@ async fn a_replica_killed_mid_action_loses_nothing_its_executor_moves_and_the_ac
         started < killed_at,
         "the action ran again after the kill instead of being adopted"
     );
+    metric_reaches(&a_metrics, "hearth_fleet_adopted_total", 1.0).await;
 }
