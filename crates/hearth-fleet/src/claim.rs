@@ -86,6 +86,17 @@ async fn claim_some(inner: &Arc<Inner>) -> redis::RedisResult<()> {
                 continue;
             };
             let id = OpIdentity::of(&job);
+            if claimed.cancelled {
+                finish_held(
+                    inner,
+                    &name,
+                    &id,
+                    code::CANCELLED,
+                    "cancelled by the client",
+                )
+                .await;
+                continue;
+            }
             if !claimed.watched {
                 // Its client went away while it waited (Bazel interrupted).
                 let why = "abandoned: no client was waiting for it";

@@ -203,6 +203,12 @@ async fn keep_leases(
     for (name, r) in names.into_iter().zip(renewals) {
         match r {
             Renewal::Watched => {}
+            Renewal::Cancelled => {
+                tracing::info!(operation = %name, "cancelled through another replica");
+                inner
+                    .scheduler
+                    .cancel_because(&name, "cancelled by the client");
+            }
             Renewal::Unwatched if unwatched_before.contains(&name) => {
                 tracing::info!(operation = %name, "no client watches it on any replica; cancelling it");
                 inner

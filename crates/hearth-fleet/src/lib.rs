@@ -360,14 +360,20 @@ impl JobQueue for SharedQueue {
             .await
             .map_err(|e| unavailable("cancelling", e))?;
         if !taken {
-            // Running on another replica: its holder cancels it.
-            redis::AsyncCommands::publish::<_, _, ()>(
-                &mut conn,
-                inner.state.channel("cancel"),
-                name,
-            )
-            .await
-            .map_err(|e| unavailable("cancelling", e))?;
+            // Held by another replica: it cancels it on the message, or at
+            // its next renewal (or claim) if the message is lost.
+            redis::pipe()
+                .cmd("SET")
+                .arg(inner.state.key("cancel", name))
+                .arg(1)
+                .arg("PX")
+                .arg(RECORD_TTL.as_millis() as u64)
+                .ignore()
+                .publish(inner.state.channel("cancel"), name)
+                .ignore()
+                .query_async::<()>(&mut conn)
+                .await
+                .map_err(|e| unavailable("cancelling", e))?;
         }
         Ok(true)
     }

@@ -16,6 +16,8 @@
 //!   whose word moves the work to another replica;
 //! - `dedup:<key>` — the operation identical requests join;
 //! - `watch:<op>` — set while some client watches it (on any replica);
+//! - `cancel:<op>` — a client cancelled it through a replica that does not
+//!   hold it (also published on `cancel`; the key outlasts a lost message);
 //! - `replica:<id>` and `replicas` — each replica's advert ([`crate::codec::advert`]);
 //! - channels `ops` (operation changes), `wake` (work queued) and `cancel`.
 //!
@@ -91,7 +93,9 @@ else
   tries = redis.call('INCR', P .. 'tries:' .. name)
   redis.call('PEXPIRE', P .. 'tries:' .. name, ARGV[5])
 end
-return {job, tries, redis.call('EXISTS', P .. 'watch:' .. name)}
+local state = redis.call('EXISTS', P .. 'watch:' .. name)
+if redis.call('EXISTS', P .. 'cancel:' .. name) == 1 then state = 2 end
+return {job, tries, state}
 "#
 );
 
@@ -104,7 +108,11 @@ for i = 4, #ARGV do
   local name = ARGV[i]
   if redis.call('GET', P .. 'holder:' .. name) == me then
     redis.call('ZADD', P .. 'leases', 'XX', deadline, name)
-    out[#out + 1] = 1 + redis.call('EXISTS', P .. 'watch:' .. name)
+    if redis.call('EXISTS', P .. 'cancel:' .. name) == 1 then
+      out[#out + 1] = 3
+    else
+      out[#out + 1] = 1 + redis.call('EXISTS', P .. 'watch:' .. name)
+    end
   else
     out[#out + 1] = 0
   end
@@ -133,7 +141,7 @@ elseif redis.call('ZREM', P .. 'queue', name) == 0 then
 end
 redis.call('SET', P .. 'op:' .. name, ARGV[4], 'PX', ARGV[5])
 redis.call('DEL', P .. 'job:' .. name, P .. 'holder:' .. name, P .. 'tries:' .. name,
-  P .. 'watch:' .. name, P .. 'runner:' .. name)
+  P .. 'watch:' .. name, P .. 'runner:' .. name, P .. 'cancel:' .. name)
 redis.call('ZREM', P .. 'leases', name)
 local d = P .. 'dedup:' .. ARGV[6]
 if redis.call('GET', d) == name then redis.call('DEL', d) end
@@ -190,6 +198,8 @@ pub enum Renewal {
     Unwatched,
     /// Renewed and watched.
     Watched,
+    /// Renewed; a client cancelled it through another replica.
+    Cancelled,
 }
 
 /// Where a job goes when it is submitted.
@@ -207,6 +217,8 @@ pub struct Claimed {
     pub tries: u32,
     /// Whether a client still watches it.
     pub watched: bool,
+    /// A client cancelled it.
+    pub cancelled: bool,
 }
 
 /// What a submission produced.
@@ -319,10 +331,11 @@ impl State {
             .arg(adopt.unwrap_or(""))
             .invoke_async(&mut self.conn())
             .await?;
-        Ok(got.map(|(job, tries, watched)| Claimed {
+        Ok(got.map(|(job, tries, state)| Claimed {
             job,
             tries,
-            watched: watched == 1,
+            watched: state == 1,
+            cancelled: state == 2,
         }))
     }
 
@@ -346,7 +359,8 @@ impl State {
             .map(|c| match c {
                 0 => Renewal::Lost,
                 1 => Renewal::Unwatched,
-                _ => Renewal::Watched,
+                2 => Renewal::Watched,
+                _ => Renewal::Cancelled,
             })
             .collect())
     }

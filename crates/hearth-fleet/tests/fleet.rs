@@ -469,3 +469,37 @@ async fn watchers_are_told_when_redis_loses_the_operation() {
         "{status:?}"
     );
 }
+
+#[tokio::test]
+async fn a_cancel_whose_message_was_lost_still_reaches_the_replica_running_it() {
+    let redis = Redis::start();
+    let (_, a) = replica(&redis, config(2_000)).await;
+    let (sb, _b) = replica(&redis, config(2_000)).await;
+    let (_, mut exec_b) = sb.connect(info("on-b"), vec![], "").expect("connect");
+    let mut rx = a.submit(job("sleep 100", &[])).await.expect("submit");
+    let name = assigned(&mut exec_b).await;
+    // The cancel's record, without its message (as if B's subscription was
+    // down when it was published).
+    let mut conn = redis::Client::open(redis.url.as_str())
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connection");
+    let _: () = conn
+        .set(format!("hearth:cancel:{name}"), 1)
+        .await
+        .expect("SET");
+    match next(&mut exec_b).await {
+        server_message::Kind::Cancel(c) => assert_eq!(c.operation_name, name),
+        other => panic!("expected a cancel, got {other:?}"),
+    }
+    let done = until(&mut rx, Stage::Completed).await;
+    assert_eq!(
+        done.response
+            .expect("response")
+            .status
+            .expect("status")
+            .code,
+        1
+    );
+}
