@@ -309,8 +309,8 @@ async fn the_fleet_refuses_what_no_executor_anywhere_can_run_and_honours_warm_ru
     let (_, mut warm_b) = sb
         .connect(info("warm-on-b"), vec![key], "")
         .expect("connect");
-    // Adverts go round every second.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Adverts go round every second (a loaded machine may be late).
+    tokio::time::sleep(Duration::from_millis(3500)).await;
 
     let err = a
         .submit(job("gpu", &[("Pool", "gpu")]))
@@ -423,7 +423,7 @@ async fn a_queued_job_whose_client_left_is_cancelled_not_run() {
     let name = rx.borrow().name.clone();
     drop(rx);
     // Its watch lapses (abandonment 1 s + 2 s).
-    tokio::time::sleep(Duration::from_millis(3500)).await;
+    tokio::time::sleep(Duration::from_millis(4500)).await;
     let (_, mut exec_b) = sb.connect(info("on-b"), vec![], "").expect("connect");
     let mut op = b
         .subscribe(&name, None)
