@@ -6,12 +6,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hearth_scheduler::{Assignments, ConnectError, ExecutorInfo, OpSnapshot, Stage};
+use hearth_scheduler::{Assignments, ConnectError, ExecutorInfo};
 use redis::AsyncCommands;
 
-use crate::codec::{decode_job, decode_op, encode_op, OpIdentity};
+use crate::codec::{decode_job, OpIdentity};
 use crate::holder::{finish_held, mirror, run_here};
-use crate::{affinity_of, code, error_response, Inner, WARM_WAIT};
+use crate::{affinity_of, code, failed, Inner, WARM_WAIT};
 
 /// Claims queued jobs while this replica's executors have free slots.
 pub async fn claim_loop(inner: Arc<Inner>) {
@@ -129,30 +129,16 @@ async fn claim_some(inner: &Arc<Inner>) -> redis::RedisResult<()> {
 
 /// Ends a queued operation with an error (malformed, timed out).
 async fn fail_queued(inner: &Inner, name: &str, code: i32, msg: &str) {
-    let mut conn = inner.state.conn();
-    let bytes: Option<Vec<u8>> = conn.get(inner.state.key("op", name)).await.unwrap_or(None);
-    let Some((id, snap)) = bytes.and_then(|b| decode_op(&b).ok()) else {
+    let Ok(Some((id, snap))) = inner.read_op(name).await else {
         // Nothing to tell anyone; just take it out.
+        let mut conn = inner.state.conn();
         let _: redis::RedisResult<()> = conn.zrem(inner.state.channel("queue"), name).await;
         return;
     };
-    let done = OpSnapshot {
-        stage: Stage::Completed,
-        response: Some(error_response(code, msg)),
-        ..snap
-    };
-    let dedup = id.dedup().hash_hex();
-    let r = inner
-        .state
-        .finish(
-            name,
-            None,
-            &encode_op(&id, &done),
-            inner.config.retention,
-            &dedup,
-        )
-        .await;
-    if let Err(e) = r {
+    if let Err(e) = inner
+        .finish(name, None, &id, &failed(snap, code, msg))
+        .await
+    {
         tracing::warn!(operation = name, error = %e, "cannot fail a queued operation");
     }
 }

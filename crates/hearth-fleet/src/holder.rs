@@ -11,7 +11,7 @@ use tokio::sync::watch;
 
 use crate::codec::{encode_op, OpIdentity};
 use crate::scripts::Renewal;
-use crate::{error_response, Inner};
+use crate::{failed, Inner};
 
 /// A job taken here that no executor here starts within this long goes
 /// back to the shared queue for another replica.
@@ -122,21 +122,15 @@ async fn publish(
     snap: &OpSnapshot,
     done: bool,
 ) -> bool {
-    let bytes = encode_op(id, snap);
     let mut delay = Duration::from_millis(100);
     loop {
         let r = if done {
-            let dedup = id.dedup().hash_hex();
-            let retention = inner.config.retention;
-            inner
-                .state
-                .finish(name, Some(inner.me()), &bytes, retention, &dedup)
-                .await
+            inner.finish(name, Some(inner.me()), id, snap).await
         } else {
             let runner = inner.scheduler.runner_of(name);
             inner
                 .state
-                .update(name, inner.me(), &bytes, runner.as_deref())
+                .update(name, inner.me(), &encode_op(id, snap), runner.as_deref())
                 .await
         };
         match r {
@@ -152,23 +146,14 @@ async fn publish(
 
 /// Ends an operation this replica holds with an error.
 pub async fn finish_held(inner: &Inner, name: &str, id: &OpIdentity, code: i32, msg: &str) {
-    let done = OpSnapshot {
+    let snap = OpSnapshot {
         name: name.to_string(),
         action_digest: id.action_digest,
-        stage: Stage::Completed,
-        response: Some(error_response(code, msg)),
+        stage: Stage::Queued,
+        response: None,
     };
-    let r = inner
-        .state
-        .finish(
-            name,
-            Some(inner.me()),
-            &encode_op(id, &done),
-            inner.config.retention,
-            &id.dedup().hash_hex(),
-        )
-        .await;
-    if let Err(e) = r {
+    let done = failed(snap, code, msg);
+    if let Err(e) = inner.finish(name, Some(inner.me()), id, &done).await {
         tracing::warn!(operation = name, error = %e, "cannot fail an operation");
     }
 }

@@ -107,6 +107,15 @@ pub(crate) mod code {
     pub const UNAVAILABLE: i32 = 14;
 }
 
+/// `snap` ended with an error.
+pub(crate) fn failed(snap: OpSnapshot, code: i32, message: &str) -> OpSnapshot {
+    OpSnapshot {
+        stage: Stage::Completed,
+        response: Some(error_response(code, message)),
+        ..snap
+    }
+}
+
 pub(crate) fn error_response(code: i32, message: &str) -> ExecuteResponse {
     ExecuteResponse {
         status: Some(hearth_proto::rpc::Status {
@@ -213,6 +222,43 @@ impl Inner {
         (!infos.is_empty() && reasons.len() == infos.len()).then(|| reasons[0].clone())
     }
 
+    /// An operation's record, if there is one that decodes and carries
+    /// its own name (anything else is not trusted: another writer's, or
+    /// damaged).
+    pub(crate) async fn read_op(
+        &self,
+        name: &str,
+    ) -> redis::RedisResult<Option<(OpIdentity, OpSnapshot)>> {
+        let bytes: Option<Vec<u8>> =
+            redis::AsyncCommands::get(&mut self.state.conn(), self.state.key("op", name)).await?;
+        Ok(match bytes.map(|b| decode_op(&b)) {
+            Some(Ok(op)) if op.1.name == name => Some(op),
+            Some(_) => {
+                tracing::warn!(operation = name, "ignoring a malformed operation record");
+                None
+            }
+            None => None,
+        })
+    }
+
+    /// Publishes `snap` as the final state of an operation `holder` holds
+    /// (None: one still in the queue, which this takes out of it) and lets
+    /// its job go; false if it was not so.
+    pub(crate) async fn finish(
+        &self,
+        name: &str,
+        holder: Option<&str>,
+        id: &OpIdentity,
+        snap: &OpSnapshot,
+    ) -> redis::RedisResult<bool> {
+        let dedup = id.dedup().hash_hex();
+        let op = encode_op(id, snap);
+        let retention = self.config.retention;
+        self.state
+            .finish(name, holder, &op, retention, &dedup)
+            .await
+    }
+
     /// Whether another live replica holds a warm runner of `key`.
     fn warm_elsewhere(&self, key: &str) -> bool {
         self.fleet
@@ -302,38 +348,24 @@ impl JobQueue for SharedQueue {
         tenant: Option<&str>,
     ) -> Result<Option<watch::Receiver<OpSnapshot>>, SubmitError> {
         let inner = &self.inner;
-        let mut conn = inner.state.conn();
-        let bytes: Option<Vec<u8>> =
-            redis::AsyncCommands::get(&mut conn, inner.state.key("op", name))
-                .await
-                .map_err(|e| unavailable("reading the operation", e))?;
-        let Some(bytes) = bytes else { return Ok(None) };
-        let (id, snap) = match decode_op(&bytes) {
-            Ok(op) => op,
-            Err(e) => {
-                tracing::warn!(operation = name, error = %e, "ignoring a malformed operation record");
-                return Ok(None);
-            }
-        };
-        if snap.name != name || tenant.is_some_and(|t| t != id.tenant) {
-            return Ok(None);
-        }
-        Ok(Some(inner.watches.watch(snap)))
+        let op = inner
+            .read_op(name)
+            .await
+            .map_err(|e| unavailable("reading the operation", e))?;
+        Ok(op
+            .filter(|(id, _)| tenant.is_none_or(|t| t == id.tenant))
+            .map(|(_, snap)| inner.watches.watch(snap)))
     }
 
     async fn cancel(&self, name: &str, tenant: Option<&str>) -> Result<bool, SubmitError> {
         let inner = &self.inner;
-        let mut conn = inner.state.conn();
-        let bytes: Option<Vec<u8>> =
-            redis::AsyncCommands::get(&mut conn, inner.state.key("op", name))
-                .await
-                .map_err(|e| unavailable("reading the operation", e))?;
-        let Some((id, snap)) = bytes.and_then(|b| decode_op(&b).ok()) else {
+        let op = inner
+            .read_op(name)
+            .await
+            .map_err(|e| unavailable("reading the operation", e))?;
+        let Some((id, snap)) = op.filter(|(id, _)| tenant.is_none_or(|t| t == id.tenant)) else {
             return Ok(false);
         };
-        if snap.name != name || tenant.is_some_and(|t| t != id.tenant) {
-            return Ok(false);
-        }
         if snap.stage == Stage::Completed {
             return Ok(true);
         }
@@ -343,20 +375,9 @@ impl JobQueue for SharedQueue {
                 .cancel_because(name, "cancelled by the client");
             return Ok(true);
         }
-        let done = OpSnapshot {
-            stage: Stage::Completed,
-            response: Some(error_response(code::CANCELLED, "cancelled by the client")),
-            ..snap
-        };
+        let done = failed(snap, code::CANCELLED, "cancelled by the client");
         let taken = inner
-            .state
-            .finish(
-                name,
-                None,
-                &encode_op(&id, &done),
-                inner.config.retention,
-                &id.dedup().hash_hex(),
-            )
+            .finish(name, None, &id, &done)
             .await
             .map_err(|e| unavailable("cancelling", e))?;
         if !taken {
@@ -371,7 +392,7 @@ impl JobQueue for SharedQueue {
                 .ignore()
                 .publish(inner.state.channel("cancel"), name)
                 .ignore()
-                .query_async::<()>(&mut conn)
+                .query_async::<()>(&mut inner.state.conn())
                 .await
                 .map_err(|e| unavailable("cancelling", e))?;
         }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use futures::StreamExt;
 
 use crate::codec::decode_op;
-use crate::{code, error_response, Inner};
+use crate::{code, Inner};
 
 pub async fn run(inner: Arc<Inner>) {
     loop {
@@ -107,11 +107,9 @@ async fn poll(
                 tracing::warn!(operation = %name, "its record is gone from the shared state");
                 inner.watches.fail(
                     name,
-                    error_response(
-                        code::UNAVAILABLE,
-                        "the operation's record is gone from the shared state (Redis lost \
-                         or evicted it); execute the action again",
-                    ),
+                    code::UNAVAILABLE,
+                    "the operation's record is gone from the shared state (Redis lost or \
+                     evicted it); execute the action again",
                 );
             }
             None => {

@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use hearth_proto::reapi::ExecuteResponse;
 use hearth_scheduler::{OpSnapshot, Stage};
 use tokio::sync::watch;
 
@@ -45,14 +44,10 @@ impl Watches {
         }
     }
 
-    /// Ends a watched operation with `response` (its record was lost).
-    pub fn fail(&self, name: &str, response: ExecuteResponse) {
+    /// Ends a watched operation with an error (its record was lost).
+    pub fn fail(&self, name: &str, code: i32, message: &str) {
         if let Some(tx) = self.lock().get(name) {
-            let snap = OpSnapshot {
-                stage: Stage::Completed,
-                response: Some(response),
-                ..tx.borrow().clone()
-            };
+            let snap = crate::failed(tx.borrow().clone(), code, message);
             deliver_to(tx, snap);
         }
     }
@@ -84,6 +79,7 @@ fn deliver_to(tx: &watch::Sender<OpSnapshot>, snap: OpSnapshot) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hearth_proto::reapi::ExecuteResponse;
     use hearth_storage::Digest;
 
     fn snap(stage: Stage) -> OpSnapshot {
