@@ -103,12 +103,45 @@ async fn assigned(rx: &mut Assignments) -> String {
     }
 }
 
+/// The operation an executor is told to cancel next.
+async fn cancelled(rx: &mut Assignments) -> String {
+    match next(rx).await {
+        server_message::Kind::Cancel(c) => c.operation_name,
+        other => panic!("expected a cancel, got {other:?}"),
+    }
+}
+
+/// A plain connection to the test's Redis, to change its state behind the
+/// replicas' backs.
+async fn raw(redis: &Redis) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(redis.url.as_str())
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connection")
+}
+
 async fn until(rx: &mut watch::Receiver<OpSnapshot>, stage: Stage) -> OpSnapshot {
     tokio::time::timeout(Duration::from_secs(15), rx.wait_for(|s| s.stage == stage))
         .await
         .unwrap_or_else(|_| panic!("stage {stage:?} within 15 s"))
         .expect("the operation")
         .clone()
+}
+
+/// The executor `executor` (of session `session`) reports `name` done,
+/// exit code 0.
+fn succeed(s: &Scheduler, executor: &str, session: u64, name: &str) {
+    let running = s
+        .finish(executor, session, name)
+        .expect("the executor's job");
+    s.complete(&running.operation_name, ok());
+}
+
+/// Waits for the operation to complete with the result [`succeed`] gives.
+async fn succeeded(rx: &mut watch::Receiver<OpSnapshot>) {
+    let done = until(rx, Stage::Completed).await;
+    assert_eq!(done.response.expect("response").result, ok().result);
 }
 
 fn ok() -> reapi::ExecuteResponse {
@@ -145,11 +178,9 @@ async fn work_sent_to_a_replica_without_executors_runs_on_another_and_completes_
         .expect("Redis")
         .is_none());
 
-    let running = sb.finish("on-b", 1, &name).expect("B's job");
-    sb.complete(&running.operation_name, ok());
+    succeed(&sb, "on-b", 1, &name);
     for w in [&mut rx, &mut on_b] {
-        let done = until(w, Stage::Completed).await;
-        assert_eq!(done.response.expect("response").result, ok().result);
+        succeeded(w).await;
     }
     // Completed operations stay visible for the retention period.
     let later = a
@@ -177,10 +208,8 @@ async fn a_replica_that_stops_renewing_loses_its_work_to_another() {
         name,
         "the lapsed lease put it back and A took it"
     );
-    let running = sa.finish("on-a", 1, &name).expect("A's job");
-    sa.complete(&running.operation_name, ok());
-    let done = until(&mut rx, Stage::Completed).await;
-    assert_eq!(done.response.expect("response").result, ok().result);
+    succeed(&sa, "on-a", 1, &name);
+    succeeded(&mut rx).await;
 }
 
 #[tokio::test]
@@ -208,8 +237,7 @@ async fn an_executor_moving_replicas_keeps_its_running_action() {
             .is_err(),
         "nothing sent to the executor"
     );
-    let running = sa.finish("roamer", session_a, &name).expect("adopted job");
-    sa.complete(&running.operation_name, ok());
+    succeed(&sa, "roamer", session_a, &name);
     until(&mut rx, Stage::Completed).await;
     // B's lease is gone: B no longer runs it after its grace period.
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -225,10 +253,7 @@ async fn work_nobody_watches_any_more_is_cancelled_on_the_replica_running_it() {
     let rx = a.submit(job("sleep 100", &[])).await.expect("submit");
     let name = assigned(&mut exec_b).await;
     drop(rx);
-    match next(&mut exec_b).await {
-        server_message::Kind::Cancel(c) => assert_eq!(c.operation_name, name),
-        other => panic!("expected a cancel, got {other:?}"),
-    }
+    assert_eq!(cancelled(&mut exec_b).await, name);
 }
 
 #[tokio::test]
@@ -241,10 +266,7 @@ async fn a_client_cancels_through_a_replica_that_does_not_run_it() {
     let name = assigned(&mut exec_b).await;
     assert!(!a.cancel(&name, Some("someone else")).await.expect("Redis"));
     assert!(a.cancel(&name, None).await.expect("Redis"));
-    match next(&mut exec_b).await {
-        server_message::Kind::Cancel(c) => assert_eq!(c.operation_name, name),
-        other => panic!("expected a cancel, got {other:?}"),
-    }
+    assert_eq!(cancelled(&mut exec_b).await, name);
     let done = until(&mut rx, Stage::Completed).await;
     assert_eq!(
         done.response
@@ -278,11 +300,7 @@ async fn work_waiting_too_long_fails_and_malformed_work_does_not_stall_the_queue
 
     // Garbage in the queue (a hostile or broken writer) is dropped; the
     // job behind it runs.
-    let mut conn = redis::Client::open(redis.url.as_str())
-        .expect("client")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connection");
+    let mut conn = raw(&redis).await;
     let _: () = conn
         .set("hearth:job:operations/garbage", b"\xff\xff\xff".as_slice())
         .await
@@ -344,8 +362,7 @@ async fn work_whose_executor_went_away_goes_back_to_the_shared_queue_not_a_local
     sb.disconnect("on-b", session);
     assert_eq!(assigned(&mut exec_a).await, name, "A runs it now");
     assert!(!sb.runs(&name), "B no longer holds it");
-    let running = sa.finish("on-a", 1, &name).expect("A's job");
-    sa.complete(&running.operation_name, ok());
+    succeed(&sa, "on-a", 1, &name);
     until(&mut rx, Stage::Completed).await;
 }
 
@@ -370,18 +387,13 @@ async fn an_executor_cannot_take_over_work_it_does_not_run_by_naming_it() {
             .await
             .expect("connect to A");
         assert!(!sa.runs(&name), "{owner}/{id} took it over");
-        match next(&mut thief).await {
-            server_message::Kind::Cancel(c) => assert_eq!(c.operation_name, name),
-            other => panic!("expected a cancel, got {other:?}"),
-        }
+        assert_eq!(cancelled(&mut thief).await, name);
     }
     // B still runs it, and its result is the one that counts.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(sb.runs(&name), "B lost it");
-    let running = sb.finish("on-b", 1, &name).expect("B's job");
-    sb.complete(&running.operation_name, ok());
-    let done = until(&mut rx, Stage::Completed).await;
-    assert_eq!(done.response.expect("response").result, ok().result);
+    succeed(&sb, "on-b", 1, &name);
+    succeeded(&mut rx).await;
 }
 
 #[tokio::test]
@@ -452,11 +464,7 @@ async fn watchers_are_told_when_redis_loses_the_operation() {
     let redis = Redis::start();
     let (_, a) = replica(&redis, config(10_000)).await;
     let mut rx = a.submit(job("forgotten", &[])).await.expect("submit");
-    let mut conn = redis::Client::open(redis.url.as_str())
-        .expect("client")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connection");
+    let mut conn = raw(&redis).await;
     let _: () = redis::cmd("FLUSHALL")
         .query_async(&mut conn)
         .await
@@ -480,19 +488,12 @@ async fn a_cancel_whose_message_was_lost_still_reaches_the_replica_running_it() 
     let name = assigned(&mut exec_b).await;
     // The cancel's record, without its message (as if B's subscription was
     // down when it was published).
-    let mut conn = redis::Client::open(redis.url.as_str())
-        .expect("client")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connection");
+    let mut conn = raw(&redis).await;
     let _: () = conn
         .set(format!("hearth:cancel:{name}"), 1)
         .await
         .expect("SET");
-    match next(&mut exec_b).await {
-        server_message::Kind::Cancel(c) => assert_eq!(c.operation_name, name),
-        other => panic!("expected a cancel, got {other:?}"),
-    }
+    assert_eq!(cancelled(&mut exec_b).await, name);
     let done = until(&mut rx, Stage::Completed).await;
     assert_eq!(
         done.response

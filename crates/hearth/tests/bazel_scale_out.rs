@@ -37,6 +37,28 @@ fn replica(dir: &Path, name: &str, command: &str, shared: &[String]) -> (Hearth,
     Hearth::spawn_listening(name, &args, dir)
 }
 
+/// `hearth executor` (host runner) named `id`, with the replicas on
+/// `ports` as its server list, once it has joined the first.
+fn executor(dir: &Path, id: &str, ports: &[u16], capacity: u32) -> Hearth {
+    let work = dir.join(id);
+    let capacity = capacity.to_string();
+    let servers: Vec<String> = ports
+        .iter()
+        .flat_map(|p| ["--server".to_string(), format!("grpc://127.0.0.1:{p}")])
+        .collect();
+    let mut args = vec!["executor", "--executor-id", id, "--vm", "off"];
+    args.extend(["--capacity", &capacity]);
+    args.extend(["--work-dir", work.to_str().expect("utf-8 path")]);
+    args.extend(servers.iter().map(String::as_str));
+    let executor = Hearth::spawn(id, &args, dir);
+    poll(
+        &format!("{id} to join its first replica"),
+        std::time::Duration::from_secs(30),
+        || hearth_status(ports[0]).contains(id).then_some(()),
+    );
+    executor
+}
+
 #[test]
 fn bazel_4_2_builds_on_replica_a_and_replica_b_serves_the_rebuild_from_cache() {
     require_bazel("4.2");
@@ -47,29 +69,7 @@ fn bazel_4_2_builds_on_replica_a_and_replica_b_serves_the_rebuild_from_cache() {
     let shared = shared_flags(&s3, &redis);
     let (_a, port_a) = replica(tmp.path(), "replica-a", "up", &shared);
     let (_b, port_b) = replica(tmp.path(), "replica-b", "server", &shared);
-    let work_b = tmp.path().join("executor-b");
-    let _executor_b = Hearth::spawn(
-        "executor-b",
-        &[
-            "executor",
-            "--server",
-            &format!("grpc://127.0.0.1:{port_b}"),
-            "--executor-id",
-            "executor-b",
-            "--vm",
-            "off",
-            "--capacity",
-            "2",
-            "--work-dir",
-            work_b.to_str().expect("utf-8 path"),
-        ],
-        tmp.path(),
-    );
-    poll(
-        "executor-b to join replica B",
-        std::time::Duration::from_secs(30),
-        || hearth_status(port_b).contains("executor-b").then_some(()),
-    );
+    let _executor_b = executor(tmp.path(), "executor-b", &[port_b], 2);
     let root = tmp.path().join("bazel-4.2");
     let _bazel_server = BazelServer {
         version: "4.2",
@@ -158,31 +158,7 @@ fn bazel_4_2_build_survives_kill_9_of_the_replica_running_its_action() {
     let shared = shared_flags(&s3, &redis);
     let (a, port_a) = replica(tmp.path(), "replica-a", "server", &shared);
     let (mut b, port_b) = replica(tmp.path(), "replica-b", "server", &shared);
-    let work = tmp.path().join("roamer");
-    let _executor = Hearth::spawn(
-        "roamer",
-        &[
-            "executor",
-            "--server",
-            &format!("grpc://127.0.0.1:{port_b}"),
-            "--server",
-            &format!("grpc://127.0.0.1:{port_a}"),
-            "--executor-id",
-            "roamer",
-            "--vm",
-            "off",
-            "--capacity",
-            "1",
-            "--work-dir",
-            work.to_str().expect("utf-8 path"),
-        ],
-        tmp.path(),
-    );
-    poll(
-        "the executor to join replica B",
-        std::time::Duration::from_secs(30),
-        || hearth_status(port_b).contains("roamer").then_some(()),
-    );
+    let _executor = executor(tmp.path(), "roamer", &[port_b, port_a], 1);
     let root = tmp.path().join("bazel-4.2");
     let _bazel_server = BazelServer {
         version: "4.2",
