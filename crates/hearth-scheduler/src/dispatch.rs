@@ -25,7 +25,7 @@ pub(crate) fn dispatch(st: &mut State) {
         let target = st
             .executors
             .values()
-            .filter(|e| e.free_slots() > 0 && e.info.mismatch(&js.job.platform).is_none())
+            .filter(|e| e.can_take(&js.job.platform))
             .max_by_key(|e| (affinity.is_some_and(|k| e.holds_warm(k)), e.free_slots()))
             .map(|e| e.info.id.clone());
         let Some(exec_id) = target else {

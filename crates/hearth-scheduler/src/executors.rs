@@ -128,6 +128,12 @@ impl Executor {
         self.info.capacity.saturating_sub(self.busy())
     }
 
+    /// Whether it can take an action with `platform` now: a free slot, and
+    /// nothing in the platform it lacks.
+    pub fn can_take(&self, platform: &crate::Platform) -> bool {
+        self.free_slots() > 0 && self.info.mismatch(platform).is_none()
+    }
+
     /// Replaces the warm set with a report (one entry per warm runner).
     pub fn set_warm(&mut self, keys: Vec<String>) {
         self.warm.clear();

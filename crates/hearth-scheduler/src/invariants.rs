@@ -357,10 +357,7 @@ impl World {
         }
         for op in &st.queue {
             let Some(js) = st.jobs.get(op) else { continue };
-            let idle = st
-                .executors
-                .values()
-                .find(|e| e.free_slots() > 0 && e.info.mismatch(&js.job.platform).is_none());
+            let idle = st.executors.values().find(|e| e.can_take(&js.job.platform));
             assert!(
                 idle.is_none(),
                 "{op} waits while {} has a free slot",

@@ -262,7 +262,7 @@ impl Scheduler {
         let st = self.lock();
         st.executors
             .values()
-            .filter(|e| e.free_slots() > 0 && e.info.mismatch(platform).is_none())
+            .filter(|e| e.can_take(platform))
             .map(|e| affinity.is_some_and(|k| e.holds_warm(k)))
             .max()
     }
