@@ -11,7 +11,7 @@ use redis::AsyncCommands;
 
 use crate::codec::{decode_job, OpIdentity};
 use crate::holder::{finish_held, mirror, run_here};
-use crate::{affinity_of, code, failed, Inner, WARM_WAIT};
+use crate::{code, failed, Inner, WARM_WAIT};
 
 /// Claims queued jobs while this replica's executors have free slots.
 pub async fn claim_loop(inner: Arc<Inner>) {
@@ -70,7 +70,7 @@ async fn claim_some(inner: &Arc<Inner>) -> redis::RedisResult<()> {
                     continue;
                 }
             };
-            let affinity = affinity_of(&job);
+            let affinity = job.affinity();
             let Some(warm) = inner.scheduler.fit(&job.platform, affinity.as_deref()) else {
                 continue;
             };

@@ -28,8 +28,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use hearth_proto::reapi::ExecuteResponse;
 use hearth_scheduler::{
-    affinity_key, Assignments, ConnectError, ExecutorInfo, Job, JobQueue, OpSnapshot, Platform,
-    Scheduler, Stage, SubmitError,
+    Assignments, ConnectError, ExecutorInfo, Job, JobQueue, OpSnapshot, Platform, Scheduler, Stage,
+    SubmitError,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::{watch, Notify};
@@ -279,12 +279,6 @@ impl Inner {
     }
 }
 
-fn affinity_of(job: &Job) -> Option<String> {
-    job.platform
-        .flag("recycle-runner")
-        .then(|| affinity_key(&job.tenant, &job.instance_name, &job.platform))
-}
-
 #[async_trait]
 impl JobQueue for SharedQueue {
     async fn submit(&self, job: Job) -> Result<watch::Receiver<OpSnapshot>, SubmitError> {
@@ -307,7 +301,7 @@ impl JobQueue for SharedQueue {
             stage: Stage::Queued,
             response: None,
         };
-        let affinity = affinity_of(&job);
+        let affinity = job.affinity();
         let here = inner.takes_now(&job.platform, affinity.as_deref());
         let dedup = job.shareable.then(|| id.dedup().hash_hex());
         // Watched before it exists, so no change is missed.

@@ -73,6 +73,16 @@ pub struct Job {
     pub pins: Option<PinGuard>,
 }
 
+impl Job {
+    /// With `recycle-runner=true`: the key of the warm runners it could
+    /// reuse.
+    pub fn affinity(&self) -> Option<String> {
+        self.platform
+            .flag("recycle-runner")
+            .then(|| affinity_key(&self.tenant, &self.instance_name, &self.platform))
+    }
+}
+
 /// What the API layer needs to finish an operation an executor reported on.
 #[derive(Debug, Clone)]
 pub struct RunningJob {
@@ -546,10 +556,7 @@ pub(crate) fn insert_job(st: &mut State, name: String, job: Job) -> watch::Recei
             unwatched_since: None,
         },
     );
-    let affinity = job
-        .platform
-        .flag("recycle-runner")
-        .then(|| affinity_key(&job.tenant, &job.instance_name, &job.platform));
+    let affinity = job.affinity();
     st.jobs.insert(
         name,
         JobState {
