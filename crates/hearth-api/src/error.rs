@@ -3,6 +3,7 @@
 use hearth_proto::{
     precondition_failure, protobuf, rpc, PreconditionFailure, PRECONDITION_FAILURE_TYPE_URL,
 };
+use hearth_scheduler::SubmitError;
 use hearth_storage::{Digest, StoreError};
 use prost::Message;
 use tonic::{Code, Status};
@@ -20,6 +21,14 @@ pub fn store_status(err: StoreError, what: &str) -> Status {
         StoreError::Io { .. } => Status::internal(msg),
         StoreError::Backend { .. } => Status::unavailable(msg),
         StoreError::Remote { code, .. } => Status::new(Code::from_i32(*code), msg),
+    }
+}
+
+/// The status of a queue that refused a job.
+pub fn submit_status(e: SubmitError) -> Status {
+    match e {
+        SubmitError::NoMatchingExecutor(_) => Status::failed_precondition(e.to_string()),
+        SubmitError::Unavailable(_) => Status::unavailable(e.to_string()),
     }
 }
 

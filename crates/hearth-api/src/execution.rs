@@ -6,13 +6,13 @@ use hearth_proto::reapi::{
     execution_server::Execution, ExecuteRequest, ExecuteResponse, WaitExecutionRequest,
 };
 use hearth_scheduler::{
-    affinity_key, ExecutionRecord, Job, OpSnapshot, Platform, RecordBase, Stage, SubmitError,
+    affinity_key, ExecutionRecord, Job, OpSnapshot, Platform, RecordBase, Stage,
 };
 use hearth_storage::{action_key, Digest, PinGuard};
 use tonic::{Request, Response, Status};
 
 use crate::ac::referenced_blobs;
-use crate::error::store_status;
+use crate::error::{store_status, submit_status};
 use crate::operations::{to_operation, watch_stream};
 use crate::validate::check_action;
 use crate::Context;
@@ -160,13 +160,5 @@ impl Execution for ExecutionService {
                 Status::not_found(format!("operation {name:?} is unknown or expired"))
             })?;
         Ok(Response::new(watch_stream(rx)))
-    }
-}
-
-/// The status of a queue that refused a job.
-pub(crate) fn submit_status(e: SubmitError) -> Status {
-    match e {
-        SubmitError::NoMatchingExecutor(_) => Status::failed_precondition(e.to_string()),
-        SubmitError::Unavailable(_) => Status::unavailable(e.to_string()),
     }
 }

@@ -14,7 +14,7 @@ use prost::Message;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
-use crate::execution::submit_status;
+use crate::error::submit_status;
 use crate::Context;
 
 const REAPI: &str = "type.googleapis.com/build.bazel.remote.execution.v2";
