@@ -48,13 +48,13 @@ async fn metric_reaches(at: &str, metric: &str, value: f64) {
     panic!("{metric} at {at} is {seen}, not {value}");
 }
 
-/// Starts Execute and returns the operation's name (from its first
-/// message) and the rest of the stream.
+/// Starts Execute and returns its first message and the rest of the
+/// stream.
 async fn start(
     c: &Channel,
     action: hearth_storage::Digest,
 ) -> (
-    String,
+    hearth_proto::longrunning::Operation,
     tonic::Streaming<hearth_proto::longrunning::Operation>,
 ) {
     let mut stream = exec(c)
@@ -70,7 +70,7 @@ async fn start(
         .await
         .expect("the stream")
         .expect("a first message");
-    (first.name, stream)
+    (first, stream)
 }
 
 /// Follows the stream to the end (at most 90 s).
@@ -118,11 +118,12 @@ async fn an_action_sent_to_one_replica_runs_on_another_replicas_executor_and_is_
     )
     .await;
     // Sent through A, which has no executor at all.
-    let (name, through_a) = start(&ca, action).await;
+    let (first, through_a) = start(&ca, action).await;
+    let name = first.name;
     // The same request through B joins it instead of running it twice.
     let (joined, through_b) = start(&cb, action).await;
     assert_eq!(
-        joined, name,
+        joined.name, name,
         "an identical request on another replica joins the one in flight"
     );
     // And B follows it by name.
@@ -196,23 +197,25 @@ async fn a_replica_killed_mid_action_loses_nothing_its_executor_moves_and_the_ac
         &ca,
         &ActionSpec {
             outputs: vec!["out"],
-            // When this run started: before the kill if it was kept, after
-            // it if the action ran again.
-            ..ActionSpec::new("date +%s%N > out; sleep 6")
+            ..ActionSpec::new("sleep 6; echo survived > out")
         },
     )
     .await;
-    let (_, through_a) = start(&ca, action).await;
-    wait_for(&cb, "the action running on replica B", |s| {
-        s.executors.iter().any(|e| e.running == 1)
-    })
-    .await;
+    let (mut op, mut through_a) = start(&ca, action).await;
+    // Executing, as the client on A sees it: B has recorded in Redis which
+    // executor runs it (the same write). A replica that dies before that
+    // write leaves work only the queue can give back, to be run again.
+    let executing = hearth_proto::reapi::execution_stage::Value::Executing as i32;
+    while stage_of(&op) != executing {
+        assert!(!op.done, "it completed before B was killed");
+        op = through_a
+            .message()
+            .await
+            .expect("the stream")
+            .expect("the operation before it completed");
+    }
 
     // The replica running it dies; the client, on A, keeps waiting.
-    let killed_at = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_nanos();
     b.child.kill().expect("kill -9 replica B");
     b.child.wait().expect("reaping replica B");
     wait_for_within(
@@ -230,13 +233,14 @@ async fn a_replica_killed_mid_action_loses_nothing_its_executor_moves_and_the_ac
     let result = resp.result.expect("a result");
     assert_eq!(result.exit_code, 0, "{result:?}");
     let out = result.output_files[0].digest.clone().expect("digest");
-    let started: u128 = String::from_utf8_lossy(&read_blob(&ca, &out).await)
-        .trim()
-        .parse()
-        .expect("a start time");
-    assert!(
-        started < killed_at,
-        "the action ran again after the kill instead of being adopted"
-    );
+    assert_eq!(read_blob(&ca, &out).await, "survived\n");
+    // A took the running action over; it never took it from the queue, as
+    // it would have to run it again once B's lease lapsed.
     metric_reaches(&a_metrics, "hearth_fleet_adopted_total", 1.0).await;
+    let page = common::web::get(&a_metrics, "/metrics", &[]).body;
+    assert_eq!(
+        common::web::sum(&page, "hearth_fleet_claimed_total", &[]),
+        0.0,
+        "the action ran again instead of being adopted"
+    );
 }
