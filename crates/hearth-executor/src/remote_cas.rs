@@ -73,6 +73,38 @@ fn remote_err(what: &str, s: tonic::Status) -> StoreError {
     }
 }
 
+/// Tries a read-only unary call again (four more times, 0.2 s to 1.6 s
+/// apart) when no server answered it: the connection broke or was refused,
+/// or the server said UNAVAILABLE. When a replica dies the session moves to
+/// the next one within these seconds, and the retry goes there; an action
+/// fetching its inputs when its replica died goes on instead of failing.
+async fn retrying<T, F, Fut>(mut call: F) -> Result<T, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let mut delay = std::time::Duration::from_millis(200);
+    let mut tries = 0;
+    loop {
+        match call().await {
+            Err(s) if tries < 4 && no_answer(&s) => {
+                tracing::debug!(error = %s, "no answer from the server; trying again");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+                tries += 1;
+            }
+            answer => return answer,
+        }
+    }
+}
+
+/// A status no server sent: tonic made it from a transport failure (it
+/// carries the cause), or the server was unavailable.
+fn no_answer(s: &tonic::Status) -> bool {
+    s.code() == tonic::Code::Unavailable
+        || (s.code() == tonic::Code::Unknown && std::error::Error::source(s).is_some())
+}
+
 fn rpc_err(what: &str, d: &Digest, s: &hearth_proto::rpc::Status) -> StoreError {
     if s.code == tonic::Code::NotFound as i32 {
         return StoreError::NotFound(*d);
@@ -129,17 +161,19 @@ impl GrpcStore {
     }
 
     async fn batch_read(&self, digests: &[Digest]) -> StoreResult<Vec<(Digest, Bytes)>> {
-        let resp = self
-            .cas()
-            .batch_read_blobs(BatchReadBlobsRequest {
-                instance_name: self.instance.clone(),
-                digests: digests.iter().map(Digest::to_proto).collect(),
-                acceptable_compressors: vec![],
-                digest_function: 0,
-            })
-            .await
-            .map_err(|s| remote_err("BatchReadBlobs", s))?
-            .into_inner();
+        let request = BatchReadBlobsRequest {
+            instance_name: self.instance.clone(),
+            digests: digests.iter().map(Digest::to_proto).collect(),
+            acceptable_compressors: vec![],
+            digest_function: 0,
+        };
+        let resp = retrying(|| {
+            let (mut cas, request) = (self.cas(), request.clone());
+            async move { cas.batch_read_blobs(request).await }
+        })
+        .await
+        .map_err(|s| remote_err("BatchReadBlobs", s))?
+        .into_inner();
         // Up to a few megabytes to hash: on the blocking pool.
         blocking(move || {
             let mut out = Vec::new();
@@ -295,16 +329,18 @@ impl BlobStore for GrpcStore {
     async fn find_missing(&self, digests: &[Digest]) -> StoreResult<Vec<Digest>> {
         let mut missing = Vec::new();
         for chunk in digests.chunks(FIND_MISSING_CHUNK) {
-            let resp = self
-                .cas()
-                .find_missing_blobs(FindMissingBlobsRequest {
-                    instance_name: self.instance.clone(),
-                    blob_digests: chunk.iter().map(Digest::to_proto).collect(),
-                    digest_function: 0,
-                })
-                .await
-                .map_err(|s| remote_err("FindMissingBlobs", s))?
-                .into_inner();
+            let request = FindMissingBlobsRequest {
+                instance_name: self.instance.clone(),
+                blob_digests: chunk.iter().map(Digest::to_proto).collect(),
+                digest_function: 0,
+            };
+            let resp = retrying(|| {
+                let (mut cas, request) = (self.cas(), request.clone());
+                async move { cas.find_missing_blobs(request).await }
+            })
+            .await
+            .map_err(|s| remote_err("FindMissingBlobs", s))?
+            .into_inner();
             for d in &resp.missing_blob_digests {
                 missing.push(Digest::from_proto(d)?);
             }

@@ -191,3 +191,34 @@ async fn a_blob_missing_on_the_server_is_not_found() {
     let e = remote.download_into(&d, &there).await.unwrap_err();
     assert!(matches!(e, StoreError::NotFound(_)), "{e}");
 }
+
+#[tokio::test]
+async fn reads_are_tried_again_only_when_no_server_answered() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    // A connection that broke (tonic gives the cause) or an unavailable
+    // server: tried again, and the answer that then comes is the result.
+    let calls = AtomicU32::new(0);
+    let got = retrying(|| {
+        let n = calls.fetch_add(1, Ordering::Relaxed);
+        async move {
+            match n {
+                0 => Err(tonic::Status::from_error(Box::new(std::io::Error::other(
+                    "broken pipe",
+                )))),
+                1 => Err(tonic::Status::unavailable("replica going away")),
+                _ => Ok(n),
+            }
+        }
+    })
+    .await;
+    assert_eq!(got.expect("the third answer"), 2);
+    // An answer the server gave, even an error, is final.
+    let calls = AtomicU32::new(0);
+    let got: Result<(), _> = retrying(|| {
+        calls.fetch_add(1, Ordering::Relaxed);
+        async { Err(tonic::Status::unknown("the server's own failure")) }
+    })
+    .await;
+    assert_eq!(got.expect_err("an error").code(), tonic::Code::Unknown);
+    assert_eq!(calls.load(Ordering::Relaxed), 1);
+}

@@ -176,15 +176,25 @@ fn bazel_4_2_build_survives_kill_9_of_the_replica_running_its_action() {
         let root = root.clone();
         std::thread::spawn(move || bazel("4.2", &root, "build", &args, "slow-through-a"))
     };
+    // Running on B's executor, and recorded in Redis as running there (a
+    // replica that dies before that write leaves work only the queue can
+    // give back, to be run again).
+    let mut redis_conn = redis::Client::open(redis.url.as_str())
+        .and_then(|c| c.get_connection())
+        .expect("a connection to Redis");
     poll(
         "the action to run on replica B's executor",
         std::time::Duration::from_secs(90),
         || {
             assert!(!build.is_finished(), "the build finished before B ran it");
-            status_executors(&hearth_status(port_b))
+            let running = status_executors(&hearth_status(port_b))
                 .into_iter()
-                .any(|(_, running, _)| running == 1)
-                .then_some(())
+                .any(|(_, running, _)| running == 1);
+            let recorded: Vec<String> = redis::cmd("KEYS")
+                .arg("hearth:runner:*")
+                .query(&mut redis_conn)
+                .expect("KEYS");
+            (running && !recorded.is_empty()).then_some(())
         },
     );
     b.kill9();
